@@ -1,0 +1,263 @@
+"""
+What every script needs and nothing more: the base directory, rank-0 printing and logging, device and
+process-group set-up, the compute dtype, peak FLOPs for MFU, a no-op wandb, and a safe file download.
+
+Not a utils grab-bag: anything that belongs to one concept (tokenizer, data, model, ...) lives in that
+concept's module.
+"""
+
+import logging
+import os
+import random
+import time
+from functools import lru_cache
+
+import requests
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+
+# -----------------------------------------------------------------------------
+# Logging and printing
+
+
+class _ColorFormatter(logging.Formatter):
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+
+    def format(self, record):
+        message = super().format(record)
+        color = self.COLORS.get(record.levelname, "")
+        return f"{color}{message}\033[0m" if color and os.isatty(2) else message
+
+
+def setup_default_logging(level=logging.INFO):
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ColorFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+setup_default_logging()
+logger = logging.getLogger("nanochat")
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so multi-process runs log one line per event."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def get_base_dir():
+    """All artifacts (data, tokenizer, checkpoints, report) live here."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+# -----------------------------------------------------------------------------
+# Devices, processes and precision
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the environment torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_native_bf16():
+    """True when the CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16); then bf16 beats fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _default_compute_dtype():
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        if override not in choices:
+            raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(choices)}")
+        return choices[override]
+    if torch.cuda.is_available():
+        # bf16 tensor cores from Ampere (SM 80) on; older GPUs stay in fp32 (fp16 would need a grad scaler)
+        return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float32
+    if torch.backends.mps.is_available():
+        return torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+# The dtype activations and matmuls run in. Weights stay fp32 (the optimizer's master copy) and are cast
+# at use; there is no autocast, so what runs where is explicit and identical on every device.
+COMPUTE_DTYPE = _default_compute_dtype()
+
+
+def compute_init(device_type=""):
+    """Seed, pick the device, and join the process group when launched by torchrun.
+    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    allowed = ("cuda", "mps", "cpu")
+    if device_type not in allowed:
+        raise ValueError(f"device_type={device_type!r} is not one of {allowed}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' but torch sees no CUDA GPU; use --device_type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device_type='mps' but MPS is not available; use --device_type=cpu")
+
+    random.seed(42)
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # tf32 for any fp32 matmul that remains
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif is_ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")  # gloo: the CPU backend (MPS has no collective backend)
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"device={device} world_size={world_size} compute_dtype={COMPUTE_DTYPE}")
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Dense bf16 tensor-core peak FLOP/s per GPU (datasheet numbers, no sparsity). Matched by substring of
+# torch.cuda.get_device_name(), most specific first. Unknown GPUs give inf, so MFU reads 0% rather than a lie.
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 5090", 209e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("RTX A6000", 155e12), ("V100", 125e12),
+    ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+@lru_cache(maxsize=None)
+def measure_cpu_matmul_flops(dtype=torch.float32, size=1024, seconds=0.5):
+    """This machine's attainable matmul FLOP/s: the best of repeated square matmuls. CPUs have no
+    datasheet peak worth trusting (clocks, cores, SIMD width all vary), so MFU on CPU is measured
+    against what a plain matmul achieves here."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up (thread pool, kernels)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def get_peak_flops(device, dtype=None):
+    """Peak FLOP/s of one device for MFU: the table on CUDA, a measured matmul peak on CPU, inf otherwise."""
+    dtype = dtype or COMPUTE_DTYPE
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2  # fp32 runs as tf32
+        return float("inf")
+    if device.type == "cpu":
+        return measure_cpu_matmul_flops(dtype)
+    return float("inf")
+
+
+# -----------------------------------------------------------------------------
+# Experiment tracking
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off, so scripts call .log() unconditionally."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run, user_config, master_process, project="nanochat"):
+    """A real wandb run only when asked for (run != 'dummy') on the master process and wandb works;
+    a missing install or login never blocks training."""
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    try:
+        import wandb
+        return wandb.init(project=project, name=run, config=user_config)
+    except Exception as e:  # not installed, not logged in, offline...
+        logger.warning(f"wandb unavailable ({e}); continuing without it")
+        return DummyWandb()
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+
+def download_file(url, path, attempts=5, timeout=30, validate=None, desc=None, backoff=1.0):
+    """Download url to path safely: stream into a temp file beside it, let validate(tmp_path) reject a bad
+    body (truncated, an HTML error page, ...), then rename, so path is either absent or complete. Retries
+    with exponential backoff; raises RuntimeError naming the url after the last attempt."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    last_error = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                expected = int(response.headers.get("Content-Length", 0)) or None
+                written = 0
+                with open(tmp_path, "wb") as f:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        written += len(chunk)
+            if expected is not None and written != expected:
+                raise IOError(f"truncated body: got {written:,} of {expected:,} bytes")
+            if validate is not None:
+                validate(tmp_path)
+            os.replace(tmp_path, path)
+            return path
+        except Exception as e:
+            last_error = e
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code == 404:
+                break  # a missing file will not appear by retrying
+            if attempt < attempts:
+                wait = backoff * 2 ** (attempt - 1)
+                logger.warning(f"{desc or url}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:g}s")
+                time.sleep(wait)
+    raise RuntimeError(f"download of {url} failed after {attempt} attempt(s): {last_error}")
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None, **kwargs):
+    """Download url into <base dir>/filename once, even when every rank asks at the same time:
+    the first rank takes the lock and downloads, the others wait and then find the file."""
+    path = os.path.join(get_base_dir(), filename)
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            download_file(url, path, **kwargs)
+            if postprocess_fn is not None:
+                postprocess_fn(path)
+    return path
