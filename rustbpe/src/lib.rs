@@ -12,19 +12,88 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::time::Instant;
 
-use fancy_regex::Regex;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use rayon::prelude::*;
+use regex_automata::{meta, Input};
 use rustc_hash::FxHashMap;
 
 /// GPT-4's split pattern with numbers split into runs of at most 2 digits (nanochat's choice).
 const DEFAULT_PATTERN: &str =
     r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
+/// The default pattern without its one look-ahead (`\s+(?!\S)`) and with its possessive quantifiers made greedy,
+/// which changes nothing here (no branch can succeed by giving those characters back). The `regex` crate runs it
+/// several times faster than fancy-regex runs the original; `Splitter` puts the look-ahead back by hand.
+const DEFAULT_PATTERN_WITHOUT_LOOKAHEAD: &str =
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+";
+
 type Pair = (u32, u32);
+
+/// Splits text into the chunks that BPE never merges across.
+struct Splitter {
+    pattern: String,
+    regex: fancy_regex::Regex,
+    /// for the default pattern only: the same split, computed faster (see `chunks_fast`)
+    fast: Option<meta::Regex>,
+}
+
+/// Per-thread scratch space of the fast regex. Each thread brings its own: the regex's shared cache pool is a
+/// point of contention when two threads search millions of short matches.
+type SplitCache = Option<meta::Cache>;
+
+impl Splitter {
+    fn new(pattern: &str) -> PyResult<Self> {
+        let regex = fancy_regex::Regex::new(pattern)
+            .map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))?;
+        let fast = (pattern == DEFAULT_PATTERN)
+            .then(|| meta::Regex::new(DEFAULT_PATTERN_WITHOUT_LOOKAHEAD).expect("the fast pattern is valid"));
+        Ok(Splitter { pattern: pattern.to_string(), regex, fast })
+    }
+
+    fn new_cache(&self) -> SplitCache {
+        self.fast.as_ref().map(|fast| fast.create_cache())
+    }
+
+    fn for_each_chunk(&self, text: &str, cache: &mut SplitCache, visit: impl FnMut(&str)) -> Result<(), String> {
+        match (&self.fast, cache) {
+            (Some(fast), Some(cache)) => Self::chunks_fast(fast, cache, text, visit),
+            _ => Self::chunks_fancy(&self.regex, text, visit)?,
+        }
+        Ok(())
+    }
+
+    fn chunks_fancy(regex: &fancy_regex::Regex, text: &str, mut visit: impl FnMut(&str)) -> Result<(), String> {
+        for found in regex.find_iter(text) {
+            visit(found.map_err(|e| format!("the split pattern failed on a text: {e}"))?.as_str());
+        }
+        Ok(())
+    }
+
+    /// `\s+(?!\S)|\s+` takes a run of whitespace but leaves its last character to the word that follows it
+    /// (" world" stays one chunk). In the pattern without the look-ahead, a match made only of whitespace and not
+    /// ending in a newline can only come from the final `\s+` (the newline branch ends in \r or \n, every other
+    /// branch holds a non-space), so: give back its last character when it has several and text follows.
+    fn chunks_fast(fast: &meta::Regex, cache: &mut meta::Cache, text: &str, mut visit: impl FnMut(&str)) {
+        let mut pos = 0;
+        while let Some(found) = fast.search_with(cache, &Input::new(text).range(pos..)) {
+            let chunk = &text[found.range()];
+            let mut end = found.end();
+            if end < text.len() && !chunk.ends_with(['\r', '\n']) && chunk.chars().all(char::is_whitespace) {
+                let mut chars = chunk.chars();
+                let last = chars.next_back().expect("matches are never empty");
+                if chars.next().is_some() {
+                    end -= last.len_utf8();
+                }
+            }
+            visit(&text[found.start()..end]);
+            pos = end;
+        }
+    }
+}
 
 /// A candidate merge in the heap. Its count may be stale (higher than the pair's current count); stale entries
 /// are refreshed when they reach the top. Order: higher count first, then the smaller pair.
@@ -97,26 +166,23 @@ fn merge_word(ids: &mut Vec<u32>, word_index: u32, (a, b): Pair, new_id: u32, co
     *ids = out;
 }
 
-fn compile_pattern(pattern: &str) -> PyResult<Regex> {
-    Regex::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))
-}
-
 /// Counts the regex chunks of a batch of texts, in parallel.
-fn count_chunks(texts: &[String], regex: &Regex) -> Result<FxHashMap<Box<str>, i64>, String> {
+fn count_chunks(texts: &[String], splitter: &Splitter) -> Result<FxHashMap<Box<str>, i64>, String> {
     texts
         .par_iter()
-        .try_fold(FxHashMap::<Box<str>, i64>::default, |mut counts, text| {
-            for found in regex.find_iter(text) {
-                let chunk = found.map_err(|e| format!("the split pattern failed on a text: {e}"))?.as_str();
-                match counts.get_mut(chunk) {
+        .try_fold(
+            || (FxHashMap::<Box<str>, i64>::default(), splitter.new_cache()),
+            |(mut counts, mut cache), text| {
+                splitter.for_each_chunk(text, &mut cache, |chunk| match counts.get_mut(chunk) {
                     Some(count) => *count += 1,
                     None => {
                         counts.insert(chunk.into(), 1);
                     }
-                }
-            }
-            Ok(counts)
-        })
+                })?;
+                Ok((counts, cache))
+            },
+        )
+        .map(|folded| folded.map(|(counts, _)| counts))
         .try_reduce(FxHashMap::default, |a, b| Ok(merge_counts(a, b)))
 }
 
@@ -130,6 +196,10 @@ fn merge_counts(a: FxHashMap<Box<str>, i64>, b: FxHashMap<Box<str>, i64>) -> FxH
 
 fn log(message: &str) {
     eprintln!("rustbpe: {message}");
+}
+
+fn seconds_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
 }
 
 /// Learns `num_merges` merges from unique words and their counts. Returns them in order (merge i makes id 256+i);
@@ -226,8 +296,7 @@ fn learn_merges(mut words: Vec<Vec<u32>>, counts: &[i64], num_merges: usize) -> 
 /// A byte-level BPE tokenizer: 256 byte tokens followed by the learned merges.
 #[pyclass]
 struct Tokenizer {
-    pattern: String,
-    regex: Regex,
+    splitter: Splitter,
     merges: Vec<Pair>,
     /// pair -> id of the token it merges into (ids grow with rank)
     merge_ids: FxHashMap<Pair, u32>,
@@ -257,12 +326,9 @@ impl Tokenizer {
         out.extend(ids);
     }
 
-    fn encode_text(&self, text: &str) -> Result<Vec<u32>, String> {
+    fn encode_text(&self, text: &str, cache: &mut SplitCache) -> Result<Vec<u32>, String> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        for found in self.regex.find_iter(text) {
-            let chunk = found.map_err(|e| format!("the split pattern failed on the text: {e}"))?;
-            self.encode_chunk(chunk.as_str().as_bytes(), &mut out);
-        }
+        self.splitter.for_each_chunk(text, cache, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
         Ok(out)
     }
 }
@@ -272,8 +338,7 @@ impl Tokenizer {
     #[new]
     fn new() -> PyResult<Self> {
         Ok(Tokenizer {
-            pattern: DEFAULT_PATTERN.to_string(),
-            regex: compile_pattern(DEFAULT_PATTERN)?,
+            splitter: Splitter::new(DEFAULT_PATTERN)?,
             merges: Vec::new(),
             merge_ids: FxHashMap::default(),
         })
@@ -298,8 +363,7 @@ impl Tokenizer {
         if buffer_size < 1 {
             return Err(PyValueError::new_err(format!("buffer_size must be at least 1, got {buffer_size}")));
         }
-        let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let regex = compile_pattern(&pattern)?;
+        let splitter = Splitter::new(pattern.as_deref().unwrap_or(DEFAULT_PATTERN))?;
         let items = iterator.try_iter().map_err(|_| {
             PyTypeError::new_err(format!(
                 "train_from_iterator expects an iterable of str, got {}",
@@ -307,6 +371,7 @@ impl Tokenizer {
             ))
         })?;
 
+        let start = Instant::now();
         // Phase 1: pull texts in batches (needs the GIL), count their chunks in parallel (does not).
         let mut chunk_counts: FxHashMap<Box<str>, i64> = FxHashMap::default();
         let mut batch: Vec<String> = Vec::with_capacity(buffer_size as usize);
@@ -331,11 +396,15 @@ impl Tokenizer {
                 num_texts += 1;
                 batch.push(text.to_owned());
             }
-            let counted = py.allow_threads(|| count_chunks(&batch, &regex)).map_err(PyValueError::new_err)?;
+            let counted = py.allow_threads(|| count_chunks(&batch, &splitter)).map_err(PyValueError::new_err)?;
             chunk_counts = merge_counts(chunk_counts, counted);
             py.check_signals()?; // Ctrl-C works between batches
         }
-        log(&format!("{num_texts} texts, {num_chars} chars, {} unique chunks", chunk_counts.len()));
+        log(&format!(
+            "counted {} unique chunks in {num_texts} texts ({num_chars} chars) in {:.2}s",
+            chunk_counts.len(),
+            seconds_since(start)
+        ));
 
         // Phase 2: learn the merges (no GIL needed).
         let num_merges = (vocab_size - 256) as usize;
@@ -346,15 +415,15 @@ impl Tokenizer {
                 .unzip();
             learn_merges(words, &counts, num_merges)
         });
+        log(&format!("learned {} merges; training took {:.2}s", merges.len(), seconds_since(start)));
         self.merge_ids = merges.iter().enumerate().map(|(i, &pair)| (pair, 256 + i as u32)).collect();
         self.merges = merges;
-        self.pattern = pattern;
-        self.regex = regex;
+        self.splitter = splitter;
         Ok(())
     }
 
     fn get_pattern(&self) -> String {
-        self.pattern.clone()
+        self.splitter.pattern.clone()
     }
 
     /// [(token bytes, rank)] for every token in rank order: the 256 single bytes, then the merges.
@@ -368,13 +437,18 @@ impl Tokenizer {
     }
 
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.allow_threads(|| self.encode_text(text)).map_err(PyValueError::new_err)
+        py.allow_threads(|| self.encode_text(text, &mut self.splitter.new_cache())).map_err(PyValueError::new_err)
     }
 
     /// Encodes many texts in parallel (on as many threads as the process may use).
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        py.allow_threads(|| texts.par_iter().map(|text| self.encode_text(text)).collect::<Result<Vec<_>, _>>())
-            .map_err(PyValueError::new_err)
+        py.allow_threads(|| {
+            texts
+                .par_iter()
+                .map_init(|| self.splitter.new_cache(), |cache, text| self.encode_text(text, cache))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(PyValueError::new_err)
     }
 }
 
