@@ -1,0 +1,151 @@
+"""
+Model throughput: forward+backward tokens/s and MFU of the GPT alone (no data, no optimizer), per depth, compute
+dtype and execution mode (eager / torch.compile). Prints one JSON object.
+
+MFU = estimate_flops() * tokens/s / peak. On CPU the peak is this machine's own best square matmul in the layout
+F.linear uses (x @ W^T), timed in the same run for each dtype (a CPU without native bf16, AVX2 only, multiplies
+bf16 far slower than fp32: its bf16 MFU is against its bf16 peak); on CUDA it is the datasheet table in
+nanochat.common. Each dtype runs in its own subprocess: the compute dtype is fixed at import (NANOCHAT_DTYPE).
+
+Usage:
+    python -m dev.bench.model                                   # d4,d8 x fp32,bf16 x eager,compiled; vocab 32768, B 4, T 512
+    python -m dev.bench.model --depths=2 --max_seq_len=64 --vocab_size=512 --steps=2 --modes=eager --peak_matmul_size=512
+On a 2-core AVX2 CPU the fp32 half of the default run takes minutes, the bf16 half about half an hour
+(--dtypes=float32 skips it).
+"""
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.configurator import configure
+
+# Settings
+depths = "4,8"  # comma-separated model depths
+device_batch_size = 4
+max_seq_len = 512
+vocab_size = 32768
+steps = 3  # timed forward+backward calls per configuration (median), after one warm-up call (which compiles)
+dtypes = "float32,bfloat16"  # compute dtypes (NANOCHAT_DTYPE values)
+modes = "eager,compiled"
+device_type = ""  # cpu | cuda; "" = autodetect
+peak_matmul_size = 2048  # CPU peak: the best of peak_repeats square matmuls of this size
+peak_repeats = 5
+worker_dtype = ""  # internal: set by this script for the subprocess that measures one dtype
+with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+    user_config = configure(globals())
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_model_name():
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# -----------------------------------------------------------------------------
+# Parent: one subprocess per dtype, then one JSON object
+
+if not worker_dtype:
+    results, peaks = [], {}
+    for dtype_name in dtypes.split(","):
+        args = [f"--{name}={value}" for name, value in user_config.items() if name != "worker_dtype"]
+        env = dict(os.environ, NANOCHAT_DTYPE=dtype_name)
+        log(f"measuring compute dtype {dtype_name}")
+        repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        result = subprocess.run([sys.executable, "-m", "dev.bench.model", *args, f"--worker_dtype={dtype_name}"], env=env,
+                                cwd=repo_root, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"the {dtype_name} worker failed (exit {result.returncode}); its log is above")
+        worker = json.loads(result.stdout.strip().splitlines()[-1])
+        peaks[dtype_name] = worker["peak_flops"]
+        results += worker["results"]
+    print(json.dumps({
+        "benchmark": "model",
+        "machine": {"platform": platform.platform(), "processor": cpu_model_name(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "settings": {name: value for name, value in user_config.items() if name != "worker_dtype"},
+        "peak_flops": peaks,
+        "results": results,
+    }, indent=2))
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# Worker: every depth and mode in one compute dtype
+
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+
+
+def measure_cpu_matmul_peak(dtype, size, repeats):
+    """Best FLOP/s of `repeats` (size x size) @ (size x size)^T matmuls, the layout of F.linear. Not a plain a @ b:
+    in bf16 on an AVX2 CPU that takes a path ~15x slower (measured: 1.2 vs 19 GFLOP/s at 512), which would put the
+    model's bf16 MFU far above 100%."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    F.linear(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        F.linear(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+assert str(COMPUTE_DTYPE) == f"torch.{worker_dtype}", (COMPUTE_DTYPE, worker_dtype)
+device = torch.device(device_type or autodetect_device_type())
+synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+if device.type == "cpu":
+    peak = measure_cpu_matmul_peak(COMPUTE_DTYPE, peak_matmul_size, peak_repeats)
+else:
+    peak = get_peak_flops(device, COMPUTE_DTYPE)
+log(f"{worker_dtype} peak: {peak / 1e9:.1f} GFLOP/s")
+
+results = []
+for depth in [int(d) for d in depths.split(",")]:
+    model_dim = 64 * depth
+    num_heads = max(1, (model_dim + 127) // 128)
+    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                       n_kv_head=num_heads, n_embd=model_dim)
+    for mode in modes.split(","):
+        if mode not in ("eager", "compiled"):
+            raise SystemExit(f"--modes: {mode!r} is not eager or compiled")
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
+        inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len), device=device)
+        targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len), device=device)
+        times = []
+        for _ in range(steps + 1):
+            synchronize()
+            t0 = time.perf_counter()
+            forward(inputs, targets).backward()
+            synchronize()
+            times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+        step_s = statistics.median(times[1:])
+        tokens_per_s = device_batch_size * max_seq_len / step_s
+        row = {"depth": depth, "dtype": worker_dtype, "mode": mode, "tokens_per_s": round(tokens_per_s),
+               "mfu_percent": round(100 * model.estimate_flops() * tokens_per_s / peak, 2),
+               "step_s": round(step_s, 4), "first_step_s": round(times[0], 2),
+               "params": model.num_scaling_params(), "flops_per_token": model.estimate_flops()}
+        log(json.dumps(row))
+        results.append(row)
+        del model, forward
+
+print(json.dumps({"peak_flops": peak, "results": results}))

@@ -1,0 +1,199 @@
+"""
+Pretraining throughput on this machine: base_train's whole loop against the model's bare forward+backward.
+Prints one JSON object with, for eager and torch.compile'd execution:
+  - loop: steady-state tokens/s and MFU of `python -m scripts.base_train` itself (data loading, micro-steps, optimizer
+    step, logging: everything in its per-step dt), read from its step lines after warm_up_steps steps;
+  - model: tokens/s and MFU of forward+backward alone on one fixed batch, same model, same shapes (the peer);
+  - loop_overhead: 1 - loop tokens/s / model tokens/s, i.e. the share of a step spent outside forward+backward
+    (target: < 10%), split into optimizer_share_of_loop_step (the optimizer step, timed alone on the peer model)
+    and overhead_besides_optimizer (data, logging, the loop itself); compile_s: first-step time minus a steady step.
+MFU is against get_peak_flops (on CPU: the measured matmul peak for the compute dtype).
+
+The loop runs in a throwaway base dir: the data of <base>/base_data (or the embedded corpus when there is none)
+and a tokenizer of vocab_size tokens: <base>/tokenizer when it has that size, else one trained by rustbpe on the
+train split and cached in <base>/bench/tokenizer_<vocab_size>/.
+
+Usage:
+    python -m dev.bench.train                                   # d4, vocab 32768, seq 512, batch 4 x 512 = 2048 tokens
+    python -m dev.bench.train --depth=2 --max_seq_len=64 --vocab_size=512 --steps=8 --warm_up_steps=3 --modes=eager
+"""
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from nanochat.common import COMPUTE_DTYPE, get_base_dir, get_peak_flops
+from nanochat.configurator import configure
+
+# Settings
+depth = 4
+max_seq_len = 512
+device_batch_size = 4
+total_batch_size = 2048  # = device_batch_size * max_seq_len: one micro-step a step
+vocab_size = 32768
+steps = 20  # base_train steps per mode
+warm_up_steps = 5  # left out of the steady state (the first one compiles)
+model_steps = 10  # timed forward+backward calls per mode, after one warm-up call
+modes = "eager,compiled"
+with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+    user_config = configure(globals())
+if steps <= warm_up_steps:
+    raise SystemExit(f"steps={steps} must be larger than warm_up_steps={warm_up_steps}")
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# A throwaway base dir: data and a tokenizer of vocab_size tokens
+
+user_base = get_base_dir()
+bench_base = tempfile.mkdtemp(prefix="nanochat_bench_train_")
+user_data = os.path.join(user_base, "base_data")
+if os.path.isdir(user_data) and any(name.endswith(".parquet") for name in os.listdir(user_data)):
+    os.symlink(user_data, os.path.join(bench_base, "base_data"))
+else:
+    from nanochat.dataset import install_embedded
+    with contextlib.redirect_stdout(sys.stderr):
+        install_embedded(os.path.join(bench_base, "base_data"))
+
+
+def tokenizer_vocab(tokenizer_dir):
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+            return json.load(f)["vocab_size"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+tokenizer_dir = os.path.join(user_base, "tokenizer")
+tokenizer_train_s = None
+if tokenizer_vocab(tokenizer_dir) != vocab_size:
+    tokenizer_dir = os.path.join(user_base, "bench", f"tokenizer_{vocab_size}")
+    if tokenizer_vocab(tokenizer_dir) != vocab_size:
+        from nanochat.dataset import parquets_iter_batched
+        from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+
+        def texts(max_chars=50_000_000):
+            seen = 0
+            for batch in parquets_iter_batched("train", data_dir=os.path.join(bench_base, "base_data")):
+                for text in batch:
+                    yield text[:10_000]
+                    seen += min(len(text), 10_000)
+                    if seen >= max_chars:
+                        return
+
+        log(f"training a {vocab_size}-token tokenizer for the benchmark into {tokenizer_dir}")
+        t0 = time.perf_counter()
+        tokenizer = RustBPETokenizer.train_from_iterator(texts(), vocab_size)
+        tokenizer_train_s = round(time.perf_counter() - t0, 1)
+        tokenizer.save(tokenizer_dir)
+        torch.save(compute_token_bytes(tokenizer), os.path.join(tokenizer_dir, "token_bytes.pt"))
+shutil.copytree(tokenizer_dir, os.path.join(bench_base, "tokenizer"))
+
+# -----------------------------------------------------------------------------
+# base_train's loop, per mode
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| dt (\d+)ms \| tok/s [\d,]+ \| mfu ([\d.]+)%", re.M)
+
+
+def run_loop(compiled):
+    args = [f"--depth={depth}", f"--max_seq_len={max_seq_len}", f"--device_batch_size={device_batch_size}",
+            f"--total_batch_size={total_batch_size}", f"--num_iterations={steps}", "--eval_every=-1",
+            f"--eval_tokens={device_batch_size * max_seq_len}", "--core_metric_every=-1", "--sample_every=-1",
+            f"--compile={compiled}", "--model_tag=bench"]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": bench_base}
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    wall_s = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise SystemExit(f"base_train failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    rows = [(int(s), int(dt) / 1000, float(mfu)) for s, dt, mfu in STEP_LINE.findall(result.stdout)]
+    assert len(rows) == steps, f"expected {steps} step lines, got {len(rows)}"
+    steady = [dt for s, dt, _ in rows if s > warm_up_steps]
+    step_s = statistics.median(steady)
+    return {"step_s": round(step_s, 4), "tokens_per_s": round(total_batch_size / step_s),
+            "mfu_percent": round(statistics.median(mfu for s, _, mfu in rows if s > warm_up_steps), 2),
+            "compile_s": round(rows[0][1] - step_s, 2) if compiled else None, "first_step_s": rows[0][1], "steps": steps,
+            "wall_s_incl_startup_and_eval": round(wall_s, 1)}
+
+
+# -----------------------------------------------------------------------------
+# The peer: forward+backward alone, same model and shapes, one fixed batch
+
+
+def run_model(compiled):
+    from nanochat.gpt import GPT, GPTConfig
+
+    model_dim = 64 * depth
+    num_heads = max(1, (model_dim + 127) // 128)
+    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                       n_kv_head=num_heads, n_embd=model_dim)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    optimizers = model.setup_optimizers()
+    inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
+    targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
+    times, optimizer_times = [], []
+    for _ in range(model_steps + 1):
+        t0 = time.perf_counter()
+        forward(inputs, targets).backward()
+        t1 = time.perf_counter()
+        for optimizer in optimizers:  # timed apart: the peer is forward+backward alone
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        times.append(t1 - t0)
+        optimizer_times.append(time.perf_counter() - t1)
+    step_s = statistics.median(times[1:])
+    tokens = device_batch_size * max_seq_len
+    peak = get_peak_flops("cpu", COMPUTE_DTYPE)
+    return {"step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
+            "mfu_percent": round(100 * model.estimate_flops() * tokens / step_s / peak, 2),
+            "compile_s": round(times[0] - step_s, 2) if compiled else None, "first_step_s": round(times[0], 3),
+            "steps": model_steps,
+            "optimizer_step_s": round(statistics.median(optimizer_times[1:]), 4)}
+
+
+results = {}
+for mode in modes.split(","):
+    if mode not in ("eager", "compiled"):
+        raise SystemExit(f"--modes: {mode!r} is not eager or compiled")
+    compiled = mode == "compiled"
+    loop = run_loop(compiled)
+    log(f"{mode} loop: {loop['tokens_per_s']:,} tok/s, MFU {loop['mfu_percent']}%")
+    model = run_model(compiled)
+    log(f"{mode} model fwd+bwd: {model['tokens_per_s']:,} tok/s, MFU {model['mfu_percent']}%")
+    overhead = 1 - loop["tokens_per_s"] / model["tokens_per_s"]
+    # what is left once the optimizer step is counted as model work too: data loading, logging, the loop itself
+    overhead_besides_optimizer = 1 - (model["step_s"] + model["optimizer_step_s"]) / loop["step_s"]
+    results[mode] = {"loop": loop, "model": model, "loop_overhead": round(overhead, 4), "overhead_below_10pct": overhead < 0.10,
+                     "optimizer_share_of_loop_step": round(model["optimizer_step_s"] / loop["step_s"], 4),
+                     "overhead_besides_optimizer": round(overhead_besides_optimizer, 4)}
+shutil.rmtree(bench_base, ignore_errors=True)
+
+print(json.dumps({
+    "benchmark": "train",
+    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+    "compute_dtype": str(COMPUTE_DTYPE),
+    "peak_flops_cpu": get_peak_flops("cpu", COMPUTE_DTYPE),
+    "settings": user_config,
+    "tokenizer_train_s": tokenizer_train_s,
+    "results": results,
+}, indent=2))

@@ -1,0 +1,309 @@
+"""
+The GPT model: a decoder-only Transformer, its weight init, FLOP estimate, optimizer grouping and a naive sampler.
+
+Architecture: token embedding -> RMSNorm -> pre-norm blocks (attention with rotary embeddings, QK-norm and
+grouped-query attention; a relu^2 MLP) -> RMSNorm -> untied lm_head -> logit softcap. No biases and no learnable
+norm parameters anywhere. Weights are fp32 master copies; activations run in COMPUTE_DTYPE (nanochat.common) with
+each Linear casting its weight at use, so there is no autocast and what runs in which precision is explicit.
+
+Also here: KVCache, the preallocated key/value store that makes decoding incremental. Not here: batched sampling,
+tools and stopping rules (nanochat/engine.py), the training loop (scripts/base_train.py).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.adamw import AdamW, DistAdamW
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.muon import DistMuon, Muon
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads: n_head = multi-head, fewer = grouped-query, 1 = multi-query
+    n_embd: int = 768
+
+
+def norm(x):
+    """RMSNorm without a learnable scale: the blocks' own weights absorb any scale they need."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear whose fp32 master weight is cast to the activations' dtype at use."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate each (first half, second half) pair of channels of x (B, T, H, D) by the position's angle."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cos, sin, kv_cache, positions, attn_mask):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm (after rotary): bounded attention logits, stabler training
+        if kv_cache is not None:
+            # the new keys/values go into the cache; attend to everything cached so far, as far as attn_mask allows
+            k, v = kv_cache.insert(self.layer_idx, k, v, positions, attn_mask.size(-1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
+        if kv_cache is None:  # training / full forward: keys == queries, plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # prefill chunk or single-token decode on top of a cache: the mask says who sees whom
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # relu^2: sparse like relu, smoother gradients
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, positions, attn_mask):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, positions, attn_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise ValueError(f"n_embd={config.n_embd}, n_head={config.n_head}, n_kv_head={config.n_kv_head}: n_embd must "
+                             f"be a multiple of n_head and n_head a multiple of n_kv_head")
+        self.config = config
+        # The embedding/lm_head rows are padded to a multiple of 64 (aligned matmuls, even sharding across ranks);
+        # the extra logits are sliced off in forward, so nothing ever predicts or sees a padding id.
+        self.padded_vocab_size = -(-config.vocab_size // 64) * 64
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.padded_vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = Linear(config.n_embd, self.padded_vocab_size)  # untied from wte
+        # Rotary tables for 10x the training length (room for long generations); not saved in checkpoints,
+        # (re)computed by init_weights, which is why loading a checkpoint calls init_weights first.
+        self.rotary_seq_len = 10 * config.sequence_len
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
+        self.register_buffer("cos", cos, persistent=False)  # (rotary_seq_len, head_dim / 2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All real initialization (the model is built on the meta device, where __init__'s values are fake).
+        The scheme is the original's Jan-2026 one, not the Nov-2025 fan-in/fan-out normal one: lm_head starts
+        small but non-zero (N(0, 0.001)), so every weight gets a gradient from the first step (a zero lm_head
+        blocks all gradient to the blocks and the embedding on step one), and the uniform init has no outliers.
+        The output projections start at zero, so each block starts as the identity on the residual stream."""
+        n_embd = self.config.n_embd
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform with std 1/sqrt(fan_in); fan_in is n_embd for all four
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
+
+    def _precompute_rotary_embeddings(self, seq_len, base=10000):
+        head_dim = self.config.n_embd // self.config.n_head
+        device = self.transformer.wte.weight.device
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        return angles.cos().to(COMPUTE_DTYPE), angles.sin().to(COMPUTE_DTYPE)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_scaling_params(self):
+        """Parameters counted for the tokens:params horizon: all of them (embedding, blocks, lm_head)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per weight that multiplies (all but the embedding lookup) plus attention's
+        QK^T and AV over the full context (PaLM appendix B)."""
+        num_params = sum(p.numel() for p in self.parameters())
+        num_embedding = self.transformer.wte.weight.numel()
+        config = self.config
+        L, H, D, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.sequence_len
+        return 6 * (num_params - num_embedding) + 12 * L * H * D * T
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """[AdamW for the embedding and lm_head, Muon for every matrix in the blocks]; the distributed versions when
+        a process group of more than one rank is up (they also average the gradients: there is no DDP wrapper).
+        weight_decay applies to the AdamW groups, as in the original."""
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = [self.transformer.wte.weight]
+        lm_head_params = [self.lm_head.weight]
+        assert len(list(self.parameters())) == len(matrix_params) + 2
+        # AdamW LRs were tuned at n_embd 768; scale them as 1/sqrt(width) for other widths
+        lr_scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
+                       dict(params=embedding_params, lr=embedding_lr * lr_scale)]
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        adamw = (DistAdamW if distributed else AdamW)(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        muon = (DistMuon if distributed else Muon)(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["initial_lr"] = group["lr"]  # the scripts' LR schedules multiply this
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are
+        given, else fp32 logits (B, T, vocab_size). With kv_cache, idx continues each row's cached tokens."""
+        B, T = idx.size()
+        if kv_cache is None:
+            assert T <= self.rotary_seq_len, f"{T} tokens: longer than the rotary table ({self.rotary_seq_len})"
+            positions = attn_mask = None
+            cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]  # (1, T, 1, D/2)
+        else:
+            if kv_cache.k.dtype != COMPUTE_DTYPE:
+                raise ValueError(f"KVCache dtype {kv_cache.k.dtype} != the model's compute dtype {COMPUTE_DTYPE}")
+            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) absolute positions
+            attend_len = int(kv_cache.pos.max()) + T  # keys 0..attend_len-1 are read (the one host sync per forward)
+            assert attend_len <= self.rotary_seq_len, f"position {attend_len}: past the rotary table ({self.rotary_seq_len})"
+            kv_cache.reserve(attend_len)
+            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
+            # query at position p sees keys 0..p: the whole prefix plus causal within the chunk; for one token,
+            # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
+            key_positions = torch.arange(attend_len, device=idx.device)
+            attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, positions, attn_mask)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # fp32 before the tanh (bf16 tanh is coarse)
+        logits = softcap * torch.tanh(logits / softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Yield max_tokens sampled token ids continuing the list `tokens`, one full forward per token (no cache:
+        slow, but the plain reference that the engine's cached sampling is tested against). temperature 0 = greedy."""
+        assert isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)
+        device = self.get_device()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]  # (1, vocab_size)
+            if top_k is not None and top_k > 0:
+                threshold = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, preallocated so decoding appends in place.
+
+    k, v: (num_layers, batch_size, seq_len, num_heads, head_dim); pos: (batch_size,) tokens cached per row. Rows
+    may sit at different positions (prompts of different lengths): each row writes at its own pos and the
+    attention mask hides every slot past it, so an engine may also rewind a row by lowering pos[row].
+    Protocol per forward (GPT.forward does it): reserve(length) -> insert() in every layer -> advance(T).
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=COMPUTE_DTYPE):
+        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def seq_len(self):
+        return self.k.size(2)
+
+    def reset(self):
+        self.pos.zero_()
+
+    def reserve(self, length):
+        """Make room for `length` positions, keeping the contents: new tensors and a copy (resize_ would scramble
+        the layout); capacity grows in steps of 1024 so that decoding does not reallocate every token."""
+        if length <= self.seq_len:
+            return
+        new_len = -(-length // 1024) * 1024
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:2] + (new_len,) + old.shape[3:])
+            new[:, :, :old.size(2)] = old
+            setattr(self, name, new)
+
+    def insert(self, layer_idx, k, v, positions, length):
+        """Write k, v (B, T, H, D) at `positions` (B, T) of layer layer_idx; return that layer's keys and values
+        (B, length, H, D) for attention."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), broadcast against positions
+        self.k[layer_idx, rows, positions] = k
+        self.v[layer_idx, rows, positions] = v
+        return self.k[layer_idx, :, :length], self.v[layer_idx, :, :length]
+
+    def advance(self, num_tokens):
+        self.pos += num_tokens
+
+    def prefill(self, other):
+        """Copy another cache's contents into this one, e.g. a prompt prefilled once with batch 1, then decoded as
+        batch_size independent samples. Grows this cache if the other holds more positions than fit."""
+        if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
+            raise ValueError(f"cannot prefill a cache of shape {tuple(self.k.shape)} from one of shape "
+                             f"{tuple(other.k.shape)}: layers, heads and head_dim must match")
+        if other.k.size(1) not in (1, self.k.size(1)):
+            raise ValueError(f"cannot prefill batch size {self.k.size(1)} from batch size {other.k.size(1)} "
+                             f"(must be 1 or equal)")
+        length = int(other.pos.max())
+        self.reserve(length)
+        self.k[:, :, :length] = other.k[:, :, :length]  # a batch of 1 broadcasts to every row
+        self.v[:, :, :length] = other.v[:, :, :length]
+        self.pos.copy_(other.pos.expand_as(self.pos))

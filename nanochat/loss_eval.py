@@ -1,0 +1,35 @@
+"""
+Bits per byte: the validation loss that does not depend on the tokenizer.
+
+Mean cross-entropy per token changes with the vocabulary (a bigger vocab packs more text into a token, so each
+token is harder to predict); nats summed over tokens and divided by the bytes of text they stand for does not.
+Special tokens stand for no text (0 bytes) and ignored targets (-1) for nothing at all: both are left out.
+Not a training-time loss: this runs the model in no_grad mode over a fixed number of batches.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Bits per byte of `model` over `steps` batches of (inputs, targets) drawn from the iterator `batches`;
+    token_bytes: 1-D int tensor, bytes of text per token id (0 for special tokens). Summed across ranks."""
+    total_nats = torch.zeros((), dtype=torch.float32, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        inputs, targets = next(batches)[:2]  # loaders with state yield a third item
+        loss = model(inputs, targets, loss_reduction="none").view(-1).float()  # (B*T,) nats per token
+        targets = targets.view(-1)
+        num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)  # (B*T,)
+        total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
+        total_bytes += num_bytes.sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    total_nats, total_bytes = total_nats.item(), total_bytes.item()
+    if total_bytes == 0:
+        return float("inf")
+    return total_nats / (math.log(2) * total_bytes)

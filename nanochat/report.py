@@ -1,0 +1,326 @@
+"""
+The report card of a run: every stage logs a markdown section into <base>/report/, and `generate` puts them
+together into report.md with a summary table, the total wall clock and the pretraining curve.
+
+    python -m nanochat.report reset      # start of a run: clear old sections, write the header (git, hardware, code size)
+    python -m nanochat.report generate   # end of a run: <base>/report/report.md
+
+In code: `get_report().log(section="Base model training", data=[user_config, {"val_bpb": 0.81}])`. Only rank 0
+writes (other ranks get a no-op DummyReport). Every file is written to a temporary name and renamed, so a
+crash never leaves half a section. Not a metrics database: sections are plain markdown, and the summary table
+reads `- key: value` lines back out of them.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+
+import torch
+
+from nanochat.common import get_base_dir, get_dist_info
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The sections of a full run, in pipeline order (generate lists them in this order, any others after them).
+SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
+                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
+                 "Chat RL", "Chat evaluation rl"]
+# The summary table: metric rows x stage columns, each column read from that stage's evaluation section.
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_COLUMNS = {"BASE": "Base model evaluation", "MID": "Chat evaluation mid", "SFT": "Chat evaluation sft",
+                   "RL": "Chat evaluation rl"}
+# Rough on-demand cloud prices per GPU-hour (USD), matched by substring of the GPU name; others get the default.
+GPU_HOURLY_COST = [("H200", 3.50), ("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]
+DEFAULT_GPU_HOURLY_COST = 2.00
+CODE_EXTENSIONS = (".py", ".rs", ".sh", ".md", ".html", ".toml")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def slugify(section):
+    return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
+
+
+def _write_atomic(path, text):
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp_path, path)
+
+
+def _format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _now():
+    return datetime.datetime.now().strftime(TIME_FORMAT)
+
+
+def _format_duration(seconds):
+    hours, minutes = divmod(int(seconds) // 60, 60)
+    return f"{hours}h{minutes}m"
+
+
+# -----------------------------------------------------------------------------
+# What the header records about the run's environment
+
+
+def _git(*args):
+    try:
+        result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_info():
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return ["- Not a git checkout"]
+    dirty = bool(_git("status", "--porcelain"))
+    return [f"- Branch: {_git('rev-parse', '--abbrev-ref', 'HEAD')}",
+            f"- Commit: {commit}{' (dirty)' if dirty else ' (clean)'}",
+            f"- Message: {_git('log', '-1', '--format=%s') or ''}"]
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_hourly_cost():
+    """(USD per hour for all visible GPUs, description), or (None, None) without GPUs."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None, None
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    per_gpu = next((cost for key, cost in GPU_HOURLY_COST if key in names[0]), DEFAULT_GPU_HOURLY_COST)
+    return per_gpu * len(names), f"{len(names)} x {names[0]} at ${per_gpu:.2f}/h"
+
+
+def hardware_info():
+    import psutil
+
+    lines = [f"- Platform: {platform.system()} {platform.release()} ({socket.gethostname()})",
+             f"- CPU: {cpu_name()} ({psutil.cpu_count(logical=False)} physical cores, {psutil.cpu_count(logical=True)} logical)",
+             f"- Memory: {psutil.virtual_memory().total / 2**30:.1f} GiB"]
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"- GPUs: {torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.1f} GiB each), "
+                     f"CUDA {torch.version.cuda}")
+        rate, description = gpu_hourly_cost()
+        lines.append(f"- Hourly cost estimate: ${rate:.2f}/h ({description})")
+    else:
+        lines.append("- GPUs: none")
+    return lines
+
+
+def code_files():
+    """The repo's source and docs: git-tracked files when this is a checkout, else a walk of the tree."""
+    listed = _git("ls-files", "--cached", "--others", "--exclude-standard")
+    if listed is not None:
+        paths = listed.splitlines()
+    else:
+        skip = {".git", ".venv", "target", "__pycache__", "node_modules"}
+        paths = []
+        for root, dirs, files in os.walk(REPO_ROOT):
+            dirs[:] = [d for d in dirs if d not in skip]
+            paths += [os.path.relpath(os.path.join(root, name), REPO_ROOT) for name in files]
+    return sorted(p for p in paths if p.endswith(CODE_EXTENSIONS) and os.path.isfile(os.path.join(REPO_ROOT, p)))
+
+
+def bloat_info():
+    """Code size: what it costs to read this codebase (and to hand it to an LLM: ~4 characters a token)."""
+    chars = lines = 0
+    files = code_files()
+    for path in files:
+        with open(os.path.join(REPO_ROOT, path), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        chars += len(text)
+        lines += text.count("\n")
+    lock_path = os.path.join(REPO_ROOT, "uv.lock")
+    lock_lines = 0
+    if os.path.exists(lock_path):
+        with open(lock_path, encoding="utf-8") as f:
+            lock_lines = sum(1 for _ in f)
+    return [f"- Characters: {chars:,}", f"- Lines: {lines:,}", f"- Files: {len(files):,}",
+            f"- Tokens (approx.): {chars // 4:,}", f"- Dependencies (uv.lock lines): {lock_lines:,}"]
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+class Report:
+    def __init__(self, report_dir=None):
+        self.report_dir = report_dir or os.path.join(get_base_dir(), "report")
+        os.makedirs(self.report_dir, exist_ok=True)
+
+    def _path(self, name):
+        return os.path.join(self.report_dir, name)
+
+    def log(self, section, data):
+        """Write section `section`: data is a list of dicts (one `- key: value` line per item) and strings
+        (one line each, verbatim). Logging the same section again replaces it."""
+        lines = [f"## {section}", f"timestamp: {_now()}", ""]
+        for item in data:
+            if isinstance(item, dict):
+                lines += [f"- {key}: {_format_value(value)}" for key, value in item.items()]
+            else:
+                lines.append(str(item))
+        path = self._path(f"{slugify(section)}.md")
+        _write_atomic(path, "\n".join(lines) + "\n\n")
+        return path
+
+    def log_curve(self, name, curve):
+        """Save training-curve data (a dict of equally long lists, "step" among them) as <name>_curve.json."""
+        _write_atomic(self._path(f"{name}_curve.json"), json.dumps(curve) + "\n")
+
+    def read_curve(self, name):
+        path = self._path(f"{name}_curve.json")
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def reset(self):
+        """Start a new run: delete every section, curve and report of the previous one, write a fresh header."""
+        for name in os.listdir(self.report_dir):
+            if name.endswith(".md") or name.endswith("_curve.json") or name.endswith("_curve.png"):
+                os.remove(self._path(name))
+        header = ["# nanochat training report", "", "## Environment", "",
+                  "### Git", *git_info(), "", "### Hardware", *hardware_info(), "",
+                  "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
+                  "### Bloat", *bloat_info(), "", f"Run started: {_now()}", ""]
+        _write_atomic(self._path("header.md"), "\n".join(header) + "\n")
+        print(f"Reset the report in {self.report_dir}")
+
+    def generate(self):
+        """Write report.md: header, the sections in pipeline order, the curve plot, the summary. Returns its path."""
+        header_path = self._path("header.md")
+        if os.path.exists(header_path):
+            with open(header_path, encoding="utf-8") as f:
+                header = f.read()
+        else:
+            print(f"warning: no header in {self.report_dir}; run `python -m nanochat.report reset` at the start of a run")
+            header = "# nanochat training report\n\n"
+        slugs = [slugify(section) for section in SECTION_ORDER]
+        extra = sorted(name[:-3] for name in os.listdir(self.report_dir)
+                       if name.endswith(".md") and name[:-3] not in slugs and name not in ("header.md", "report.md"))
+        sections = {}
+        for slug in slugs + extra:
+            path = self._path(f"{slug}.md")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    sections[slug] = f.read()
+        missing = [section for section in SECTION_ORDER if slugify(section) not in sections]
+        if missing:
+            print(f"Sections not in this report (stage not run): {', '.join(missing)}")
+
+        parts = [header.rstrip() + "\n"]
+        for slug, text in sections.items():
+            parts.append(text.rstrip() + "\n")
+            if slug == "base-model-training" and self.plot_curve("base_train"):
+                parts.append("![base model training curve](base_train_curve.png)\n")
+        parts.append(self.summary(sections, header))
+        report_path = self._path("report.md")
+        _write_atomic(report_path, "\n".join(parts))
+        print(f"Wrote {report_path}")
+        return report_path
+
+    def summary(self, sections, header):
+        lines = ["## Summary", ""]
+        bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.S)
+        if bloat:
+            lines += [bloat.group(1), ""]
+        columns = list(SUMMARY_COLUMNS)
+        rows = [[metric] + [read_metric(sections.get(slugify(SUMMARY_COLUMNS[c]), ""), metric) or "-" for c in columns]
+                for metric in SUMMARY_METRICS]
+        widths = [max(len(row[i]) for row in rows + [["Metric"] + columns]) for i in range(len(columns) + 1)]
+        table = [["Metric"] + columns, ["-" * w for w in widths]] + rows
+        lines += ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in table]
+        started = re.search(r"^Run started: (.+)$", header, re.M)
+        if started:
+            start = datetime.datetime.strptime(started.group(1).strip(), TIME_FORMAT)
+            elapsed = (datetime.datetime.now() - start).total_seconds()
+            lines += ["", f"Total wall clock time: {_format_duration(elapsed)}"]
+            rate = re.search(r"Hourly cost estimate: \$([0-9.]+)/h", header)
+            if rate:
+                lines.append(f"Estimated cost: ${float(rate.group(1)) * elapsed / 3600:,.2f}")
+        return "\n".join(lines) + "\n"
+
+    def plot_curve(self, name):
+        """<name>_curve.png from <name>_curve.json: train loss and validation bpb against step. False if no data."""
+        curve = self.read_curve(name)
+        if not curve or not curve.get("step"):
+            return False
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+
+        fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+        ax_loss.plot(curve["step"], curve["loss"], linewidth=1)
+        ax_loss.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
+        if curve.get("val_step"):
+            ax_bpb.plot(curve["val_step"], curve["val_bpb"], marker="o", markersize=3)
+        ax_bpb.set(xlabel="step", ylabel="bits per byte", title="Validation bpb")
+        for ax in (ax_loss, ax_bpb):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp_path = self._path(f"{name}_curve.tmp{os.getpid()}.png")
+        fig.savefig(tmp_path, dpi=100)
+        plt.close(fig)
+        os.replace(tmp_path, self._path(f"{name}_curve.png"))
+        return True
+
+
+def read_metric(section_text, metric):
+    """The value of a `- <metric>: value` line in a section (case-insensitive key), or None."""
+    match = re.search(rf"^- {re.escape(metric)}: *(.+?) *$", section_text, re.M | re.I)
+    return match.group(1) if match else None
+
+
+class DummyReport:
+    """What ranks other than 0 get: every method does nothing."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def log_curve(self, *args, **kwargs):
+        pass
+
+    def read_curve(self, *args, **kwargs):
+        return None
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        pass
+
+
+def get_report():
+    """The Report on rank 0, a DummyReport elsewhere, so every rank can call it unconditionally."""
+    _, rank, _, _ = get_dist_info()
+    return Report() if rank == 0 else DummyReport()
+
+
+if __name__ == "__main__":
+    commands = {"generate": lambda: get_report().generate(), "reset": lambda: get_report().reset()}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        print("usage: python -m nanochat.report generate|reset", file=sys.stderr)
+        sys.exit(2)
+    commands[sys.argv[1]]()

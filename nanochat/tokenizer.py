@@ -1,0 +1,387 @@
+"""
+Tokenization: a byte-level BPE trained by our Rust `rustbpe`, run by tiktoken, and the chat format that turns
+a conversation into token ids plus a training mask.
+
+rustbpe only trains (fast, parallel); tiktoken only encodes/decodes (fast, thread-parallel batches). This file
+glues the two together and owns the on-disk format. It is not a general tokenizer library: there is one split
+pattern and one set of special tokens. HuggingFaceTokenizer exists only as a point of comparison.
+
+On disk (`<base>/tokenizer/`, written by `python -m scripts.tok_train`), no pickle anywhere:
+    tokenizer.tiktoken  one line per mergeable token, `base64(token bytes) rank` (tiktoken's own rank format)
+    tokenizer.json      {"format": "nanochat-tokenizer-v1", "pattern", "special_tokens", "vocab_size"}
+    token_bytes.pt      int32 tensor: bytes per token id, 0 for special tokens (for bits-per-byte)
+Plain tiktoken reads it without nanochat:
+    from tiktoken.load import load_tiktoken_bpe
+    meta = json.load(open("tokenizer.json", encoding="utf-8"))
+    enc = tiktoken.Encoding("nanochat", pat_str=meta["pattern"], special_tokens=meta["special_tokens"],
+                            mergeable_ranks=load_tiktoken_bpe("tokenizer.tiktoken"))
+Set TIKTOKEN_CACHE_DIR="" first: load_tiktoken_bpe otherwise caches each file it reads by its path, and after a
+retrain would return the old ranks.
+"""
+
+import base64
+import binascii
+import json
+import os
+
+import tiktoken
+import torch
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # begins every document (documents are delimited by it) and every conversation
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool...
+    "<|output_start|>", "<|output_end|>",  # ...and the tool's output is inserted here at inference
+]
+
+# GPT-4's split pattern, except that numbers are split into runs of at most 2 digits instead of 3: at our small
+# vocab that spends fewer tokens on 3-digit numbers (the reference measured 0.965 vs 0.972 bpb at 32K vocab).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+FORMAT = "nanochat-tokenizer-v1"
+RANK_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
+PART_TYPES = ("text", "python", "python_output")
+
+
+def available_cpus():
+    # the CPUs this process may actually run on (containers, taskset), not all the machine has
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class RustBPETokenizer:
+    """Our tokenizer: mergeable ranks (256 single bytes, then merges in training order) + the special tokens."""
+
+    def __init__(self, pattern, mergeable_ranks):
+        n = len(mergeable_ranks)
+        self.pattern = pattern
+        self.special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_token_id = self.special_tokens["<|bos|>"]
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        import rustbpe  # only training needs the compiled trainer; encoding is tiktoken's job
+
+        if not hasattr(rustbpe, "Tokenizer"):  # run from the repo root, the bare rustbpe/ source dir imports too
+            raise ImportError("the rustbpe extension is not built: run `uv sync` in the repo root")
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and the "
+                             f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_iterator, num_ranks, pattern=SPLIT_PATTERN)
+        ranks = trainer.get_mergeable_ranks()
+        if len(ranks) != num_ranks:
+            raise ValueError(f"the training text only allowed {len(ranks) - 256} merges, but vocab_size={vocab_size} "
+                             f"needs {num_ranks - 256}: train on more text or ask for a smaller vocab_size")
+        return cls(trainer.get_pattern(), dict(ranks))
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        rank_path, meta_path = os.path.join(tokenizer_dir, RANK_FILE), os.path.join(tokenizer_dir, META_FILE)
+        for path in (meta_path, rank_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: {path} is missing. "
+                                        f"Train one with `python -m scripts.tok_train`")
+        meta = _read_meta(meta_path)
+        ranks = _read_ranks(rank_path)
+        n = len(ranks)
+        expected_specials = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if meta["special_tokens"] != expected_specials:
+            raise ValueError(f"{meta_path}: special_tokens must be {expected_specials} (the nanochat special "
+                             f"tokens right after the {n} ranks of {rank_path}), got {meta['special_tokens']}")
+        if meta["vocab_size"] != n + len(SPECIAL_TOKENS):
+            raise ValueError(f"{meta_path}: vocab_size is {meta['vocab_size']}, but {rank_path} has {n} ranks, "
+                             f"which with the {len(SPECIAL_TOKENS)} special tokens makes {n + len(SPECIAL_TOKENS)}")
+        try:
+            return cls(meta["pattern"], ranks)
+        except ValueError as e:  # tiktoken rejects the regex
+            raise ValueError(f"{meta_path}: pattern is not a valid regex: {e}") from e
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        num_ranks = self.get_vocab_size() - len(SPECIAL_TOKENS)
+        lines = [base64.b64encode(self.enc.decode_single_token_bytes(rank)) + b" %d\n" % rank
+                 for rank in range(num_ranks)]
+        _write_atomic(os.path.join(tokenizer_dir, RANK_FILE), b"".join(lines))
+        meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "vocab_size": self.get_vocab_size()}
+        _write_atomic(os.path.join(tokenizer_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        return dict(self.special_tokens)
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode_special(self, name):
+        if name not in self.special_tokens:
+            raise ValueError(f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}")
+        return self.special_tokens[name]
+
+    def _token_id(self, token):
+        """An id given as itself or as a special token's name (for prepend/append)."""
+        if isinstance(token, str):
+            return self.encode_special(token)
+        if isinstance(token, int) and 0 <= token < self.get_vocab_size():
+            return token
+        raise ValueError(f"expected a token id in [0, {self.get_vocab_size()}) or a special token name, got {token!r}")
+
+    def encode(self, text, prepend=None, append=None, num_threads=None):
+        """Ids of a str, or a list of id lists for a list of str (encoded in parallel threads).
+        Special token names inside the text are encoded as ordinary text; add specials with prepend/append."""
+        prefix = [] if prepend is None else [self._token_id(prepend)]
+        suffix = [] if append is None else [self._token_id(append)]
+        if isinstance(text, str):
+            return prefix + self.enc.encode_ordinary(text) + suffix
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads or available_cpus())
+            return [prefix + row + suffix for row in rows]
+        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)  # bytes that are not valid UTF-8 become U+FFFD
+
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """(ids, mask) of a chat conversation; mask is 1 on the tokens the assistant is trained to produce.
+        See _render for the format. Both lists are cut to max_tokens."""
+        ids, mask = self._render(_chat_messages(conversation))
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Ids of the conversation without its final assistant message, ending in <|assistant_start|>: the prompt
+        from which the model writes that message (RL, generative evaluation). Not truncated."""
+        messages = _chat_messages(conversation)
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"message {len(conversation['messages']) - 1}: render_for_completion needs a conversation "
+                             f"ending with an assistant message (it is replaced by <|assistant_start|>), "
+                             f"got role {messages[-1]['role']!r}")
+        ids, _ = self._render(messages[:-1])
+        return ids + [self.special_tokens["<|assistant_start|>"]]
+
+    def _render(self, messages):
+        # <|bos|>, then per user turn <|user_start|> text <|user_end|>, per assistant turn <|assistant_start|>
+        # content <|assistant_end|>. Supervised (mask 1): the assistant's text, its python calls with their
+        # delimiters, and <|assistant_end|> (so it learns to stop). Not supervised: everything the model is given,
+        # i.e. bos, user turns, <|assistant_start|> (the engine forces it) and python outputs (the tool writes them).
+        special = self.special_tokens
+        ids, mask = [self.bos_token_id], [0]
+
+        def add(token_ids, supervised):
+            ids.extend(token_ids)
+            mask.extend([supervised] * len(token_ids))
+
+        for message in messages:
+            content = message["content"]
+            if message["role"] == "user":
+                add([special["<|user_start|>"], *self.encode(content), special["<|user_end|>"]], 0)
+                continue
+            add([special["<|assistant_start|>"]], 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                if part["type"] == "text":
+                    add(self.encode(part["text"]), 1)
+                elif part["type"] == "python":
+                    add([special["<|python_start|>"], *self.encode(part["text"]), special["<|python_end|>"]], 1)
+                else:  # python_output
+                    add([special["<|output_start|>"], *self.encode(part["text"]), special["<|output_end|>"]], 0)
+            add([special["<|assistant_end|>"]], 1)
+        return ids, mask
+
+    def visualize_tokenization(self, ids, mask):
+        """Debugging aid: the tokens joined by '|', supervised ones green, the rest red (ANSI colors)."""
+        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
+        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
+
+
+def _chat_messages(conversation):
+    """The messages of a conversation, checked, with a leading system message merged into the first user message.
+    The input is not modified."""
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError(f"a conversation must be a dict with a 'messages' list, got {_short(conversation)}")
+    messages = conversation["messages"]
+    if not messages:
+        raise ValueError("the conversation has no messages")
+    has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i}: must be a dict with 'role' and 'content', got {_short(message)}")
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: unknown role {role!r}; allowed: 'system' (first message only), "
+                             f"'user', 'assistant'")
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message is only allowed as the first message")
+        expected = "user" if (i - int(has_system)) % 2 == 0 else "assistant"
+        if role != "system" and role != expected:
+            raise ValueError(f"message {i}: expected role {expected!r}, got {role!r} (after an optional system "
+                             f"message, roles alternate user, assistant, user, ... starting with user)")
+        if role != "assistant" or not isinstance(content, list):
+            if not isinstance(content, str):
+                allowed = "a str or a list of parts" if role == "assistant" else "a str"
+                raise ValueError(f"message {i}: {role} content must be {allowed}, got {_short(content)}")
+            continue
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+                found = part.get("type") if isinstance(part, dict) else part
+                raise ValueError(f"message {i}, part {j}: unknown part type {_short(found)}; a part is a dict "
+                                 f"{{'type': one of {PART_TYPES}, 'text': str}}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i}, part {j}: 'text' must be a str, got {_short(part.get('text'))}")
+    if not has_system:
+        return list(messages)
+    if len(messages) == 1:
+        raise ValueError("message 0: a system message must be followed by a user message")
+    merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+    return [merged] + messages[2:]
+
+
+def _short(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_meta(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run `python -m scripts.tok_train`") from e
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path}: format is {found!r}, expected {FORMAT!r} (not a nanochat tokenizer file)")
+    for key, kind in (("pattern", str), ("special_tokens", dict), ("vocab_size", int)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {_short(meta.get(key))}")
+    return meta
+
+
+def _read_ranks(path):
+    """{token bytes: rank} from a tiktoken rank file; ranks must be 0, 1, 2, ... in file order."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    ranks = {}
+    for rank, line in enumerate(lines):
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError("expected two fields")
+            token, found_rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{path}, line {rank + 1}: expected `<base64 token> <rank>`, "
+                             f"got {_short(line)} (corrupt or not a tiktoken rank file)") from None
+        if found_rank != rank:
+            raise ValueError(f"{path}, line {rank + 1}: rank {found_rank}, expected {rank} "
+                             f"(ranks must be 0..n-1 in order)")
+        if token in ranks:
+            raise ValueError(f"{path}, line {rank + 1}: token {token!r} already has rank {ranks[token]}")
+        ranks[token] = rank
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # without all single bytes some texts could not be encoded at all
+        raise ValueError(f"{path}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte {missing[0]})")
+    return ranks
+
+
+def _write_atomic(path, data):
+    # write then rename, so a crash never leaves a half-written tokenizer behind
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+
+
+class HuggingFaceTokenizer:
+    """The same recipe (split pattern, byte-level BPE, special tokens) trained with HuggingFace `tokenizers`, kept
+    only to compare against. `tokenizers` is a dev dependency, hence the imports inside the methods. Saved as
+    HuggingFace's own tokenizer.json, so keep it out of the directory of a RustBPETokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
+        from tokenizers.trainers import BpeTrainer
+
+        tokenizer = Tokenizer(BPE(unk_token=None))
+        # split like ours, then map every byte to a printable character so that BPE runs over bytes
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS)
+        tokenizer.train_from_iterator(text_iterator, trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        from tokenizers import Tokenizer
+
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no HuggingFace tokenizer in {tokenizer_dir}: {path} is missing")
+        return cls(Tokenizer.from_file(path))
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        self.tokenizer.save(os.path.join(tokenizer_dir, "tokenizer.json"))
+
+    def get_vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    def encode_special(self, name):
+        return self.tokenizer.token_to_id(name)
+
+    def get_bos_token_id(self):
+        return self.encode_special("<|bos|>")
+
+    def encode(self, text, prepend=None, append=None, num_threads=None):
+        prefix = [] if prepend is None else [prepend if isinstance(prepend, int) else self.encode_special(prepend)]
+        suffix = [] if append is None else [append if isinstance(append, int) else self.encode_special(append)]
+        if isinstance(text, str):
+            return prefix + self.tokenizer.encode(text, add_special_tokens=False).ids + suffix
+        rows = self.tokenizer.encode_batch(text, add_special_tokens=False)
+        return [prefix + row.ids + suffix for row in rows]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def id_to_token(self, token_id):
+        return self.decode([token_id])
+
+
+def get_tokenizer():
+    """The trained tokenizer in <base>/tokenizer/."""
+    from nanochat.common import get_base_dir
+
+    return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
+
+
+def compute_token_bytes(tokenizer):
+    """int32 tensor (vocab_size,): how many bytes of text each token id stands for; 0 for special tokens, which
+    stand for no text and so are left out of bits-per-byte. Taken from the raw token bytes: decoding a token
+    to str and re-encoding would count a partial UTF-8 sequence as the 3-byte replacement character."""
+    special_ids = set(tokenizer.get_special_tokens().values())
+    counts = [0 if i in special_ids else len(tokenizer.enc.decode_single_token_bytes(i))
+              for i in range(tokenizer.get_vocab_size())]
+    return torch.tensor(counts, dtype=torch.int32)
+
+
+def get_token_bytes(device="cpu"):
+    """The tensor of compute_token_bytes, as saved by tok_train to <base>/tokenizer/token_bytes.pt."""
+    from nanochat.common import get_base_dir
+
+    path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; it is written by `python -m scripts.tok_train`")
+    return torch.load(path, map_location=device, weights_only=True)

@@ -1,0 +1,78 @@
+"""
+Bits per byte of a trained base model on the train and val splits, plus greedy samples from a few prompts.
+
+Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model_step), evaluates split_tokens
+tokens of each split with the sequence length and packing the model was trained with, and logs the
+"Base model loss" report section. Runs alone or under torchrun (the batches are split across processes).
+
+Usage:
+    python -m scripts.base_loss
+    python -m scripts.base_loss --model_tag=d4 --device_batch_size=8 --split_tokens=262144
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+"""
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.configurator import configure
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+# Settings
+device_type = ""  # cuda | cpu | mps; "" = autodetect
+model_tag = ""  # checkpoint directory; "" = the largest d<N>
+model_step = -1  # checkpoint step; -1 = the last complete one
+device_batch_size = 32
+split_tokens = 20 * 524288  # tokens evaluated per split
+user_config = configure(globals())
+
+is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
+                                    step=None if model_step < 0 else model_step)
+sequence_len = meta["model_config"]["sequence_len"]
+bos_aligned = meta["user_config"].get("bos_aligned", False)
+print0(f"Model: {model_tag or 'largest'} step {meta['step']} | sequence_len {sequence_len} | bos_aligned {bos_aligned}")
+
+# -----------------------------------------------------------------------------
+# Bits per byte on each split
+
+tokens_per_step = device_batch_size * sequence_len * world_size
+steps = split_tokens // tokens_per_step
+if steps == 0:
+    raise ValueError(f"split_tokens={split_tokens:,} is less than one batch of device_batch_size * sequence_len * world_size = "
+                     f"{tokens_per_step:,} tokens; raise split_tokens or lower device_batch_size")
+token_bytes = get_token_bytes(device=device)
+bpb = {}
+for split in ("train", "val"):
+    batches = tokenizing_distributed_data_loader(device_batch_size, sequence_len, split, device=device, bos_aligned=bos_aligned)
+    bpb[split] = evaluate_bpb(model, batches, steps, token_bytes)
+    print0(f"{split} bpb: {bpb[split]:.4f} ({steps * tokens_per_step:,} tokens)")
+
+# -----------------------------------------------------------------------------
+# Greedy samples (rank 0)
+
+prompts = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+samples = []
+if rank == 0:
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        sample = prompt + tokenizer.decode(list(model.generate(tokens, max_tokens=16, temperature=0)))
+        print(repr(sample))
+        samples.append(sample)
+
+get_report().log(section="Base model loss", data=[
+    user_config,
+    {"model step": meta["step"], "train bpb": bpb["train"], "val bpb": bpb["val"]},
+    "", "Samples:", "",
+    *[f"    {sample!r}" for sample in samples],  # indented: a code block, so model output is never taken for markdown
+])
+compute_cleanup()

@@ -1,0 +1,472 @@
+"""
+Pretrain the base model on the parquet shards in <base>/base_data with the tokenizer in <base>/tokenizer.
+
+One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
+training horizon (target_param_data_ratio tokens per parameter) follow from it. The batch is total_batch_size
+tokens per optimizer step whatever the hardware: each process runs device_batch_size rows a micro-step and
+accumulates gradients over as many micro-steps as needed. There is no DDP wrapper: the distributed optimizers
+synchronize the gradients.
+
+Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
+evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
+data position, RNG and loop state, so on CPU in fp32 the losses after the resume equal an uninterrupted run's
+bit for bit. Ctrl+C or SIGTERM saves a checkpoint at the end of the current step and exits cleanly.
+
+Usage:
+    python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=host0:29500 -m scripts.base_train -- --depth=26
+    python -m scripts.base_train --depth=4 --resume_from_step=last
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation; before CUDA starts
+
+import base64
+import math
+import random
+import resource
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import COMPUTE_DTYPE, compute_cleanup, compute_init, get_peak_flops, init_wandb, print0
+from nanochat.configurator import configure
+from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# Settings
+run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
+device_type = ""  # cuda | cpu | mps; "" = autodetect
+# Model
+depth = 20  # the one dial: n_layer = depth, model_dim = 64 * depth, heads of 128
+max_seq_len = 2048  # context length
+# Horizon: the first one set wins
+num_iterations = -1  # optimizer steps
+target_flops = -1.0  # total training FLOPs
+target_param_data_ratio = 20  # training tokens per parameter (Chinchilla)
+# Batch
+device_batch_size = 32  # rows per micro-step per process; lower it if memory runs out (the math stays the same)
+total_batch_size = 524288  # tokens per optimizer step, across all processes and micro-steps
+# Optimization
+embedding_lr = 0.2  # AdamW, token embedding
+unembedding_lr = 0.004  # AdamW, lm_head
+matrix_lr = 0.02  # Muon, every matrix in the transformer blocks
+weight_decay = 0.0
+warmup_ratio = 0.0  # fraction of the steps spent warming the LR up
+warmdown_ratio = 0.2  # fraction of the steps spent decaying the LR linearly...
+final_lr_frac = 0.0  # ...to this fraction of the initial LR
+resume_from_step = ""  # "" starts afresh; a step number like "200", or "last", resumes from that checkpoint
+# Evaluation and checkpoints (every <= 0: never, except that the final val bpb is always measured)
+eval_every = 250  # steps between val bpb evaluations
+eval_tokens = 20 * 524288  # tokens per val bpb evaluation
+core_metric_every = 2000  # steps between CORE evaluations
+core_metric_max_per_task = 500  # examples per CORE task
+sample_every = 2000  # steps between printing greedy samples
+save_every = -1  # steps between checkpoints (there is always one at the end)
+model_tag = ""  # checkpoint directory name; "" = d<depth>
+compile = "auto"  # torch.compile the model: auto (on CUDA only) | true | false
+bos_aligned = False  # every row starts at a document's BOS (best-fit packing) instead of a plain token stream
+seed = 42
+user_config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# Set-up: processes, tokenizer, model shape, batch and horizon
+
+is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master_process = rank == 0
+random.seed(seed)
+torch.manual_seed(seed)  # the same on every rank: without a DDP wrapper, identical init is what keeps replicas equal
+synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+wandb_run = init_wandb(run, user_config, master_process)
+# for MFU; on CPU this measures matmuls on random numbers, so it runs here, in the same place on a resume
+peak_flops = get_peak_flops(device, COMPUTE_DTYPE)
+
+num_layers = depth
+model_dim = 64 * depth  # aspect ratio 64
+num_heads = max(1, (model_dim + 127) // 128)  # head dim 128, or a bit less where 64 * depth is no multiple of 128
+if model_dim % num_heads != 0:
+    raise ValueError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
+                     f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
+print0(f"depth={depth}: {num_layers} layers, model_dim {model_dim}, {num_heads} heads of {model_dim // num_heads}")
+
+tokens_per_fwdbwd = device_batch_size * max_seq_len  # one micro-step of one process
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+if total_batch_size % world_tokens_per_fwdbwd != 0:
+    raise ValueError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
+                     f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}; "
+                     f"pick a total_batch_size that is, or change device_batch_size")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {grad_accum_steps} micro-step(s) x "
+       f"{device_batch_size} rows x {max_seq_len} tokens")
+
+compile_choices = {"auto": device.type == "cuda", "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+if compile.lower() not in compile_choices:
+    raise ValueError(f"compile={compile!r}: expected one of auto, true, false")
+use_compile = compile_choices[compile.lower()]
+
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+print0(f"Vocab size: {vocab_size:,}")
+
+# -----------------------------------------------------------------------------
+# Resume: read the checkpoint first, so a mismatch fails before any work
+
+model_tag = model_tag or f"d{depth}"
+ckpt_dir = checkpoint_dir("base", model_tag)
+model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=num_layers, n_head=num_heads,
+                    n_kv_head=num_heads, n_embd=model_dim)
+resume_step = None
+if resume_from_step:
+    if resume_from_step == "last":
+        resume_step = find_last_step(ckpt_dir)
+    elif resume_from_step.isdigit():
+        resume_step = int(resume_from_step)
+    else:
+        raise ValueError(f"resume_from_step={resume_from_step!r}: expected '' (start afresh), a step number, or 'last'")
+    model_data, optimizer_data, meta = load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
+    if meta["model_config"] != model_config:
+        raise ValueError(f"the checkpoint {ckpt_dir} step {resume_step} has model_config {meta['model_config']}, but these "
+                         f"settings give {model_config}: resume with the settings of the run that saved it")
+    if meta["world_size"] != world_size:
+        raise ValueError(f"the checkpoint {ckpt_dir} step {resume_step} was saved by {meta['world_size']} process(es); "
+                         f"an exact resume needs the same number (this run has {world_size})")
+    print0(f"Resuming from {ckpt_dir} step {resume_step}")
+
+# -----------------------------------------------------------------------------
+# Model and optimizers
+
+with torch.device("meta"):  # shapes only; the weights are allocated and initialized on the device below
+    model = GPT(GPTConfig(**model_config))
+model.to_empty(device=device)
+model.init_weights()
+if resume_step is not None:
+    model.load_state_dict(model_data, strict=True)
+    del model_data
+orig_model = model  # uncompiled: for evaluation, sampling and state_dict
+if use_compile:
+    model = torch.compile(model, dynamic=False)
+num_params = sum(p.numel() for p in orig_model.parameters())
+num_scaling_params = orig_model.num_scaling_params()
+flops_per_token = orig_model.estimate_flops()
+print0(f"Parameters: {num_params:,} ({num_scaling_params:,} for scaling) | FLOPs per token: {flops_per_token:e}")
+
+if num_iterations > 0:
+    horizon = "num_iterations"
+elif target_flops > 0:
+    num_iterations = round(target_flops / (flops_per_token * total_batch_size))
+    horizon = f"target_flops={target_flops:e}"
+elif target_param_data_ratio > 0:
+    num_iterations = target_param_data_ratio * num_scaling_params // total_batch_size
+    horizon = f"target_param_data_ratio={target_param_data_ratio}"
+else:
+    raise ValueError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive value")
+total_tokens = total_batch_size * num_iterations
+print0(f"Iterations: {num_iterations:,} (from {horizon}) | tokens: {total_tokens:,} | tokens per scaling parameter: "
+       f"{total_tokens / num_scaling_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                         weight_decay=weight_decay)
+adamw_optimizer, muon_optimizer = optimizers
+if resume_step is not None:
+    for optimizer, state in zip(optimizers, optimizer_data):
+        optimizer.load_state_dict(state)
+    del optimizer_data
+
+# -----------------------------------------------------------------------------
+# Data, schedules, RNG and loop state
+
+loader_resume_state = meta["dataloader_state_dicts"][rank] if resume_step is not None else None
+train_loader = tokenizing_distributed_data_loader_with_state(device_batch_size, max_seq_len, "train", device=device,
+                                                             resume_state_dict=loader_resume_state, bos_aligned=bos_aligned)
+eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
+
+
+def build_val_loader():
+    return tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device, bos_aligned=bos_aligned)
+
+
+def get_lr_multiplier(step):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac at num_iterations."""
+    warmup_steps = round(warmup_ratio * num_iterations)
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step <= num_iterations - warmdown_steps:
+        return 1.0
+    progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 over the warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def get_muon_momentum(step):
+    """0.85 -> 0.95 over the first 300 steps: less momentum while the gradients change fast."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def encode_bytes(tensor):
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def decode_bytes(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def get_rng_state():
+    state = {"python": random.getstate(), "torch": encode_bytes(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = encode_bytes(torch.cuda.get_rng_state(device))
+    if device.type == "mps":
+        state["mps"] = encode_bytes(torch.mps.get_rng_state())
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]  # JSON turned the tuples into lists
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(decode_bytes(state["torch"]))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(decode_bytes(state["cuda"]), device)
+    if "mps" in state:
+        torch.mps.set_rng_state(decode_bytes(state["mps"]))
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not is_ddp:
+        return [obj]
+    objects = [None] * world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+report = get_report()
+if resume_step is not None:
+    step = meta["step"]
+    loop_state = meta["loop_state"]
+    smooth_train_loss = loop_state["smooth_train_loss"]  # the EMA of the loss, before debiasing
+    total_training_time = loop_state["total_training_time"]
+    min_val_bpb = loop_state["min_val_bpb"] if loop_state["min_val_bpb"] is not None else float("inf")
+    val_bpb = loop_state["val_bpb"]
+    set_rng_state(meta["rng_states"][rank])
+    curve = report.read_curve("base_train")
+    if curve is None or curve.get("model_tag") != model_tag:
+        curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
+    keep = sum(1 for s in curve["step"] if s <= step)  # drop what a longer, abandoned run logged after this step
+    keep_val = sum(1 for s in curve["val_step"] if s < step)  # the val bpb at `step` is measured again below
+    curve = {**curve, "step": curve["step"][:keep], "loss": curve["loss"][:keep],
+             "val_step": curve["val_step"][:keep_val], "val_bpb": curve["val_bpb"][:keep_val]}
+else:
+    step = 0
+    smooth_train_loss = 0.0
+    total_training_time = 0.0
+    min_val_bpb = float("inf")
+    val_bpb = None
+    curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
+
+# Ctrl+C / SIGTERM only raise a flag; the loop saves a checkpoint at the end of the current step and exits.
+# Repeated signals do not abort the save (torchrun forwards the terminal's Ctrl+C to the workers a second time).
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if not stop_requested:
+        print(f"[rank {rank}] got {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then exiting",
+              flush=True)
+    stop_requested = True
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+
+def save(step):
+    """Checkpoint at `step`: the weights after `step` updates and everything needed to continue from there."""
+    meta_data = {
+        "step": step,
+        "model_config": model_config,
+        "user_config": user_config,
+        "device_batch_size": device_batch_size,
+        "max_seq_len": max_seq_len,
+        "world_size": world_size,
+        "val_bpb": val_bpb,
+        "loop_state": {"smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
+                       "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb, "val_bpb": val_bpb},
+        # per rank: where its data stream continues (the batch not yet trained on) and its RNG
+        "dataloader_state_dicts": gather(loader_state),
+        "rng_states": gather(get_rng_state()),
+    }
+    save_checkpoint(ckpt_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta_data, rank=rank)
+    report.log_curve("base_train", curve)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+try:
+    from nanochat.core_eval import evaluate_model as evaluate_core
+except ImportError:
+    evaluate_core = None
+
+# -----------------------------------------------------------------------------
+# Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
+
+loader_state = loader_resume_state  # position of the batch in (x, y), the next one to train on
+x, y, next_loader_state = next(train_loader)  # prefetch; next_loader_state is the position after (x, y)
+core_metric = None
+timed_steps, timed_seconds = 0, 0.0  # this process's steps after warm-up, for the ETA
+mfu = 0.0
+stop_now = False  # set after a step when any rank was asked to stop; every rank sees the same value
+while True:
+    last_step = step == num_iterations
+
+    if step != resume_step and (last_step or stop_now or (save_every > 0 and step % save_every == 0 and step > 0)):
+        save(step)  # before the evaluations, so a crash in them loses no training
+    if stop_now:
+        print0(f"Stopped at step {step}. Resume with --resume_from_step={step} (or last)")
+        break
+
+    if last_step or (eval_every > 0 and step % eval_every == 0):
+        model.eval()
+        val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        model.train()
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "total_training_time": total_training_time, "val/bpb": val_bpb})
+        curve["val_step"].append(step)
+        curve["val_bpb"].append(val_bpb)
+        report.log_curve("base_train", curve)
+
+    if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
+        if evaluate_core is None:
+            print0("CORE metric: skipped, nanochat.core_eval not available yet")
+        else:
+            orig_model.eval()
+            core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
+            orig_model.train()
+            core_metric = core_results["core_metric"]
+            print0(f"step {step:05d} | CORE metric {core_metric:.4f}")
+            wandb_run.log({"step": step, "core_metric": core_metric})
+
+    if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
+        orig_model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            sample = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
+            print(f"{prompt} -> {tokenizer.decode(sample)!r}")
+        orig_model.train()
+
+    if last_step:
+        break
+
+    # One optimizer step: grad_accum_steps micro-steps, then the update with this step's LR and momentum
+    synchronize()
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        loss = model(x, y)
+        loss_sum += loss.detach()
+        (loss / grad_accum_steps).backward()  # the mean over micro-steps, like one big batch
+        loader_state = next_loader_state
+        x, y, next_loader_state = next(train_loader)  # fetch the next batch while the device is busy
+    lrm = get_lr_multiplier(step)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon_optimizer.param_groups:
+        group["momentum"] = get_muon_momentum(step)
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
+    stats = torch.stack([loss_sum / grad_accum_steps, torch.tensor(float(stop_requested), device=device)])
+    if is_ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    train_loss, stop_votes = (stats / world_size).tolist()
+    stop_now = stop_votes > 0
+    synchronize()
+    dt = time.time() - t0
+
+    # Logging
+    total_training_time += dt
+    if step >= 10:  # the first steps include compilation and warm-up
+        timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+    ema_beta = 0.9
+    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+    debiased_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
+    tokens_per_second = total_batch_size / dt  # the whole step: every micro-step of every process
+    mfu = flops_per_token * total_batch_size / dt / (peak_flops * world_size)  # model FLOPs / what the hardware could do
+    step += 1
+    eta = (num_iterations - step) * (timed_seconds / timed_steps if timed_steps else dt)
+    width = max(5, len(str(num_iterations)))
+    print0(f"step {step:0{width}d}/{num_iterations:0{width}d} ({100 * step / num_iterations:.1f}%) | loss {debiased_loss:.3f} | "
+           f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tokens_per_second:,.0f} | mfu {100 * mfu:.1f}% | "
+           f"elapsed {format_duration(total_training_time)} | eta {format_duration(eta)}", flush=True)
+    wandb_run.log({"step": step, "total_training_time": total_training_time, "train/loss": debiased_loss,
+                   "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tokens_per_second, "train/mfu": 100 * mfu})
+    curve["step"].append(step)
+    curve["loss"].append(train_loss)
+
+# -----------------------------------------------------------------------------
+# Report
+
+report.log_curve("base_train", curve)
+if not stop_now:
+    if device.type == "cuda":
+        peak_memory = f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB (GPU)"
+    else:
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        peak_memory = f"{max_rss / (2**20 if sys.platform == 'darwin' else 2**10):,.0f} MiB (process RSS)"
+    if timed_steps:  # the steady-state MFU, warm-up steps left out
+        mfu = flops_per_token * total_batch_size * timed_steps / timed_seconds / (peak_flops * world_size)
+    print0(f"Peak memory: {peak_memory} | total training time: {format_duration(total_training_time)} | "
+           f"min val bpb: {min_val_bpb:.4f}")
+    report.log(section="Base model training", data=[
+        user_config,
+        {
+            "Number of parameters": num_params,
+            "Number of scaling parameters": num_scaling_params,
+            "Number of FLOPs per token": f"{flops_per_token:e}",
+            "Calculated number of iterations": num_iterations,
+            "Number of training tokens": total_tokens,
+            "Tokens : Params ratio": total_tokens / num_scaling_params,
+            "DDP world size": world_size,
+            "warmup_ratio": warmup_ratio,
+            "warmdown_ratio": warmdown_ratio,
+            "final_lr_frac": final_lr_frac,
+            "Minimum validation bpb": min_val_bpb,
+            "Final validation bpb": val_bpb,
+            "CORE metric estimate": core_metric if core_metric is not None else "-",
+            "MFU %": f"{100 * mfu:.2f}%",
+            "Total training flops": f"{flops_per_token * total_tokens:e}",
+            "Total training time": format_duration(total_training_time),
+            "Peak memory usage": peak_memory,
+        },
+    ])
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,172 @@
+"""
+Compare the compression of our tokenizer with GPT-2's and GPT-4's: bytes of UTF-8 text per token (higher means
+fewer tokens for the same text, so more text fits in the context and each step sees more of it).
+
+Texts: a few short fixed samples of different kinds (news, Korean, code, math, science), and the first num_docs
+documents of the train and val splits. GPT-2 is tiktoken's r50k_base (the same ranks as "gpt2", which tiktoken
+would build from files we cannot get offline), GPT-4 is cl100k_base. They are downloaded by tiktoken; offline,
+point NANOCHAT_TIKTOKEN_DIR at a directory holding r50k_base.tiktoken and cl100k_base.tiktoken.
+
+Usage:
+    python -m scripts.tok_eval
+    NANOCHAT_TIKTOKEN_DIR=/path/to/rank/files python -m scripts.tok_eval --num_docs=20
+"""
+
+import hashlib
+import os
+import shutil
+
+import tiktoken
+
+from nanochat.common import get_base_dir
+from nanochat.configurator import configure
+from nanochat.dataset import parquets_iter_batched
+from nanochat.tokenizer import get_tokenizer
+
+# Settings
+num_docs = 100  # documents taken from the start of each of the train and val splits
+user_config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# The texts
+
+SAMPLES = {
+    "news": (
+        "GENEVA, March 14 (Reporting by staff) - Delegates from forty-two countries agreed on Thursday to a "
+        "framework for sharing weather-satellite data, ending three years of stalled talks. The accord, which still "
+        "needs to be ratified by national parliaments, would give smaller nations free access to real-time imagery "
+        "within 15 minutes of capture. \"This is a good day for farmers and fishermen,\" said the conference chair, "
+        "adding that the first data exchanges could begin as early as January 2026. Critics warned that the $1.2 "
+        "billion needed for new ground stations has not yet been pledged."
+    ),
+    "korean": (
+        "서울은 한강을 끼고 발달한 대한민국의 수도이다. 조선 시대부터 정치와 문화의 중심지였으며, 오늘날에는 약 "
+        "천만 명이 살고 있는 세계적인 대도시가 되었다. 도심에는 오래된 궁궐과 높은 빌딩이 함께 서 있고, 봄에는 "
+        "벚꽃이, 가을에는 단풍이 도시를 물들인다. 지하철은 하루에 수백만 명의 시민을 실어 나른다."
+    ),
+    "code": (
+        "class LRUCache:\n"
+        "    \"\"\"Keeps the `capacity` most recently used items.\"\"\"\n\n"
+        "    def __init__(self, capacity: int):\n"
+        "        self.capacity = capacity\n"
+        "        self.items = {}\n\n"
+        "    def get(self, key):\n"
+        "        if key not in self.items:\n"
+        "            return None\n"
+        "        value = self.items.pop(key)\n"
+        "        self.items[key] = value  # re-insert: now the most recent\n"
+        "        return value\n\n"
+        "    def put(self, key, value):\n"
+        "        self.items.pop(key, None)\n"
+        "        self.items[key] = value\n"
+        "        while len(self.items) > self.capacity:\n"
+        "            del self.items[next(iter(self.items))]\n"
+    ),
+    "math": (
+        "\\begin{theorem}[Cauchy--Schwarz]\n"
+        "For all vectors $u, v$ in an inner product space, $|\\langle u, v \\rangle|^2 \\le "
+        "\\langle u, u \\rangle \\cdot \\langle v, v \\rangle$.\n"
+        "\\end{theorem}\n"
+        "\\begin{proof}\n"
+        "If $v = 0$ both sides vanish. Otherwise let $\\lambda = \\frac{\\langle u, v \\rangle}{\\|v\\|^2}$; then\n"
+        "\\[ 0 \\le \\|u - \\lambda v\\|^2 = \\|u\\|^2 - \\frac{|\\langle u, v \\rangle|^2}{\\|v\\|^2}, \\]\n"
+        "and multiplying by $\\|v\\|^2 > 0$ gives the claim. Equality holds iff $u = \\lambda v$.\n"
+        "\\end{proof}\n"
+        "$$\\int_0^\\infty e^{-x^2}\\,dx = \\frac{\\sqrt{\\pi}}{2}, \\qquad \\sum_{n=1}^{\\infty} \\frac{1}{n^2} = "
+        "\\frac{\\pi^2}{6}$$"
+    ),
+    "science": (
+        "Photosynthesis converts light energy into chemical energy stored in sugars. In the light-dependent "
+        "reactions, which take place in the thylakoid membranes of the chloroplast, chlorophyll absorbs photons "
+        "and water molecules are split, releasing oxygen (O2) as a by-product. The energy captured is stored "
+        "temporarily in ATP and NADPH. In the Calvin cycle, the enzyme RuBisCO fixes carbon dioxide onto "
+        "ribulose-1,5-bisphosphate; about 6 CO2 molecules are needed to build one molecule of glucose (C6H12O6). "
+        "Roughly 1-2% of the sunlight reaching a leaf ends up stored as chemical energy."
+    ),
+}
+
+
+def first_docs(split, n):
+    """The first n documents of a split, joined into one text."""
+    docs = []
+    for batch in parquets_iter_batched(split=split):
+        docs.extend(batch)
+        if len(docs) >= n:
+            break
+    return "\n".join(docs[:n])
+
+
+texts = dict(SAMPLES)
+texts["train"] = first_docs("train", num_docs)
+texts["val"] = first_docs("val", num_docs)
+
+# -----------------------------------------------------------------------------
+# The tokenizers
+
+OPENAI_BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+
+def get_openai_encoding(name):
+    """tiktoken.get_encoding(name), offline when $NANOCHAT_TIKTOKEN_DIR holds <name>.tiktoken."""
+    local_dir = os.environ.get("NANOCHAT_TIKTOKEN_DIR")
+    if local_dir:
+        # tiktoken first looks for a downloaded rank file in $TIKTOKEN_CACHE_DIR, named sha1(url), and checks its
+        # sha256 against the hash it knows; so a copy placed there is used exactly as if it had been downloaded
+        cache_dir = os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(get_base_dir(), "tiktoken_cache"))
+        cache_path = os.path.join(cache_dir, hashlib.sha1(OPENAI_BLOB_URL.format(name).encode()).hexdigest())
+        local_path = os.path.join(local_dir, f"{name}.tiktoken")
+        if not os.path.exists(cache_path):
+            if not os.path.isfile(local_path):
+                raise FileNotFoundError(f"NANOCHAT_TIKTOKEN_DIR={local_dir} has no {name}.tiktoken")
+            os.makedirs(cache_dir, exist_ok=True)
+            shutil.copyfile(local_path, cache_path + ".tmp")
+            os.replace(cache_path + ".tmp", cache_path)
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # network errors, hash mismatch
+        raise RuntimeError(f"could not load tiktoken's {name!r} ({e}). Offline, set NANOCHAT_TIKTOKEN_DIR to a "
+                           f"directory holding {name}.tiktoken") from e
+
+
+ours = get_tokenizer()
+encoders = {"gpt2": get_openai_encoding("r50k_base"), "gpt4": get_openai_encoding("cl100k_base"), "ours": ours.enc}
+
+# -----------------------------------------------------------------------------
+# Evaluate
+
+results = {}  # text name -> {"bytes": n, "gpt2": tokens, "gpt4": tokens, "ours": tokens}
+for text_name, text in texts.items():
+    ids = ours.encode(text)
+    assert ours.decode(ids) == text, f"our tokenizer does not round-trip the {text_name} text"
+    # encode_ordinary: special-token strings in the text are plain text, as in training
+    results[text_name] = {"bytes": len(text.encode("utf-8"))}
+    results[text_name].update({name: len(enc.encode_ordinary(text)) for name, enc in encoders.items()})
+
+
+def comparison_table(baseline):
+    """Markdown table of bytes/token, ours vs baseline; the relative difference is positive when we use fewer
+    tokens than the baseline for the same text."""
+    lines = [f"| Text | Bytes | {baseline} tokens | {baseline} bytes/token | ours tokens | ours bytes/token | diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for text_name, r in results.items():
+        diff = 100 * (r[baseline] - r["ours"]) / r[baseline]
+        lines.append(f"| {text_name} | {r['bytes']:,} | {r[baseline]:,} | {r['bytes'] / r[baseline]:.2f} | "
+                     f"{r['ours']:,} | {r['bytes'] / r['ours']:.2f} | {diff:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+tables = {baseline: comparison_table(baseline) for baseline in ("gpt2", "gpt4")}
+print(f"Vocab sizes: gpt2 {encoders['gpt2'].n_vocab:,}, gpt4 {encoders['gpt4'].n_vocab:,}, ours {ours.get_vocab_size():,}")
+for baseline, table in tables.items():
+    print(f"\nCompression vs {baseline} (diff > 0: ours needs fewer tokens)\n{table}")
+
+try:  # TODO(lead): remove guard
+    from nanochat.report import get_report
+except ImportError:
+    get_report = None
+if get_report is not None:
+    get_report().log(section="Tokenizer evaluation", data=[
+        user_config,
+        "### Comparison with GPT-2\n\n" + tables["gpt2"],
+        "### Comparison with GPT-4\n\n" + tables["gpt4"],
+    ])

@@ -1,0 +1,218 @@
+"""scripts/base_train.py and scripts/base_loss.py end to end on CPU: a tiny model learns and its checkpoint loads
+back exactly; resuming (from a periodic checkpoint, or after Ctrl+C) reproduces the uninterrupted run bit for bit;
+two processes under torchrun match one process accumulating the same batches. Every run is a real subprocess on a
+base dir of real text; per-step losses are read from the curve the script writes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretraining_setup import REPO_ROOT, make_aligned_base_dir, make_base_dir, read_curve, run_base_train
+
+pytestmark = pytest.mark.slow
+
+# d2 (128 wide, one head), 64-token rows, 4 rows per micro-step, 2 micro-steps per step (gradient accumulation)
+TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=512", "--sample_every=-1",
+        "--core_metric_every=-1", "--eval_tokens=2048"]
+
+
+def final_weights(base_dir, step, tag="d2"):
+    return torch.load(os.path.join(base_dir, "base_checkpoints", tag, f"model_{step:06d}.pt"), weights_only=True)
+
+
+def final_meta(base_dir, step, tag="d2"):
+    with open(os.path.join(base_dir, "base_checkpoints", tag, f"meta_{step:06d}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"weights differ: {different}"
+
+
+def copy_run_data(source, target, names=("base_data", "tokenizer")):
+    """A fresh base dir holding source's data and tokenizer (and, with names, more of it)."""
+    for name in names:
+        shutil.copytree(os.path.join(source, name), os.path.join(target, name))
+    return target
+
+
+def copy_run(source, target):
+    """A fresh base dir holding source's data, tokenizer and checkpoints (not its report)."""
+    return copy_run_data(source, target, ("base_data", "tokenizer", "base_checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """16 steps with a checkpoint every 8, val bpb every 4: the reference the resumed runs must reproduce."""
+    base_dir = make_base_dir(tmp_path_factory.mktemp("uninterrupted"))
+    run_base_train(base_dir, *TINY, "--num_iterations=16", "--eval_every=4", "--save_every=8")
+    return base_dir, read_curve(base_dir), final_weights(base_dir, 16)
+
+
+# -----------------------------------------------------------------------------
+# Learning, checkpoint, base_loss, report
+
+
+def test_tiny_run_lowers_val_bpb_and_its_checkpoint_gives_the_same_bpb_when_loaded(tmp_path, monkeypatch):
+    base_dir = make_base_dir(tmp_path / "base", vocab_size=512, num_train_docs=96)
+    result = run_base_train(base_dir, *TINY, "--num_iterations=40", "--eval_every=20")
+    curve = read_curve(base_dir)
+    assert curve["val_step"] == [0, 20, 40] and curve["step"] == list(range(1, 41))
+    assert curve["val_bpb"][-1] < 0.8 * curve["val_bpb"][0], curve["val_bpb"]
+    assert "step 00040/00040 (100.0%) | loss " in result.stdout
+
+    # The final checkpoint, loaded by build_model in this process, reproduces the final val bpb exactly
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    model, tokenizer, meta = load_model("base", "cpu", "eval")
+    assert meta["step"] == 40 and tokenizer.get_vocab_size() == 512
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the training process ran one thread; the same reduction order gives the same bits
+    try:
+        batches = tokenizing_distributed_data_loader(4, 64, "val", rank=0, world_size=1)
+        assert evaluate_bpb(model, batches, 2048 // (4 * 64), get_token_bytes()) == curve["val_bpb"][-1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_base_loss_and_report_after_a_tiny_run(tmp_path):
+    base_dir = make_base_dir(tmp_path / "base")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nanochat.report", "reset"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    run_base_train(base_dir, *TINY, "--num_iterations=6", "--eval_every=3", "--sample_every=6")
+    result = subprocess.run([sys.executable, "-m", "scripts.base_loss", "--device_batch_size=4", "--split_tokens=2048"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    val_bpb = float(result.stdout.split("val bpb: ")[1].split()[0])
+    assert val_bpb == pytest.approx(read_curve(base_dir)["val_bpb"][-1], abs=1e-4)  # same data, same model
+    assert result.stdout.count("'The capital of France is") == 1
+
+    subprocess.run([sys.executable, "-m", "nanochat.report", "generate"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    report = (base_dir / "report" / "report.md").read_text(encoding="utf-8")
+    for heading in ["## Base model training", "## Base model loss", "## Summary"]:
+        assert heading in report
+    assert "- Calculated number of iterations: 6" in report and "- Final validation bpb: " in report
+    assert "![base model training curve](base_train_curve.png)" in report
+    assert (base_dir / "report" / "base_train_curve.png").stat().st_size > 1000
+
+
+# -----------------------------------------------------------------------------
+# Exact resume
+
+
+def test_resume_from_a_periodic_checkpoint_reproduces_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path):
+    reference_dir, reference_curve, reference_weights = uninterrupted
+    base_dir = copy_run(reference_dir, tmp_path / "resumed")
+    shutil.copytree(reference_dir / "report", base_dir / "report")  # the curve of steps 1..16 (truncated to 1..8 on resume)
+    result = run_base_train(base_dir, *TINY, "--num_iterations=16", "--eval_every=4", "--save_every=8", "--resume_from_step=8")
+    assert "Resuming from" in result.stdout and "step 00009/00016" in result.stdout
+    assert "step 00008/00016" not in result.stdout  # nothing before the resume point is trained again
+    curve = read_curve(base_dir)
+    assert curve["loss"] == reference_curve["loss"]  # exact float equality at every step
+    assert curve["val_bpb"] == reference_curve["val_bpb"]
+    assert_same_weights(final_weights(base_dir, 16), reference_weights)
+    meta, reference_meta = final_meta(base_dir, 16), final_meta(reference_dir, 16)
+    for key in ("dataloader_state_dicts", "rng_states", "val_bpb"):
+        assert meta[key] == reference_meta[key], key
+    assert meta["loop_state"]["smooth_train_loss"] == reference_meta["loop_state"]["smooth_train_loss"]
+
+
+def test_sigint_saves_a_checkpoint_and_resume_last_continues_bit_for_bit(uninterrupted, tmp_path):
+    reference_dir, reference_curve, reference_weights = uninterrupted
+    base_dir = copy_run_data(reference_dir, tmp_path / "interrupted")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *TINY, "--num_iterations=16", "--eval_every=4",
+                                "--save_every=8"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step 00002/00016"):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 0, "".join(output)
+    stopped = [line for line in output if line.startswith("Stopped at step ")]
+    assert stopped, "".join(output)
+    stop_step = int(stopped[0].split()[3].rstrip("."))
+    assert 2 <= stop_step < 16
+
+    run_base_train(base_dir, *TINY, "--num_iterations=16", "--eval_every=4", "--save_every=8", "--resume_from_step=last")
+    curve = read_curve(base_dir)
+    assert curve["loss"] == reference_curve["loss"]
+    assert curve["val_bpb"] == reference_curve["val_bpb"]
+    assert_same_weights(final_weights(base_dir, 16), reference_weights)
+
+
+def test_resume_with_other_model_settings_is_a_clear_error(uninterrupted, tmp_path):
+    base_dir = copy_run(uninterrupted[0], tmp_path / "resumed")
+    args = [a for a in TINY if not a.startswith("--max_seq_len")] + ["--max_seq_len=32", "--num_iterations=16"]
+    result = run_base_train(base_dir, *args, "--resume_from_step=8", "--model_tag=d2", check=False)
+    assert result.returncode != 0 and "resume with the settings of the run that saved it" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Settings errors
+
+
+def test_total_batch_size_that_does_not_divide_is_a_clear_error(tmp_path):
+    result = run_base_train(tmp_path, *TINY, "--total_batch_size=1000", check=False)
+    assert result.returncode != 0
+    expected = "total_batch_size=1,000 is not a multiple of device_batch_size * max_seq_len * world_size = 4 * 64 * 1 = 256"
+    assert expected in result.stdout
+
+
+def test_depth_whose_width_does_not_split_into_heads_is_a_clear_error(tmp_path):
+    result = run_base_train(tmp_path, "--depth=5", check=False)
+    assert result.returncode != 0 and "depth=5 gives model_dim=320, which does not split into 3 heads" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Several processes (torchrun, gloo on CPU)
+
+# Each row group packs into exactly 4 rows: one process accumulating 2 micro-steps and 2 processes taking one
+# each then train on the same 8 rows at every step (and evaluate the same val rows).
+DDP = ["--depth=2", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=512", "--num_iterations=8",
+       "--eval_every=4", "--eval_tokens=1024", "--sample_every=-1", "--core_metric_every=-1"]
+
+
+@pytest.fixture(scope="module")
+def aligned_data(tmp_path_factory):
+    return make_aligned_base_dir(tmp_path_factory.mktemp("aligned"), rows_per_row_group=4, row_len=65)
+
+
+def test_two_processes_match_one_process_accumulating_the_same_batches(aligned_data, tmp_path):
+    single = copy_run_data(aligned_data, tmp_path / "single")
+    double = copy_run_data(aligned_data, tmp_path / "double")
+    run_base_train(single, *DDP)
+    result = run_base_train(double, *DDP, nproc=2)
+    assert "2 process(es) x 1 micro-step(s)" in result.stdout
+    single_curve, double_curve = read_curve(single), read_curve(double)
+    # the same math up to float rounding (the gradient sum happens in another order)
+    assert double_curve["loss"] == pytest.approx(single_curve["loss"], rel=1e-3)
+    assert double_curve["val_bpb"] == pytest.approx(single_curve["val_bpb"], rel=1e-3)
+    assert sorted(os.listdir(double / "base_checkpoints" / "d2")) == [
+        "meta_000008.json", "model_000008.pt", "optim_000008_rank0.pt", "optim_000008_rank1.pt"]
+
+
+def test_two_process_resume_reproduces_the_two_process_run(aligned_data, tmp_path):
+    reference = copy_run_data(aligned_data, tmp_path / "reference")
+    run_base_train(reference, *DDP, "--save_every=4", nproc=2)
+    resumed = copy_run(reference, tmp_path / "resumed")
+    result = run_base_train(resumed, *DDP, "--save_every=4", "--resume_from_step=4", nproc=2)
+    assert "step 00005/00008" in result.stdout
+    resumed_curve = read_curve(resumed)  # no curve was copied: it holds the steps after the resume
+    assert resumed_curve["step"] == [5, 6, 7, 8]
+    assert resumed_curve["loss"] == read_curve(reference)["loss"][4:]
+    assert_same_weights(final_weights(resumed, 8), final_weights(reference, 8))
+

@@ -1,0 +1,280 @@
+"""The GPT model: shapes and parameter counts, init, KV-cached inference equal to a full forward (MHA, GQA, MQA,
+per-row positions, cache copy and growth), the logit softcap, ignored targets, naive sampling, and that a tiny
+model learns with the real optimizer setup in fp32 and in bf16 compute."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.gpt import GPT, GPTConfig, KVCache
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# logits of a cached and a full forward agree to float rounding in fp32; bf16 compute rounds much more coarsely
+ATOL = 1e-4 if COMPUTE_DTYPE == torch.float32 else 5e-2
+
+
+def depth_config(depth, vocab_size=65536, sequence_len=2048):
+    """The depth dial of scripts/base_train.py: width 64 * depth, heads of ~128."""
+    model_dim = 64 * depth
+    n_head = max(1, (model_dim + 127) // 128)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=model_dim)
+
+
+def build(config, seed=0, perturb=0.0):
+    """A real model on CPU; perturb > 0 adds noise so that the zero-initialized projections matter too."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def small_config(n_head=4, n_kv_head=4, vocab_size=300, sequence_len=64, n_layer=2, n_embd=64):
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd)
+
+
+# -----------------------------------------------------------------------------
+# Shapes, counts, init
+
+
+@pytest.mark.parametrize("depth, expected", [(2, 2 * 65536 * 128 + 12 * 2 * 128**2), (4, 36_700_160), (20, 560_988_160)])
+def test_param_count_is_2Vd_plus_12Ld2(depth, expected):
+    # built on meta: no memory even for d20. 36.7M (d4) and 561.0M (d20) are the original's published counts.
+    with torch.device("meta"):
+        model = GPT(depth_config(depth))
+    d = 64 * depth
+    assert expected == 2 * 65536 * d + 12 * depth * d * d
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.num_scaling_params() == expected
+
+
+def test_param_count_uses_the_vocab_padded_to_a_multiple_of_64():
+    with torch.device("meta"):
+        model = GPT(depth_config(2, vocab_size=65000))  # 65000 -> 65024 rows in wte and lm_head
+    assert model.padded_vocab_size == 65024
+    assert model.num_scaling_params() == 2 * 65024 * 128 + 12 * 2 * 128**2
+
+
+def test_estimate_flops_of_d20_is_6N_without_embedding_plus_attention():
+    with torch.device("meta"):
+        model = GPT(depth_config(20))
+    expected = 6 * (560_988_160 - 65536 * 1280) + 12 * 20 * 10 * 128 * 2048
+    assert model.estimate_flops() == expected
+    assert round(expected / 1e9, 2) == 3.49  # the original's figure for d20
+
+
+def test_forward_returns_fp32_logits_of_the_unpadded_vocab():
+    model = build(small_config(vocab_size=300))
+    logits = model(torch.randint(0, 300, (2, 10)))
+    assert logits.shape == (2, 10, 300) and logits.dtype == torch.float32
+
+
+def test_init_zeroes_output_projections_and_starts_at_uniform_loss():
+    model = build(small_config(vocab_size=300))
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert 0.0008 < model.lm_head.weight.std().item() < 0.0012
+    idx = torch.randint(0, 300, (4, 32))
+    loss = model(idx, idx)  # a near-zero lm_head predicts the uniform distribution: loss ln(V)
+    assert abs(loss.item() - math.log(300)) < 0.01
+
+
+def test_rotary_tables_are_not_saved_and_cover_ten_times_the_sequence():
+    model = build(small_config(sequence_len=64))
+    assert "cos" not in model.state_dict() and "sin" not in model.state_dict()
+    assert model.cos.shape == (640, 8) and model.cos.dtype == COMPUTE_DTYPE
+
+
+def test_bad_head_counts_are_rejected_with_the_values():
+    with pytest.raises(ValueError, match="n_head=4, n_kv_head=3"):
+        GPT(small_config(n_head=4, n_kv_head=3))
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head):
+    config = small_config(n_head=4, n_kv_head=n_kv_head)
+    model = build(config, perturb=0.02)
+    idx = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(2, n_kv_head, 20, 16, config.n_layer)
+        pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]  # prefill in two chunks
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # then one token at a time
+    assert cache.pos.tolist() == [20, 20]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_rows_at_different_positions_decode_like_their_own_full_forward():
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    next_tokens = torch.tensor([[5], [9]])
+    with torch.no_grad():
+        cache = KVCache(2, 2, 16, 16, config.n_layer)
+        model(idx, kv_cache=cache)
+        cache.pos[1] = 3  # row 1's prompt is only 3 tokens long: the rest of its prefill was padding
+        logits = model(next_tokens, kv_cache=cache)[:, -1]  # (2, V)
+        row0 = model(torch.cat([idx[:1], next_tokens[:1]], dim=1))[0, -1]
+        row1 = model(torch.cat([idx[1:, :3], next_tokens[1:]], dim=1))[0, -1]
+    assert cache.pos.tolist() == [9, 4]
+    torch.testing.assert_close(logits[0], row0, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], row1, atol=ATOL, rtol=0)
+
+
+def test_prefill_copies_a_batch_1_cache_into_every_row_and_grows_it():
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    prompt = torch.randint(0, config.vocab_size, (1, 10))
+    with torch.no_grad():
+        single = KVCache(1, 2, 4, 16, config.n_layer)  # too short: grows while prefilling
+        model(prompt, kv_cache=single)
+        assert single.seq_len >= 10
+        batch = KVCache(3, 2, 4, 16, config.n_layer)
+        batch.prefill(single)
+        assert batch.seq_len >= 10 and batch.pos.tolist() == [10, 10, 10]
+        next_tokens = torch.tensor([[1], [2], [3]])
+        logits = model(next_tokens, kv_cache=batch)[:, -1]
+        expected = model(torch.cat([prompt.expand(3, -1), next_tokens], dim=1))[:, -1]
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_cache_growth_keeps_every_layer_row_and_position_in_place():
+    cache = KVCache(2, 3, 5, 4, 2)
+    cache.k.copy_(torch.randn_like(cache.k))
+    before = cache.k.clone()
+    cache.reserve(6)
+    assert cache.k.shape == (2, 2, 1024, 3, 4)
+    assert torch.equal(cache.k[:, :, :5], before) and not cache.k[:, :, 5:].any()
+
+
+# -----------------------------------------------------------------------------
+# Logits and loss
+
+
+def test_softcap_bounds_logits_to_15():
+    model = build(small_config())
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 100.0)  # raw logits in the thousands
+    logits = model(torch.randint(0, 300, (2, 16)))
+    assert logits.abs().max().item() <= 15.0
+    assert logits.abs().max().item() > 14.9  # saturated, not merely small
+
+
+def test_ignored_targets_add_no_loss_and_no_gradient():
+    model = build(small_config(), perturb=0.02)
+    idx = torch.randint(0, 300, (2, 12))
+    targets = torch.randint(0, 300, (2, 12))
+    targets[:, -1] = -1  # ignore the last position of every row
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 12) and not per_token[:, -1].any()
+    loss = model(idx, targets)
+    torch.testing.assert_close(loss, per_token[:, :-1].mean())
+    loss.backward()
+    grads_with_ignored = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # causal: dropping the last position changes no other position's output, so the gradients must be identical
+    model(idx[:, :-1], targets[:, :-1]).backward()
+    for with_ignored, p in zip(grads_with_ignored, model.parameters()):
+        torch.testing.assert_close(with_ignored, p.grad, atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def test_greedy_generate_follows_the_argmax_of_full_forwards():
+    model = build(small_config(), perturb=0.05)
+    tokens = [1, 2, 3]
+    generated = list(model.generate(tokens, max_tokens=5, temperature=0.0))
+    expected = list(tokens)
+    with torch.no_grad():
+        for _ in range(5):
+            expected.append(model(torch.tensor([expected]))[0, -1].argmax().item())
+    assert generated == expected[3:]
+
+
+def test_sampling_is_reproducible_per_seed():
+    model = build(small_config(), perturb=0.05)
+    first = list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=1))
+    assert first == list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=1))
+    assert first != list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=2))
+    top1 = list(model.generate([1, 2], max_tokens=5, temperature=1.0, top_k=1, seed=3))
+    assert top1 == list(model.generate([1, 2], max_tokens=5, temperature=0.0))  # top_k=1 is greedy
+
+
+# -----------------------------------------------------------------------------
+# Learning
+
+
+def test_tiny_model_overfits_a_fixed_batch_with_the_real_optimizers():
+    config = small_config(vocab_size=256, n_kv_head=2)
+    model = build(config)
+    optimizers = model.setup_optimizers()
+    assert [type(o).__name__ for o in optimizers] == ["AdamW", "Muon"]
+    assert all("initial_lr" in group for o in optimizers for group in o.param_groups)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 256, (4, 32))
+    targets = torch.randint(0, 256, (4, 32))  # random targets: only memorization lowers the loss
+    losses = []
+    for _ in range(40):
+        loss = model(idx, targets)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(256)) < 0.05
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
+BF16_TRAINING = """
+import math, torch
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.gpt import GPT, GPTConfig
+assert COMPUTE_DTYPE == torch.bfloat16
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+model.to_empty(device="cpu")
+model.init_weights()
+optimizers = model.setup_optimizers()
+assert optimizers[1].ns_dtype == torch.bfloat16
+idx, targets = torch.randint(0, 256, (4, 32)), torch.randint(0, 256, (4, 32))
+assert model(idx).dtype == torch.float32 and model.cos.dtype == torch.bfloat16
+losses = []
+for _ in range(30):
+    loss = model(idx, targets)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+assert all(p.dtype == torch.float32 for p in model.parameters())
+print(losses[0], losses[-1])
+assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0], losses
+"""
+
+
+def test_bf16_compute_on_cpu_trains():
+    env = dict(os.environ, NANOCHAT_DTYPE="bfloat16", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-c", BF16_TRAINING], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
