@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nanochat.common import get_base_dir
 from nanochat.configurator import configure
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
 
 # Settings
@@ -98,9 +99,4 @@ stats = {
 for name, value in stats.items():
     print(f"{name}: {value}")
 
-try:  # TODO(lead): remove guard
-    from nanochat.report import get_report
-except ImportError:
-    get_report = None
-if get_report is not None:
-    get_report().log(section="Tokenizer training", data=[user_config, stats])
+get_report().log(section="Tokenizer training", data=[user_config, stats])
