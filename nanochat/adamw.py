@@ -1,11 +1,11 @@
 """
 AdamW for the embedding and lm_head: AdamW in one process, and DistAdamW, its ZeRO-2 version for torchrun.
 
-One update function, adamw_update (decoupled weight decay, bias correction, math in the fp32 of the master weights: the same formula as
-torch.optim.AdamW, which tests/test_optim.py checks), serves both. DistAdamW adds the communication and no DDP
-wrapper is needed: each large gradient is reduce-scattered along dim 0, each rank updates its slice of rows
-(so the moments of that slice live on that rank only: optimizer state is per rank) and the slices are
-all-gathered back. Not for the block matrices (Muon, nanochat/muon.py).
+One update function, adamw_update (torch's fused kernel: the same formula as torch.optim.AdamW, which
+tests/test_optim.py checks), serves both. DistAdamW adds the communication and no DDP wrapper is needed:
+each large gradient is reduce-scattered along dim 0, each rank updates its slice of rows (so the moments of
+that slice live on that rank only: optimizer state is per rank) and the slices are all-gathered back.
+Not for the block matrices (Muon, nanochat/muon.py).
 """
 
 import torch
@@ -15,15 +15,12 @@ import torch.distributed as dist
 @torch.no_grad()
 def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step on p (an fp32 master weight) in place; exp_avg and exp_avg_sq (p's dtype) are updated in
-    place; step counts from 1."""
-    grad = grad.to(p.dtype)
-    p.mul_(1 - lr * weight_decay)  # decoupled weight decay: shrink the weights, not the gradient
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** step  # the moments start at zero; undo that bias early on
-    bias_correction2 = 1 - beta2 ** step
-    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    place; step counts from 1. torch's fused AdamW kernel does it in one pass over memory (the same formula as
+    torch.optim.AdamW: decoupled weight decay, bias correction), ~10x faster on CPU than the eight separate
+    elementwise ops it replaces, which at vocab 32K were most of a small model's optimizer step."""
+    torch._fused_adamw_([p], [grad.to(p.dtype)], [exp_avg], [exp_avg_sq], [],
+                        [torch.tensor(float(step), device=p.device)], lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 
 class AdamW(torch.optim.Optimizer):

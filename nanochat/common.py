@@ -8,6 +8,7 @@ concept's module.
 
 import logging
 import os
+import platform
 import random
 import time
 from functools import lru_cache
@@ -70,6 +71,30 @@ def autodetect_device_type():
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# Fixed prompts whose greedy continuations show, in the training logs and the report, what a base model knows
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def cpu_name():
+    """The CPU model as /proc/cpuinfo names it (for reports and benchmark JSON)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16():
@@ -154,18 +179,19 @@ GPU_PEAK_FLOPS = [
 
 
 @lru_cache(maxsize=None)
-def measure_cpu_matmul_flops(dtype=torch.float32, size=1024, seconds=0.5):
+def measure_cpu_matmul_flops(dtype=torch.float32, size=2048, seconds=0.5):
     """This machine's attainable matmul FLOP/s: the best of repeated square matmuls. CPUs have no
     datasheet peak worth trusting (clocks, cores, SIMD width all vary), so MFU on CPU is measured
-    against what a plain matmul achieves here."""
+    against what a plain matmul achieves here. The matmul is F.linear's (x @ W^T), the layout every
+    layer of the model uses: in bf16 the plain a @ b layout can take a much slower kernel."""
     a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up (thread pool, kernels)
+    w = torch.randn(size, size, dtype=dtype)
+    torch.nn.functional.linear(a, w)  # warm-up (thread pool, kernels)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        a @ b
+        torch.nn.functional.linear(a, w)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best
 

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import cpu_name, get_base_dir, get_dist_info
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,17 +89,6 @@ def git_info():
     return [f"- Branch: {_git('rev-parse', '--abbrev-ref', 'HEAD')}",
             f"- Commit: {commit}{' (dirty)' if dirty else ' (clean)'}",
             f"- Message: {_git('log', '-1', '--format=%s') or ''}"]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_hourly_cost():

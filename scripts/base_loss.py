@@ -12,7 +12,7 @@ Usage:
 """
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.common import SAMPLE_PROMPTS, compute_cleanup, compute_init, print0
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -52,18 +52,9 @@ for split in ("train", "val"):
 # -----------------------------------------------------------------------------
 # Greedy samples (rank 0)
 
-prompts = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 samples = []
 if rank == 0:
-    for prompt in prompts:
+    for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         sample = prompt + tokenizer.decode(list(model.generate(tokens, max_tokens=16, temperature=0)))
         print(repr(sample))

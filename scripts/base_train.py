@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import COMPUTE_DTYPE, compute_cleanup, compute_init, get_peak_flops, init_wandb, print0
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, compute_cleanup, compute_init, get_peak_flops, init_wandb,
+                             print0)
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
 from nanochat.gpt import GPT, GPTConfig
@@ -112,6 +113,8 @@ compile_choices = {"auto": device.type == "cuda", "true": True, "1": True, "yes"
 if compile.lower() not in compile_choices:
     raise ValueError(f"compile={compile!r}: expected one of auto, true, false")
 use_compile = compile_choices[compile.lower()]
+if use_compile:  # Muon's Newton-Schulz too (always compiled on CUDA): on CPU ~30% less optimizer time
+    os.environ.setdefault("NANOCHAT_COMPILE_MUON", "1")
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -319,15 +322,6 @@ def format_duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 try:
     from nanochat.core_eval import evaluate_model as evaluate_core
 except ImportError:

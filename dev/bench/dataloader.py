@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from nanochat.common import cpu_name
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
@@ -155,7 +156,7 @@ if train_steps > 0 and importlib.util.find_spec("nanochat.gpt") is not None:
 best_loader = max(r["tokens_per_s"] for r in loader_results)
 print(json.dumps({
     "benchmark": "dataloader",
-    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+    "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count()},
     "settings": user_config,
     "tokenizer": {"name": tokenizer_name, "vocab_size": tokenizer.get_vocab_size()},
     "train_shards": len(list_parquet_files(split="train")),

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanochat.common import cpu_name
 from nanochat.configurator import configure
 
 # Settings
@@ -48,14 +49,6 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def cpu_model_name():
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 # -----------------------------------------------------------------------------
 # Parent: one subprocess per dtype, then one JSON object
 
@@ -75,7 +68,7 @@ if not worker_dtype:
         results += worker["results"]
     print(json.dumps({
         "benchmark": "model",
-        "machine": {"platform": platform.platform(), "processor": cpu_model_name(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "settings": {name: value for name, value in user_config.items() if name != "worker_dtype"},
         "peak_flops": peaks,

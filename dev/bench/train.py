@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from nanochat.common import COMPUTE_DTYPE, get_base_dir, get_peak_flops
+from nanochat.common import COMPUTE_DTYPE, cpu_name, get_base_dir, get_peak_flops
 from nanochat.configurator import configure
 
 # Settings
@@ -189,7 +189,7 @@ shutil.rmtree(bench_base, ignore_errors=True)
 
 print(json.dumps({
     "benchmark": "train",
-    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
     "compute_dtype": str(COMPUTE_DTYPE),
     "peak_flops_cpu": get_peak_flops("cpu", COMPUTE_DTYPE),
