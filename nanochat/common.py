@@ -164,6 +164,9 @@ def compute_init(device_type=""):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        # all ranks leave together: gloo aborts a process ("terminate called without an active exception") when
+        # it tears down its connections while another rank is still finishing (rank 0 writes the report last)
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -117,4 +117,5 @@ assert dist_opt.state[params[0]]["exp_avg"].shape == (32, 32)  # ZeRO-2: this ra
 assert dist_opt.state[params[1]]["exp_avg"].shape == (3, 5)
 
 print(f"rank {rank} OK: model max diff {model_diff:.2g}, DistAdamW max diff {adamw_diff:.2g}", flush=True)
+dist.barrier()  # leave together: gloo can abort a rank that tears down while the other still talks
 dist.destroy_process_group()
