@@ -12,6 +12,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -39,6 +40,8 @@ struct Splitter {
     regex: fancy_regex::Regex,
     /// for the default pattern only: the same split, computed faster (see `chunks_fast`)
     fast: Option<meta::Regex>,
+    /// a warm cache kept between `encode` calls: a fresh one rebuilds the lazy DFA's states on every text
+    spare_cache: Mutex<SplitCache>,
 }
 
 /// Per-thread scratch space of the fast regex. Each thread brings its own: the regex's shared cache pool is a
@@ -51,11 +54,23 @@ impl Splitter {
             .map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))?;
         let fast = (pattern == DEFAULT_PATTERN)
             .then(|| meta::Regex::new(DEFAULT_PATTERN_WITHOUT_LOOKAHEAD).expect("the fast pattern is valid"));
-        Ok(Splitter { pattern: pattern.to_string(), regex, fast })
+        Ok(Splitter { pattern: pattern.to_string(), regex, fast, spare_cache: Mutex::new(None) })
     }
 
     fn new_cache(&self) -> SplitCache {
         self.fast.as_ref().map(|fast| fast.create_cache())
+    }
+
+    /// The spare cache if no other thread holds it, else a new one; hand it back with `put_cache`.
+    fn take_cache(&self) -> SplitCache {
+        let spare = self.spare_cache.lock().ok().and_then(|mut spare| spare.take());
+        spare.or_else(|| self.new_cache())
+    }
+
+    fn put_cache(&self, cache: SplitCache) {
+        if let Ok(mut spare) = self.spare_cache.lock() {
+            *spare = cache;
+        }
     }
 
     fn for_each_chunk(&self, text: &str, cache: &mut SplitCache, visit: impl FnMut(&str)) -> Result<(), String> {
@@ -437,7 +452,13 @@ impl Tokenizer {
     }
 
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.allow_threads(|| self.encode_text(text, &mut self.splitter.new_cache())).map_err(PyValueError::new_err)
+        py.allow_threads(|| {
+            let mut cache = self.splitter.take_cache();
+            let ids = self.encode_text(text, &mut cache);
+            self.splitter.put_cache(cache);
+            ids
+        })
+        .map_err(PyValueError::new_err)
     }
 
     /// Encodes many texts in parallel (on as many threads as the process may use).
