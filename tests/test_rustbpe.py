@@ -17,7 +17,7 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat.tokenizer import SPLIT_PATTERN
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, HuggingFaceTokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -89,17 +89,9 @@ def gpt2_bytes_to_unicode():
 
 
 def test_merges_match_hf_tokenizers_until_the_first_tie(sample):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
     vocab_size = 256 + 200
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(sample, trainer)
+    # nanochat's HF comparison tokenizer: the same split and byte-level BPE, plus the special tokens in its vocab
+    hf = HuggingFaceTokenizer.train_from_iterator(sample, vocab_size + len(SPECIAL_TOKENS)).tokenizer
     decode = {char: b for b, char in gpt2_bytes_to_unicode().items()}
     hf_merges = []
     for merge in json.loads(hf.to_str())["model"]["merges"]:
