@@ -77,11 +77,12 @@ def _to_device(rows, device):
     return pair[0], pair[1]
 
 
-def tokenizing_distributed_data_loader_with_state(B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cpu",
+def tokenizing_distributed_data_loader_with_state(B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device="cpu",
                                                   resume_state_dict=None, bos_aligned=False, tokenizer=None, rank=None,
                                                   world_size=None):
     """Iterator of (inputs, targets, state_dict): inputs/targets int64 (B, T) on device; state_dict, passed back
-    as resume_state_dict, continues with exactly the batches that would have followed."""
+    as resume_state_dict, continues with exactly the batches that would have followed. tokenizer_threads=None
+    leaves the thread count to the tokenizer (the CPUs this process may use: more only slows encoding down)."""
     if B < 1 or T < 1:
         raise ValueError(f"B={B}, T={T}: both must be >= 1")
     if split not in ("train", "val"):

@@ -38,7 +38,7 @@ tiktoken_dir = ""  # folder holding r50k_base.tiktoken for --tokenizer_name=gpt2
 batch_sizes = "4,32"  # comma-separated B values
 seq_lens = "512,2048"  # comma-separated T values
 num_tokens = 2_000_000  # tokens timed per (B, T); keep it many row groups long (FineWeb: ~1M tokens each, embedded: ~0.25M)
-tokenizer_threads = 4
+tokenizer_threads = 0  # 0 = the loader's default: the CPUs this process may use
 bos_aligned = False
 depth = 4  # model for the train-step measurement
 train_steps = 5  # timed forward+backward steps (0 = skip)
@@ -97,8 +97,9 @@ for T in [int(t) for t in seq_lens.split(",")]:
     for B in [int(b) for b in batch_sizes.split(",")]:
         num_batches = max(1, num_tokens // (B * T))
         t0 = time.perf_counter()
-        loader = tokenizing_distributed_data_loader_with_state(B, T, "train", tokenizer_threads=tokenizer_threads,
-                                                               bos_aligned=bos_aligned, tokenizer=tokenizer, rank=0, world_size=1)
+        loader = tokenizing_distributed_data_loader_with_state(
+            B, T, "train", tokenizer_threads=tokenizer_threads or None, bos_aligned=bos_aligned, tokenizer=tokenizer,
+            rank=0, world_size=1)
         for _ in range(num_batches):
             inputs, targets, state = next(loader)
         seconds = time.perf_counter() - t0
