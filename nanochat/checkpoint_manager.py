@@ -21,7 +21,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, logger
+from nanochat.common import get_base_dir, logger, write_atomic
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
@@ -46,34 +46,20 @@ def _paths(checkpoint_dir, step, rank=0):
             os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 
-def _write_atomic(path, write):
-    """write(file) into a temporary file beside path, flushed to disk, then renamed over path."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Write one checkpoint. Call it on every rank: each writes its optimizer shard (when optimizer_data is not
     None), rank 0 the model, and rank 0 the meta once all ranks are done."""
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     os.makedirs(checkpoint_dir, exist_ok=True)  # any rank may get here first
     if optimizer_data is not None:
-        _write_atomic(optim_path, lambda f: torch.save(optimizer_data, f))
+        write_atomic(optim_path, lambda f: torch.save(optimizer_data, f))
     if rank == 0:
-        _write_atomic(model_path, lambda f: torch.save(model_data, f))
+        write_atomic(model_path, lambda f: torch.save(model_data, f))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank's optimizer shard is on disk before the meta declares the checkpoint complete
     if rank == 0:
         text = json.dumps(meta_data, indent=2) + "\n"
-        _write_atomic(meta_path, lambda f: f.write(text.encode("utf-8")))
+        write_atomic(meta_path, lambda f: f.write(text.encode("utf-8")))
         logger.info(f"Saved checkpoint {checkpoint_dir} step {step}")
 
 

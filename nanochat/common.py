@@ -245,6 +245,21 @@ def init_wandb(run, user_config, master_process, project="nanochat"):
 # Downloads
 
 
+def write_atomic(path, write):
+    """write(file) into a temporary file beside path (binary mode), flushed to disk, then renamed over path: a
+    crash mid-write leaves the previous file (or none), never a half-written one. Checkpoints, tokenizer, report."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
 def download_file(url, path, attempts=5, timeout=30, validate=None, desc=None, backoff=1.0):
     """Download url to path safely: stream into a temp file beside it, let validate(tmp_path) reject a bad
     body (truncated, an HTML error page, ...), then rename, so path is either absent or complete. Retries

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from nanochat.common import cpu_name, get_base_dir, get_dist_info
+from nanochat.common import cpu_name, get_base_dir, get_dist_info, write_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,11 +45,8 @@ def slugify(section):
     return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
 
 
-def _write_atomic(path, text):
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp_path, path)
+def _write_text(path, text):
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _format_value(value):
@@ -171,12 +168,12 @@ class Report:
             else:
                 lines.append(str(item))
         path = self._path(f"{slugify(section)}.md")
-        _write_atomic(path, "\n".join(lines) + "\n\n")
+        _write_text(path, "\n".join(lines) + "\n\n")
         return path
 
     def log_curve(self, name, curve):
         """Save training-curve data (a dict of equally long lists, "step" among them) as <name>_curve.json."""
-        _write_atomic(self._path(f"{name}_curve.json"), json.dumps(curve) + "\n")
+        _write_text(self._path(f"{name}_curve.json"), json.dumps(curve) + "\n")
 
     def read_curve(self, name):
         path = self._path(f"{name}_curve.json")
@@ -194,7 +191,7 @@ class Report:
                   "### Git", *git_info(), "", "### Hardware", *hardware_info(), "",
                   "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
                   "### Bloat", *bloat_info(), "", f"Run started: {_now()}", ""]
-        _write_atomic(self._path("header.md"), "\n".join(header) + "\n")
+        _write_text(self._path("header.md"), "\n".join(header) + "\n")
         print(f"Reset the report in {self.report_dir}")
 
     def generate(self):
@@ -226,7 +223,7 @@ class Report:
                 parts.append("![base model training curve](base_train_curve.png)\n")
         parts.append(self.summary(sections, header))
         report_path = self._path("report.md")
-        _write_atomic(report_path, "\n".join(parts))
+        _write_text(report_path, "\n".join(parts))
         print(f"Wrote {report_path}")
         return report_path
 
@@ -269,10 +266,8 @@ class Report:
         for ax in (ax_loss, ax_bpb):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp_path = self._path(f"{name}_curve.tmp{os.getpid()}.png")
-        fig.savefig(tmp_path, dpi=100)
+        write_atomic(self._path(f"{name}_curve.png"), lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp_path, self._path(f"{name}_curve.png"))
         return True
 
 

@@ -27,6 +27,8 @@ import os
 import tiktoken
 import torch
 
+from nanochat.common import get_base_dir, write_atomic
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document (documents are delimited by it) and every conversation
     "<|user_start|>", "<|user_end|>",
@@ -105,10 +107,12 @@ class RustBPETokenizer:
         num_ranks = self.get_vocab_size() - len(SPECIAL_TOKENS)
         lines = [base64.b64encode(self.enc.decode_single_token_bytes(rank)) + b" %d\n" % rank
                  for rank in range(num_ranks)]
-        _write_atomic(os.path.join(tokenizer_dir, RANK_FILE), b"".join(lines))
+        rank_data = b"".join(lines)
+        write_atomic(os.path.join(tokenizer_dir, RANK_FILE), lambda f: f.write(rank_data))
         meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "vocab_size": self.get_vocab_size()}
-        _write_atomic(os.path.join(tokenizer_dir, META_FILE), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        meta_data = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+        write_atomic(os.path.join(tokenizer_dir, META_FILE), lambda f: f.write(meta_data))
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -289,14 +293,6 @@ def _read_ranks(path):
     return ranks
 
 
-def _write_atomic(path, data):
-    # write then rename, so a crash never leaves a half-written tokenizer behind
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)
-
-
 class HuggingFaceTokenizer:
     """The same recipe (split pattern, byte-level BPE, special tokens) trained with HuggingFace `tokenizers`, kept
     only to compare against. `tokenizers` is a dev dependency, hence the imports inside the methods. Saved as
@@ -362,8 +358,6 @@ class HuggingFaceTokenizer:
 
 def get_tokenizer():
     """The trained tokenizer in <base>/tokenizer/."""
-    from nanochat.common import get_base_dir
-
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
 
@@ -379,8 +373,6 @@ def compute_token_bytes(tokenizer):
 
 def get_token_bytes(device="cpu"):
     """The tensor of compute_token_bytes, as saved by tok_train to <base>/tokenizer/token_bytes.pt."""
-    from nanochat.common import get_base_dir
-
     path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; it is written by `python -m scripts.tok_train`")

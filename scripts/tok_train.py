@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 from nanochat.configurator import configure
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
@@ -77,9 +77,7 @@ print(f"Round trip OK: {len(sanity_text)} characters -> {len(sanity_ids)} tokens
 
 token_bytes = compute_token_bytes(loaded)
 token_bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
-tmp_path = f"{token_bytes_path}.tmp{os.getpid()}"  # write then rename: never a half-written file
-torch.save(token_bytes, tmp_path)
-os.replace(tmp_path, token_bytes_path)
+write_atomic(token_bytes_path, lambda f: torch.save(token_bytes, f))
 print(f"Saved token_bytes to {token_bytes_path}")
 
 # -----------------------------------------------------------------------------
