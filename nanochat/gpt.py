@@ -33,6 +33,20 @@ class GPTConfig:
     n_embd: int = 768
 
 
+def dims_for_depth(depth):
+    """The one dial: n_layer = depth, width 64 * depth (aspect ratio 64), heads ~128 wide (exactly 128 where the width
+    is a multiple of 128), as many key/value heads as query heads. The GPTConfig fields besides sequence_len and
+    vocab_size, for base_train, the tests and the benchmarks alike."""
+    if depth < 1:
+        raise ValueError(f"depth={depth}: expected a positive number of layers")
+    model_dim = 64 * depth
+    num_heads = max(1, (model_dim + 127) // 128)
+    if model_dim % num_heads != 0:
+        raise ValueError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
+                         f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
+    return dict(n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim)
+
+
 def norm(x):
     """RMSNorm without a learnable scale: the blocks' own weights absorb any scale they need."""
     return F.rms_norm(x, (x.size(-1),))

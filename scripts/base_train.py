@@ -39,7 +39,7 @@ from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, compute_cleanup, com
                              print0)
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -91,13 +91,9 @@ wandb_run = init_wandb(run, user_config, master_process)
 # for MFU; on CPU this measures matmuls on random numbers, so it runs here, in the same place on a resume
 peak_flops = get_peak_flops(device, COMPUTE_DTYPE)
 
-num_layers = depth
-model_dim = 64 * depth  # aspect ratio 64
-num_heads = max(1, (model_dim + 127) // 128)  # head dim 128, or a bit less where 64 * depth is no multiple of 128
-if model_dim % num_heads != 0:
-    raise ValueError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
-                     f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
-print0(f"depth={depth}: {num_layers} layers, model_dim {model_dim}, {num_heads} heads of {model_dim // num_heads}")
+model_dims = dims_for_depth(depth)  # errors early, before any data or tokenizer is read
+print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model_dims['n_head']} heads of "
+       f"{model_dims['n_embd'] // model_dims['n_head']}")
 
 tokens_per_fwdbwd = device_batch_size * max_seq_len  # one micro-step of one process
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
@@ -126,8 +122,7 @@ print0(f"Vocab size: {vocab_size:,}")
 
 model_tag = model_tag or f"d{depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
-model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=num_layers, n_head=num_heads,
-                    n_kv_head=num_heads, n_embd=model_dim)
+model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, **model_dims)
 resume_step = None
 if resume_from_step:
     if resume_from_step == "last":

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # logits of a cached and a full forward agree to float rounding in fp32; bf16 compute rounds much more coarsely
@@ -21,10 +21,7 @@ ATOL = 1e-4 if COMPUTE_DTYPE == torch.float32 else 5e-2
 
 def depth_config(depth, vocab_size=65536, sequence_len=2048):
     """The depth dial of scripts/base_train.py: width 64 * depth, heads of ~128."""
-    model_dim = 64 * depth
-    n_head = max(1, (model_dim + 127) // 128)
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-                     n_embd=model_dim)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, **dims_for_depth(depth))
 
 
 def build(config, seed=0, perturb=0.0):

@@ -132,12 +132,10 @@ log(f"plain loop: {plain_tokens / plain_seconds:,.0f} tokens/s")
 
 train_step = None
 if train_steps > 0 and importlib.util.find_spec("nanochat.gpt") is not None:
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 
     B, T = 4, 512
-    model_dim = 64 * depth
-    n_head = max(1, (model_dim + 127) // 128)
-    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=model_dim)
+    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), **dims_for_depth(depth))
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")

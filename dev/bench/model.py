@@ -24,7 +24,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nanochat.common import cpu_name
 from nanochat.configurator import configure
@@ -38,8 +37,7 @@ steps = 3  # timed forward+backward calls per configuration (median), after one 
 dtypes = "float32,bfloat16"  # compute dtypes (NANOCHAT_DTYPE values)
 modes = "eager,compiled"
 device_type = ""  # cpu | cuda; "" = autodetect
-peak_matmul_size = 2048  # CPU peak: the best of peak_repeats square matmuls of this size
-peak_repeats = 5
+peak_matmul_size = 2048  # CPU peak: the best square F.linear matmul of this size over half a second
 worker_dtype = ""  # internal: set by this script for the subprocess that measures one dtype
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
@@ -79,39 +77,22 @@ if not worker_dtype:
 # -----------------------------------------------------------------------------
 # Worker: every depth and mode in one compute dtype
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-
-
-def measure_cpu_matmul_peak(dtype, size, repeats):
-    """Best FLOP/s of `repeats` (size x size) @ (size x size)^T matmuls, the layout of F.linear. Not a plain a @ b:
-    in bf16 on an AVX2 CPU that takes a path ~15x slower (measured: 1.2 vs 19 GFLOP/s at 512), which would put the
-    model's bf16 MFU far above 100%."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    F.linear(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        F.linear(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, measure_cpu_matmul_flops  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig, dims_for_depth  # noqa: E402
 
 
 assert str(COMPUTE_DTYPE) == f"torch.{worker_dtype}", (COMPUTE_DTYPE, worker_dtype)
 device = torch.device(device_type or autodetect_device_type())
 synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-if device.type == "cpu":
-    peak = measure_cpu_matmul_peak(COMPUTE_DTYPE, peak_matmul_size, peak_repeats)
+if device.type == "cpu":  # the same measurement as get_peak_flops, at a size that can be set
+    peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)
 else:
     peak = get_peak_flops(device, COMPUTE_DTYPE)
 log(f"{worker_dtype} peak: {peak / 1e9:.1f} GFLOP/s")
 
 results = []
 for depth in [int(d) for d in depths.split(",")]:
-    model_dim = 64 * depth
-    num_heads = max(1, (model_dim + 127) // 128)
-    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
-                       n_kv_head=num_heads, n_embd=model_dim)
+    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, **dims_for_depth(depth))
     for mode in modes.split(","):
         if mode not in ("eager", "compiled"):
             raise SystemExit(f"--modes: {mode!r} is not eager or compiled")

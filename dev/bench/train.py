@@ -135,12 +135,9 @@ def run_loop(compiled):
 
 
 def run_model(compiled):
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 
-    model_dim = 64 * depth
-    num_heads = max(1, (model_dim + 127) // 128)
-    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
-                       n_kv_head=num_heads, n_embd=model_dim)
+    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, **dims_for_depth(depth))
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(config)
