@@ -109,8 +109,6 @@ compile_choices = {"auto": device.type == "cuda", "true": True, "1": True, "yes"
 if compile.lower() not in compile_choices:
     raise ValueError(f"compile={compile!r}: expected one of auto, true, false")
 use_compile = compile_choices[compile.lower()]
-if use_compile:  # Muon's Newton-Schulz too (always compiled on CUDA): on CPU ~30% less optimizer time
-    os.environ.setdefault("NANOCHAT_COMPILE_MUON", "1")
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
