@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import random
+import sys
 import time
 from functools import lru_cache
 
@@ -39,6 +40,30 @@ def setup_default_logging(level=logging.INFO):
 
 setup_default_logging()
 logger = logging.getLogger("nanochat")
+
+
+# -----------------------------------------------------------------------------
+# User mistakes: one line, not a traceback
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: a bad setting or value, missing data, tokenizer or checkpoint. Any script that
+    imports this module prints it as one `error: ...` line and exits with status 1; real bugs (any other
+    exception) keep their traceback. The message names the value seen, what is allowed and what to run."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user must create or fetch first (data, tokenizer, checkpoint); still a FileNotFoundError."""
+
+
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
+
+
+sys.excepthook = _excepthook
 
 
 def print0(*args, **kwargs):
