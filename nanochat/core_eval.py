@@ -1,0 +1,346 @@
+"""
+CORE, the base-model metric of the DCLM paper: 22 few-shot tasks scored from a base model's losses, each accuracy
+centred on its random baseline, CORE = the mean of the centred accuracies.
+
+The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) is read from a directory or
+downloaded once into <base>/eval_bundle. Three task types: multiple_choice (one prompt per choice, same context),
+schema (one prompt per context option, same continuation) and language_modeling (the model's greedy tokens must
+reproduce the continuation). MC and schema pick the option with the lowest mean loss over its answer span.
+
+A task whose file is missing is reported and skipped, and then the result says "CORE over N of 22 tasks": a
+partial CORE is never to be compared with a published one. Ranks take every world_size-th example and all-reduce.
+Examples are batched (all options of an example in one forward, several examples per forward up to a token
+budget, right-padded, each row scored on its own span); causal attention makes a row's scores independent of
+the padding, so results match one example at a time. Not here: chat evaluations (scripts/chat_eval.py).
+"""
+
+import csv
+import json
+import os
+import random
+import shutil
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from filelock import FileLock
+
+from nanochat.common import MissingFileError, UserError, download_file_with_lock, get_base_dir, print0
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TOTAL_TASKS = 22  # CORE is defined over the 22 tasks of the bundle's core.yaml
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+# The shared data has a 1000-example random subset of HellaSwag val in the bundle's schema; the bundle's own
+# hellaswag.jsonl (10,042 rows) is used whenever it exists.
+FALLBACK_FILES = {"language_understanding/hellaswag.jsonl": "eval_data_fallback/hellaswag_val_olmes1000.jsonl"}
+DEFAULT_BATCH_TOKENS = 8192  # padded tokens per forward: big enough to amortize per-forward overhead, small logits
+
+# -----------------------------------------------------------------------------
+# The bundle: find it, or download and unpack it
+
+
+def _bundle_root(names):
+    """The folder inside a zip that holds core.yaml: '' (at the top) or 'eval_bundle/' (the real zip's layout)."""
+    for name in names:
+        if name == "core.yaml" or (name.endswith("/core.yaml") and name.count("/") == 1):
+            return name[: -len("core.yaml")]
+    return None
+
+
+def validate_bundle_zip(path):
+    """Reject a download that is not the eval bundle (an HTML error page, a truncated or corrupt zip)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a zip file")
+    with zipfile.ZipFile(path) as archive:
+        if _bundle_root(archive.namelist()) is None:
+            raise ValueError(f"{path} has no core.yaml at its top or in one top-level folder")
+        bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"{path}: member {bad} fails its CRC check")
+
+
+def unpack_bundle(zip_path, bundle_dir):
+    """Extract the bundle into a temporary folder beside bundle_dir, then rename it into place: bundle_dir is either
+    absent or complete. zipfile drops absolute paths and '..' from member names, so nothing lands outside."""
+    tmp_dir = f"{bundle_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            root = _bundle_root(archive.namelist())
+            archive.extractall(tmp_dir)
+        os.replace(os.path.join(tmp_dir, root) if root else tmp_dir, bundle_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def find_bundle(bundle_dir=None, url=BUNDLE_URL):
+    """The bundle directory: bundle_dir when given (it must hold core.yaml), else <base>/eval_bundle, downloaded
+    (locked across ranks, retried, validated) and unpacked there the first time."""
+    if bundle_dir:
+        if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
+            raise MissingFileError(f"bundle_dir={bundle_dir!r} has no core.yaml; point it at an eval bundle (e.g. "
+                                   f"data/core_eval) or leave it empty to download {url} into <base>/eval_bundle")
+        return bundle_dir
+    bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
+    with FileLock(bundle_dir + ".lock"):
+        if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
+            print0(f"Downloading the CORE eval bundle from {url} ...")
+            zip_path = download_file_with_lock(url, "eval_bundle.zip", validate=validate_bundle_zip, desc="eval bundle")
+            unpack_bundle(zip_path, bundle_dir)
+            os.remove(zip_path)  # ~160 MB; the unpacked folder is what counts
+    return bundle_dir
+
+
+def load_tasks(bundle_dir, use_fallback=True):
+    """The tasks of core.yaml in order, each a dict: label, task_type, num_fewshot, delimiter, baseline (percent),
+    path (None when the file is missing) and fallback (True when a stand-in file is used)."""
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    baselines = {}
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+    tasks = []
+    for entry in config["icl_tasks"]:
+        label, task_type = entry["label"], entry["icl_task_type"]
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"{bundle_dir}/core.yaml: task {label} has icl_task_type={task_type!r}; expected one of {TASK_TYPES}")
+        if label not in baselines:
+            raise ValueError(f"{bundle_dir}/eval_meta_data.csv has no random baseline for task {label}")
+        path = os.path.join(bundle_dir, "eval_data", entry["dataset_uri"])
+        fallback = False
+        if not os.path.isfile(path):
+            stand_in = FALLBACK_FILES.get(entry["dataset_uri"])
+            if use_fallback and stand_in and os.path.isfile(os.path.join(bundle_dir, stand_in)):
+                path, fallback = os.path.join(bundle_dir, stand_in), True
+            else:
+                path = None
+        tasks.append(dict(label=label, task_type=task_type, num_fewshot=entry["num_fewshot"][0],
+                          delimiter=entry.get("continuation_delimiter", " "), baseline=baselines[label],
+                          path=path, fallback=fallback, dataset_uri=entry["dataset_uri"]))
+    return tasks
+
+
+def load_examples(path, max_per_task=-1):
+    """The rows of a task file, shuffled with Random(1337) (the files are often ordered, and a crop should be a
+    random sample), then cropped to max_per_task (-1: all)."""
+    with open(path, encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(1337).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def fewshot_examples(data, idx, num_fewshot):
+    """Few-shot examples of item idx: drawn from the other items with Random(1234 + idx), so every item has its
+    own, reproducible set; the count is clamped to the items that exist (a tiny max_per_task leaves few)."""
+    num_fewshot = min(num_fewshot, len(data) - 1)
+    if num_fewshot <= 0:
+        return []
+    rng = random.Random(1234 + idx)
+    others = [i for i in range(len(data)) if i != idx]
+    return [data[i] for i in rng.sample(others, num_fewshot)]
+
+
+def render_prompts(item, task_type, delimiter, fewshot):
+    """The prompts of one item. Few-shot examples come first, each followed by a blank line.
+    multiple_choice: one prompt per choice (same query). schema: one prompt per context option (same
+    continuation). language_modeling: [prompt without the continuation (right-stripped, so the continuation's
+    leading space stays with its first token), prompt with it]."""
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+    if task_type == "language_modeling":
+        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        prompt = f"{shots}{item['context'].strip()}{delimiter}"
+        return [prompt.rstrip(), prompt + item["continuation"]]
+    raise ValueError(f"task_type={task_type!r}: expected one of {TASK_TYPES}")
+
+
+def _common_prefix_length(rows):
+    length = min(len(row) for row in rows)
+    for i in range(length):
+        if any(row[i] != rows[0][i] for row in rows):
+            return i
+    return length
+
+
+def _common_suffix_length(rows):
+    return _common_prefix_length([row[::-1] for row in rows])
+
+
+def token_rows(task_type, token_lists, max_len=None):
+    """(rows, spans) to score for one item, from its prompts' tokens (BOS first). A span (start, end) is the range of
+    tokens of a row that are scored: after the common prefix of the choices (MC), the common suffix (schema), the
+    continuation (LM: only the prompt with it is run). Rows longer than max_len lose tokens on the left."""
+    if task_type == "multiple_choice":
+        prefix = _common_prefix_length(token_lists)
+        rows, spans = token_lists, [(prefix, len(row)) for row in token_lists]
+    elif task_type == "schema":
+        suffix = _common_suffix_length(token_lists)
+        rows, spans = token_lists, [(len(row) - suffix, len(row)) for row in token_lists]
+    else:
+        without, with_continuation = token_lists
+        rows, spans = [with_continuation], [(_common_prefix_length(token_lists), len(with_continuation))]
+    cropped = []
+    for row, (start, end) in zip(rows, spans):
+        if max_len is not None and len(row) > max_len:
+            cut = len(row) - max_len
+            row, start, end = row[cut:], start - cut, end - cut
+        # a span scores tokens start..end-1 from the predictions at start-1..end-2: at least one token, after position 0
+        start = max(1, min(start, end - 1))
+        cropped.append((row, (start, end)))
+    return [row for row, _ in cropped], [span for _, span in cropped]
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def score_batch(model, items, pad_id, device):
+    """Is each item right? items: dicts with rows, spans, task_type and gold. All rows of all items go through one
+    forward, right-padded; a row's scores read only its own span, which the padding after it cannot affect."""
+    rows = [row for item in items for row in item["rows"]]
+    max_len = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
+    row_index, positions = [], []
+    for r, (row, (start, end)) in enumerate(zip(rows, [span for item in items for span in item["spans"]])):
+        input_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        row_index += [r] * (end - start)
+        positions += range(start - 1, end - 1)  # the predictions of tokens start..end-1
+    input_ids = input_ids.to(device)
+    row_index = torch.tensor(row_index, device=device)
+    positions = torch.tensor(positions, device=device)
+    logits = model(input_ids)  # (R, T, V) fp32
+    span_logits = logits[row_index, positions]  # (N, V): only the scored positions, not the whole batch
+    targets = input_ids[row_index, positions + 1]  # (N,)
+    losses = F.cross_entropy(span_logits.float(), targets, reduction="none")
+    hits = span_logits.argmax(dim=-1) == targets
+    # per row: mean loss over its span, and whether every span token was the argmax
+    num_rows = len(rows)
+    loss_sums = torch.zeros(num_rows, device=device).index_add_(0, row_index, losses)
+    counts = torch.zeros(num_rows, device=device).index_add_(0, row_index, torch.ones_like(losses))
+    misses = torch.zeros(num_rows, device=device).index_add_(0, row_index, (~hits).float())
+    mean_losses, misses = (loss_sums / counts).tolist(), misses.tolist()
+
+    correct, r = [], 0
+    for item in items:
+        n = len(item["rows"])
+        if item["task_type"] == "language_modeling":
+            correct.append(misses[r] == 0)
+        else:
+            row_losses = mean_losses[r:r + n]
+            correct.append(row_losses.index(min(row_losses)) == item["gold"])
+        r += n
+    return correct
+
+
+def make_batches(items, batch_tokens):
+    """Groups of items, each at most batch_tokens padded tokens (rows x longest row), taken in order of length so
+    that items of similar length share a forward (little padding). An item never splits; one item per batch
+    when batch_tokens <= 0."""
+    order = sorted(range(len(items)), key=lambda i: max(len(row) for row in items[i]["rows"]), reverse=True)
+    batches, current, current_rows, current_len = [], [], 0, 0
+    for i in order:
+        num_rows, length = len(items[i]["rows"]), max(len(row) for row in items[i]["rows"])
+        fits = (current_rows + num_rows) * max(current_len, length) <= batch_tokens
+        if current and not fits:
+            batches.append(current)
+            current, current_rows, current_len = [], 0, 0
+        current.append(i)
+        current_rows, current_len = current_rows + num_rows, max(current_len, length)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def prepare_items(data, indices, task, tokenizer, max_len):
+    """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts)."""
+    prompts = [render_prompts(data[i], task["task_type"], task["delimiter"],
+                              fewshot_examples(data, i, task["num_fewshot"])) for i in indices]
+    flat = tokenizer.encode([p for item_prompts in prompts for p in item_prompts], prepend=tokenizer.get_bos_token_id())
+    items, k = [], 0
+    for i, item_prompts in zip(indices, prompts):
+        rows, spans = token_rows(task["task_type"], flat[k:k + len(item_prompts)], max_len)
+        k += len(item_prompts)
+        items.append(dict(index=i, rows=rows, spans=spans, task_type=task["task_type"], gold=data[i].get("gold")))
+    return items
+
+
+def evaluate_task(model, tokenizer, data, task, device, batch_tokens=DEFAULT_BATCH_TOKENS):
+    """Accuracy of the model on data (this task's examples). Each rank scores examples rank, rank + world_size, ...;
+    the per-example results are summed over ranks, so every rank returns the same accuracy."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    config = getattr(model, "config", None)
+    max_len = getattr(config, "sequence_len", None) or getattr(model, "max_seq_len", None)
+    items = prepare_items(data, range(rank, len(data), world_size), task, tokenizer, max_len)
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for batch in make_batches(items, batch_tokens):
+        results = score_batch(model, [items[i] for i in batch], tokenizer.get_bos_token_id(), device)
+        for i, right in zip(batch, results):
+            correct[items[i]["index"]] = float(right)
+    if distributed and world_size > 1:
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+
+def centered(accuracy, baseline_percent):
+    """Accuracy above chance, rescaled so that 1 stays 1: (acc - b) / (1 - b), b the random baseline (a fraction)."""
+    b = baseline_percent / 100
+    return (accuracy - b) / (1 - b)
+
+
+def core_label(result):
+    """How to name a CORE number: plain "CORE" only when all 22 tasks ran on their own data, else e.g.
+    "CORE over 18 of 22 tasks", so that a partial number is never read as (or compared with) full CORE."""
+    label = "CORE"
+    if result["num_tasks"] < result["total_tasks"]:
+        label += f" over {result['num_tasks']} of {result['total_tasks']} tasks"
+    if result["fallback_tasks"]:
+        label += f" ({' and '.join(result['fallback_tasks'])} on the HellaSwag fallback subset)"
+    return label
+
+
+def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=DEFAULT_BATCH_TOKENS,
+                   use_fallback=True):
+    """CORE of a base model. Returns {"results": {task: accuracy}, "centered_results": {task: centred},
+    "core_metric": mean centred accuracy, "num_tasks": tasks evaluated, "total_tasks": 22, "skipped": {task: why},
+    "fallback_tasks": [tasks run on a stand-in file], "label": "CORE (over N of 22 tasks ...)"}."""
+    bundle_dir = find_bundle(bundle_dir)
+    tasks = load_tasks(bundle_dir, use_fallback)
+    results, centered_results, skipped, fallback_tasks = {}, {}, {}, []
+    for task in tasks:
+        label = task["label"]
+        if task["path"] is None:
+            skipped[label] = f"missing {os.path.join(bundle_dir, 'eval_data', task['dataset_uri'])}"
+            print0(f"{label:<35} skipped: {skipped[label]}")
+            continue
+        t0 = time.time()
+        data = load_examples(task["path"], max_per_task)
+        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
+        results[label] = accuracy
+        centered_results[label] = centered(accuracy, task["baseline"])
+        if task["fallback"]:
+            fallback_tasks.append(label)
+        note = " (fallback subset)" if task["fallback"] else ""
+        print0(f"{label:<35} accuracy {accuracy:.4f} | centered {centered_results[label]:+.4f} | "
+               f"{len(data)} examples, {task['num_fewshot']}-shot, {time.time() - t0:.1f}s{note}")
+    if not results:
+        raise UserError(f"no CORE task file found in {bundle_dir}/eval_data; expected the files listed in its core.yaml")
+    result = dict(results=results, centered_results=centered_results,
+                  core_metric=sum(centered_results.values()) / len(centered_results), num_tasks=len(results),
+                  total_tasks=max(TOTAL_TASKS, len(tasks)), skipped=skipped, fallback_tasks=fallback_tasks)
+    result["label"] = core_label(result)
+    print0(f"{result['label']}: {result['core_metric']:.4f}")
+    return result
