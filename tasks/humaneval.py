@@ -1,0 +1,59 @@
+"""HumanEval: 164 Python functions to complete from their signature and docstring, as a generative task.
+
+Hub: openai/openai_humaneval (split test). Local: humaneval/HumanEval.jsonl.gz under NANOCHAT_DATA_DIR (the
+openai/human-eval file). Evaluated only (chat_eval), never trained on. A completion is run, never exec'd here: the
+program (the prompt's imports, the completion's first fenced code block or its whole text, the tests, then
+check(entry_point)) goes to nanochat.execution.execute_code, which runs it in a sandboxed subprocess.
+"""
+
+import re
+
+from tasks.common import Task, load_dataset_rows, local_path, read_jsonl
+
+CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(completion):
+    """The first fenced code block (```python ... ```) of a completion, or the whole text when there is none."""
+    match = CODE_BLOCK_RE.search(completion)
+    return match.group(1) if match else completion
+
+
+def extract_imports(prompt):
+    """The import lines of a prompt (the completion may define the function without repeating them)."""
+    return [line for line in prompt.splitlines() if line.strip().startswith(("import ", "from "))]
+
+
+def build_program(conversation, completion):
+    """The test program of one completion: imports, the completed code, the tests, the call to check."""
+    imports = "\n".join(extract_imports(conversation["messages"][0]["content"]))
+    return "\n\n".join([imports, extract_code(completion), conversation["test"],
+                        f"check({conversation['entry_point']})", ""])
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = load_dataset_rows("openai/openai_humaneval", None, "test",
+                                      lambda: read_jsonl(local_path("humaneval", "HumanEval.jsonl.gz")))
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row = self.rows[index]
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
+            ],
+            "task_id": row["task_id"],
+            "entry_point": row["entry_point"],
+            "test": row["test"],
+        }
+
+    def evaluate(self, conversation, assistant_response, timeout=5.0):
+        from nanochat.execution import execute_code  # the sandbox; imported late so loading the task never needs it
+        return execute_code(build_program(conversation, assistant_response), timeout=timeout).success

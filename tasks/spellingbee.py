@@ -1,0 +1,135 @@
+"""SpellingBee and SimpleSpelling: synthetic tasks that teach a small model to spell words and count letters.
+
+Small models see tokens, not letters, so "how many r in strawberry" is hard for them. SimpleSpelling asks for a
+word's spelling ("Spell the word: cat" -> "cat:c,a,t"). SpellingBee asks, in several languages and phrasings, how
+many times a letter occurs in a word; the answer spells the word, walks its letters keeping a running count,
+checks the count with the calculator tool (python part `'word'.count('x')` and its output) and ends in "#### N",
+scored like GSM8K.
+
+Words: dwyl/english-words words_alpha.txt (~370K lowercase words), from words/words_alpha.zip under
+NANOCHAT_DATA_DIR or downloaded once into the base dir. Example i of a split is drawn from its own
+random.Random seeded with the string "<task>/<split>/<i>" (deterministic across runs and machines; string seeds
+avoid the Random(1) == Random(-1) collision of signed integer seeds), so train and test examples differ.
+Training uses split="train", evaluation split="test".
+"""
+
+import functools
+import os
+import random
+import string
+
+from nanochat.common import download_file_with_lock
+from tasks.common import Task, local_data_dir, local_path, read_zipped_lines
+from tasks.gsm8k import extract_answer, same_number
+
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+SPLITS = ("train", "test")
+LETTER_FROM_WORD = 0.9  # otherwise any letter of the alphabet, so "0" is a possible answer too
+
+# How the question is asked: {letter} and {word} get filled in (quoted or not); several languages, as users do
+TEMPLATES = [
+    "How many {letter} are in the word {word}",
+    "How many times does the letter {letter} appear in {word}",
+    "Count the letter {letter} in the word {word}",
+    "In the word {word}, how many times do you see {letter}",
+    "How often does {letter} occur in {word}",
+    "What is the number of {letter}'s in {word}",
+    "Tell me how many {letter} there are in {word}",
+    "¿Cuántas veces aparece la letra {letter} en la palabra {word}",
+    "Combien de fois la lettre {letter} apparaît-elle dans le mot {word}",
+    "Wie oft kommt der Buchstabe {letter} im Wort {word} vor",
+    "单词{word}中有几个字母{letter}",
+    "{word}という単語に{letter}は何個ありますか",
+    "{word}라는 단어에 글자 {letter}가 몇 개 있나요",
+]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_words(path):
+    if path.endswith(".zip"):
+        lines = read_zipped_lines(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    return tuple(word.strip() for word in lines if word.strip())
+
+
+def load_words():
+    """The word list: the local zip when NANOCHAT_DATA_DIR is set, else the downloaded text file."""
+    if local_data_dir() is not None:
+        path = local_path("words", "words_alpha.zip")
+    else:
+        path = download_file_with_lock(WORDS_URL, "words_alpha.txt")
+    return _read_words(path)
+
+
+def spell(word):
+    return f"{word}:{','.join(word)}"
+
+
+class _SpellingTask(Task):
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"{type(self).__name__} split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{type(self).__name__} size must be an int >= 1, got {size!r}")
+        self.size, self.split = size, split
+        self.words = load_words()
+
+    def num_examples(self):
+        return self.size
+
+    def rng(self, index):
+        return random.Random(f"{type(self).__name__}/{self.split}/{index}")
+
+
+class SimpleSpelling(_SpellingTask):
+    def get_example(self, index):
+        word = self.rng(index).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": spell(word)}]}
+
+    def evaluate(self, conversation, assistant_response):
+        return assistant_response.strip() == conversation["messages"][-1]["content"]
+
+
+class SpellingBee(_SpellingTask):
+    def get_example(self, index):
+        rng = self.rng(index)
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < LETTER_FROM_WORD else rng.choice(string.ascii_lowercase)
+        count = word.count(letter)
+
+        quote = rng.choice(["", "'", '"'])
+        question = rng.choice(TEMPLATES).format(letter=f"{quote}{letter}{quote}", word=f"{quote}{word}{quote}")
+        if rng.random() < 0.3:
+            question = question[0].lower() + question[1:]  # people often skip the capital
+        if question.startswith("¿") or rng.random() < 0.7:
+            question += "?"
+
+        walk, hits = [], 0
+        for position, character in enumerate(word, 1):
+            if character == letter:
+                hits += 1
+                walk.append(f"{position}:{character} hit! count={hits}")
+            else:
+                walk.append(f"{position}:{character}")
+        reasoning = (f"We are asked how many times the letter '{letter}' appears in the word '{word}'. "
+                     f"Spelling the word out:\n{spell(word)}\n\n"
+                     f"Now I go through it letter by letter, counting the '{letter}':\n" + "\n".join(walk) +
+                     f"\n\nThat makes {count}. Let me double check with Python:\n\n")
+        parts = [
+            {"type": "text", "text": reasoning},
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {"type": "text", "text": f"\n\nPython also gives {count}.\n\n#### {count}"},
+        ]
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "word": word, "letter": letter}
+
+    def evaluate(self, conversation, assistant_response):
+        expected = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return same_number(extract_answer(assistant_response), expected)
