@@ -21,7 +21,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, logger, write_atomic
+from nanochat.common import MissingFileError, UserError, get_base_dir, logger, write_atomic
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
@@ -32,7 +32,7 @@ META_PATTERN = re.compile(r"^meta_(\d+)\.json$")
 def checkpoints_root(source):
     """<base>/<source>_checkpoints: the directory holding one subdirectory per model tag."""
     if source not in CHECKPOINT_DIRS:
-        raise ValueError(f"source={source!r}: expected one of {sorted(CHECKPOINT_DIRS)}")
+        raise UserError(f"source={source!r}: expected one of {sorted(CHECKPOINT_DIRS)}")
     return os.path.join(get_base_dir(), CHECKPOINT_DIRS[source])
 
 
@@ -74,8 +74,8 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     if not os.path.exists(meta_path):
         steps = _complete_steps(checkpoint_dir)
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir} ({meta_path} is missing); "
-                                f"complete steps there: {steps or 'none'}")
+        raise MissingFileError(f"no complete checkpoint for step {step} in {checkpoint_dir} ({meta_path} is missing); "
+                               f"complete steps there: {steps or 'none'}")
     with open(meta_path, encoding="utf-8") as f:
         meta_data = json.load(f)
     model_data = torch.load(model_path, map_location=device, weights_only=True)
@@ -83,8 +83,8 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     if load_optimizer:
         if not os.path.exists(optim_path):
             saved_ranks = meta_data.get("world_size", "an unknown number of")
-            raise FileNotFoundError(f"{optim_path} is missing: the checkpoint holds the optimizer shards of {saved_ranks} "
-                                    f"rank(s); resume with the same number of ranks as the run that saved it")
+            raise MissingFileError(f"{optim_path} is missing: the checkpoint holds the optimizer shards of {saved_ranks} "
+                                   f"rank(s); resume with the same number of ranks as the run that saved it")
         optimizer_data = torch.load(optim_path, map_location=device, weights_only=True)
     return model_data, optimizer_data, meta_data
 
@@ -112,9 +112,9 @@ def build_model(checkpoint_dir, step, device, phase):
     model.train(phase == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer has {tokenizer.get_vocab_size():,} tokens but the "
-                         f"model in {checkpoint_dir} was trained with vocab_size={config.vocab_size:,}: they must be the "
-                         f"same tokenizer (was the tokenizer retrained after training this model?)")
+        raise UserError(f"the tokenizer in {get_base_dir()}/tokenizer has {tokenizer.get_vocab_size():,} tokens but the "
+                        f"model in {checkpoint_dir} was trained with vocab_size={config.vocab_size:,}: they must be the "
+                        f"same tokenizer (was the tokenizer retrained after training this model?)")
     return model, tokenizer, meta
 
 
@@ -123,7 +123,7 @@ def find_largest_model(checkpoints_dir):
     tags = [name for name in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, name))] \
         if os.path.isdir(checkpoints_dir) else []
     if not tags:
-        raise FileNotFoundError(f"no model checkpoints in {checkpoints_dir}")
+        raise MissingFileError(f"no model checkpoints in {checkpoints_dir}")
     depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
     if depths:
         return max(depths)[1]
@@ -135,7 +135,7 @@ def find_last_step(checkpoint_dir):
     steps = _complete_steps(checkpoint_dir)
     if not steps:
         found = sorted(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else "the directory does not exist"
-        raise FileNotFoundError(f"no complete checkpoint (meta_<step>.json) in {checkpoint_dir}; found: {found or 'nothing'}")
+        raise MissingFileError(f"no complete checkpoint (meta_<step>.json) in {checkpoint_dir}; found: {found or 'nothing'}")
     return steps[-1]
 
 
@@ -147,8 +147,10 @@ def load_model(source, device, phase, model_tag=None, step=None):
         directory = os.path.join(root, model_tag)
         if not os.path.isdir(directory):
             tags = sorted(os.listdir(root)) if os.path.isdir(root) else []
-            raise FileNotFoundError(f"no checkpoints for model_tag={model_tag!r} in {root}; tags there: {tags or 'none'}")
+            raise MissingFileError(f"no checkpoints for model_tag={model_tag!r} in {root}; tags there: {tags or 'none'}")
         step = find_last_step(directory) if step is None else step
         return build_model(directory, step, device, phase)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from e
+    except MissingFileError as e:
+        if "tok_train" in str(e):  # the tokenizer is missing, not the model: that message already names the fix
+            raise
+        raise MissingFileError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from None

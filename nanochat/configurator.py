@@ -12,11 +12,13 @@ import ast
 import difflib
 import sys
 
+from nanochat.common import UserError
+
 SETTING_TYPES = (bool, int, float, str)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A command-line setting that does not parse or does not exist (printed as `error: ...`, exit status 2)."""
 
 
 def parse_overrides(settings, args):

@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from nanochat.common import get_dist_info
+from nanochat.common import UserError, get_dist_info
 from nanochat.dataset import list_row_groups, read_row_group
 
 
@@ -55,13 +55,13 @@ def _resume_position(state, row_groups, expected):
         return 1, 0, 0
     for key, value in expected.items():
         if state.get(key) != value:
-            raise ValueError(f"resume_state_dict has {key}={state.get(key)!r} but this loader has {key}={value!r}: an exact "
+            raise UserError(f"resume_state_dict has {key}={state.get(key)!r} but this loader has {key}={value!r}: an exact "
                              f"resume needs the same rank layout, sequence length and packing, and every rank must resume "
                              f"from the state its own loader yielded")
     names = [(os.path.basename(path), rg) for path, rg in row_groups]
     position = (state["shard"], state["rg_idx"])
     if position not in names:
-        raise ValueError(f"resume_state_dict points at row group {state['rg_idx']} of {state['shard']}, which is not among "
+        raise UserError(f"resume_state_dict points at row group {state['rg_idx']} of {state['shard']}, which is not among "
                          f"this rank's row groups: the shards in base_data changed since the state was saved")
     return state["epoch"], names.index(position), state["row_idx"]
 
@@ -84,18 +84,18 @@ def tokenizing_distributed_data_loader_with_state(B, T, split, tokenizer_threads
     as resume_state_dict, continues with exactly the batches that would have followed. tokenizer_threads=None
     leaves the thread count to the tokenizer (the CPUs this process may use: more only slows encoding down)."""
     if B < 1 or T < 1:
-        raise ValueError(f"B={B}, T={T}: both must be >= 1")
+        raise UserError(f"B={B}, T={T}: both must be >= 1")
     if split not in ("train", "val"):
-        raise ValueError(f"split={split!r}; expected 'train' or 'val'")
+        raise UserError(f"split={split!r}; expected 'train' or 'val'")
     _, dist_rank, _, dist_world_size = get_dist_info()
     rank = dist_rank if rank is None else rank
     world_size = dist_world_size if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
+        raise UserError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
     all_row_groups = list_row_groups(split)
     row_groups = all_row_groups[rank::world_size]
     if not row_groups:
-        raise ValueError(f"split {split!r} has {len(all_row_groups)} row groups, fewer than world_size={world_size}, so rank "
+        raise UserError(f"split {split!r} has {len(all_row_groups)} row groups, fewer than world_size={world_size}, so rank "
                          f"{rank} would get no data; use fewer ranks or more shards")
     layout = {"rank": rank, "world_size": world_size, "seq_len": T, "bos_aligned": bos_aligned}
     epoch, start, skip_rows = _resume_position(resume_state_dict, row_groups, layout)
@@ -127,7 +127,7 @@ def tokenizing_distributed_data_loader_with_state(B, T, split, tokenizer_threads
                         yield inputs, targets, {**state, **layout}
                 skip_rows = 0
             if full_epoch and rows_this_epoch == 0:
-                raise ValueError(f"rank {rank} got no complete row of T+1={T + 1} tokens from any of its {len(row_groups)} row groups "
+                raise UserError(f"rank {rank} got no complete row of T+1={T + 1} tokens from any of its {len(row_groups)} row groups "
                                  f"of split {split!r}: each row group must hold at least T+1 tokens; use a smaller T")
             epoch, start = epoch + 1, 0
 

@@ -24,7 +24,7 @@ from multiprocessing.pool import ThreadPool
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import download_file, get_base_dir
+from nanochat.common import MissingFileError, UserError, download_file, get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shard ids are 0..1822
@@ -33,6 +33,10 @@ VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "embedded")
 EMBEDDED_VAL_SOURCE = "shard_00006.parquet"  # the embedded corpus's validation shard, installed as VAL_FILENAME
 EMBEDDED_MARKER = "EMBEDDED.txt"
+class MixedCorporaError(UserError, RuntimeError):
+    """base_data/ already holds the other corpus; still a RuntimeError for callers that catch that."""
+
+
 HOW_TO_GET_DATA = ("run `python -m nanochat.dataset -n 8` (FineWeb-Edu, needs the network) or "
                    "`python -m nanochat.dataset --embedded` (the small corpus shipped with the repo, offline)")
 
@@ -46,17 +50,17 @@ def shard_filename(index):
 
 
 def validate_shard(path):
-    """Raise ValueError unless path is a parquet file with a `text` column and at least one row; return its
+    """Raise UserError (a ValueError) unless path is a parquet file with a `text` column and at least one row; return its
     number of row groups. A truncated download or an HTML error page fails here (no parquet footer)."""
     try:
         with pq.ParquetFile(path) as pf:
             columns, num_rows, num_row_groups = pf.schema_arrow.names, pf.metadata.num_rows, pf.num_row_groups
     except Exception as e:
-        raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
     if "text" not in columns:
-        raise ValueError(f"{path} has no 'text' column (its columns: {columns}); every shard needs one document per row in 'text'")
+        raise UserError(f"{path} has no 'text' column (its columns: {columns}); every shard needs one document per row in 'text'")
     if num_rows == 0:
-        raise ValueError(f"{path} is an empty shard (0 rows); delete it and re-create it ({HOW_TO_GET_DATA})")
+        raise UserError(f"{path} is an empty shard (0 rows); delete it and re-create it ({HOW_TO_GET_DATA})")
     return num_row_groups
 
 
@@ -66,20 +70,20 @@ def list_parquet_files(data_dir=None, split=None):
     data_dir = data_dir or get_data_dir()
     names = sorted(name for name in os.listdir(data_dir) if name.endswith(".parquet")) if os.path.isdir(data_dir) else []
     if not names:
-        raise FileNotFoundError(f"no parquet shards in {data_dir}: {HOW_TO_GET_DATA}")
+        raise MissingFileError(f"no parquet shards in {data_dir}: {HOW_TO_GET_DATA}")
     if split is None:
         chosen = names
     elif split == "val":
         chosen = [name for name in names if name == VAL_FILENAME]
         if not chosen:
-            raise FileNotFoundError(f"no validation shard in {data_dir}: the validation split is the file {VAL_FILENAME}, "
-                                    f"which is missing (found {len(names)} other shards); {HOW_TO_GET_DATA}")
+            raise MissingFileError(f"no validation shard in {data_dir}: the validation split is the file {VAL_FILENAME}, "
+                                   f"which is missing (found {len(names)} other shards); {HOW_TO_GET_DATA}")
     elif split == "train":
         chosen = [name for name in names if name != VAL_FILENAME]
         if not chosen:
-            raise FileNotFoundError(f"no training shards in {data_dir}: only the validation shard {VAL_FILENAME} is there; {HOW_TO_GET_DATA}")
+            raise MissingFileError(f"no training shards in {data_dir}: only the validation shard {VAL_FILENAME} is there; {HOW_TO_GET_DATA}")
     else:
-        raise ValueError(f"split={split!r}; expected 'train' or 'val'")
+        raise UserError(f"split={split!r}; expected 'train' or 'val'")
     return [os.path.join(data_dir, name) for name in chosen]
 
 
@@ -117,11 +121,11 @@ def download_shards(num_files, num_workers=4, base_url=None, data_dir=None, atte
     data_dir = data_dir or get_data_dir()
     num_train = MAX_SHARD if num_files == -1 else num_files  # training shards are 0..MAX_SHARD-1
     if not 0 <= num_train <= MAX_SHARD:
-        raise ValueError(f"num_files={num_files}: expected 0..{MAX_SHARD} training shards, or -1 for all of them")
+        raise UserError(f"num_files={num_files}: expected 0..{MAX_SHARD} training shards, or -1 for all of them")
     os.makedirs(data_dir, exist_ok=True)
     if os.path.exists(os.path.join(data_dir, EMBEDDED_MARKER)):
-        raise RuntimeError(f"{data_dir} holds the embedded corpus ({EMBEDDED_MARKER}); downloading FineWeb-Edu there would mix the "
-                           f"two. Delete {data_dir} or point NANOCHAT_BASE_DIR somewhere else first.")
+        raise MixedCorporaError(f"{data_dir} holds the embedded corpus ({EMBEDDED_MARKER}); downloading FineWeb-Edu there would mix the "
+                                f"two. Delete {data_dir} or point NANOCHAT_BASE_DIR somewhere else first.")
     indices = list(range(num_train)) + [VAL_SHARD]
     paths = [os.path.join(data_dir, shard_filename(i)) for i in indices]
 
@@ -160,8 +164,8 @@ def install_embedded(data_dir=None):
     marker = os.path.join(data_dir, EMBEDDED_MARKER)
     existing = [name for name in os.listdir(data_dir) if name.endswith(".parquet")]
     if existing and not os.path.exists(marker):
-        raise RuntimeError(f"{data_dir} already holds {len(existing)} shards that are not the embedded corpus; installing it there "
-                           f"would mix the two. Delete {data_dir} or point NANOCHAT_BASE_DIR somewhere else first.")
+        raise MixedCorporaError(f"{data_dir} already holds {len(existing)} shards that are not the embedded corpus; installing it there "
+                                f"would mix the two. Delete {data_dir} or point NANOCHAT_BASE_DIR somewhere else first.")
     sources = sorted(name for name in os.listdir(EMBEDDED_DIR) if name.endswith(".parquet"))
     for name in sources:
         target = os.path.join(data_dir, VAL_FILENAME if name == EMBEDDED_VAL_SOURCE else name)

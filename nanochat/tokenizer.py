@@ -27,7 +27,7 @@ import os
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir, write_atomic
+from nanochat.common import MissingFileError, UserError, get_base_dir, write_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document (documents are delimited by it) and every conversation
@@ -44,6 +44,14 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 FORMAT = "nanochat-tokenizer-v1"
 RANK_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
 PART_TYPES = ("text", "python", "python_output")
+
+
+class RustbpeNotBuilt(UserError, ImportError):
+    """The compiled trainer is missing: a set-up step the user runs, still an ImportError."""
+
+
+class CorruptTokenizerError(UserError):
+    """A tokenizer file on disk is damaged or not ours; the fix is to retrain (`python -m scripts.tok_train`)."""
 
 
 def available_cpus():
@@ -67,16 +75,17 @@ class RustBPETokenizer:
         import rustbpe  # only training needs the compiled trainer; encoding is tiktoken's job
 
         if not hasattr(rustbpe, "Tokenizer"):  # run from the repo root, the bare rustbpe/ source dir imports too
-            raise ImportError("the rustbpe extension is not built: run `uv sync` in the repo root")
+            raise RustbpeNotBuilt("the rustbpe extension is not built: run `uv sync` in the repo root "
+                                  "(after changing rustbpe/: `uv sync --reinstall-package nanochat`)")
         num_ranks = vocab_size - len(SPECIAL_TOKENS)
         if num_ranks < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and the "
+            raise UserError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and the "
                              f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, num_ranks, pattern=SPLIT_PATTERN)
         ranks = trainer.get_mergeable_ranks()
         if len(ranks) != num_ranks:
-            raise ValueError(f"the training text only allowed {len(ranks) - 256} merges, but vocab_size={vocab_size} "
+            raise UserError(f"the training text only allowed {len(ranks) - 256} merges, but vocab_size={vocab_size} "
                              f"needs {num_ranks - 256}: train on more text or ask for a smaller vocab_size")
         return cls(trainer.get_pattern(), dict(ranks))
 
@@ -85,22 +94,22 @@ class RustBPETokenizer:
         rank_path, meta_path = os.path.join(tokenizer_dir, RANK_FILE), os.path.join(tokenizer_dir, META_FILE)
         for path in (meta_path, rank_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: {path} is missing. "
-                                        f"Train one with `python -m scripts.tok_train`")
+                raise MissingFileError(f"no tokenizer in {tokenizer_dir}: {path} is missing. "
+                                       f"Train one with `python -m scripts.tok_train`")
         meta = _read_meta(meta_path)
         ranks = _read_ranks(rank_path)
         n = len(ranks)
         expected_specials = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
         if meta["special_tokens"] != expected_specials:
-            raise ValueError(f"{meta_path}: special_tokens must be {expected_specials} (the nanochat special "
+            raise CorruptTokenizerError(f"{meta_path}: special_tokens must be {expected_specials} (the nanochat special "
                              f"tokens right after the {n} ranks of {rank_path}), got {meta['special_tokens']}")
         if meta["vocab_size"] != n + len(SPECIAL_TOKENS):
-            raise ValueError(f"{meta_path}: vocab_size is {meta['vocab_size']}, but {rank_path} has {n} ranks, "
+            raise CorruptTokenizerError(f"{meta_path}: vocab_size is {meta['vocab_size']}, but {rank_path} has {n} ranks, "
                              f"which with the {len(SPECIAL_TOKENS)} special tokens makes {n + len(SPECIAL_TOKENS)}")
         try:
             return cls(meta["pattern"], ranks)
         except ValueError as e:  # tiktoken rejects the regex
-            raise ValueError(f"{meta_path}: pattern is not a valid regex: {e}") from e
+            raise CorruptTokenizerError(f"{meta_path}: pattern is not a valid regex: {e}") from e
 
     def save(self, tokenizer_dir):
         os.makedirs(tokenizer_dir, exist_ok=True)
@@ -257,13 +266,13 @@ def _read_meta(path):
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run `python -m scripts.tok_train`") from e
+        raise CorruptTokenizerError(f"{path} is not valid JSON ({e}); re-run `python -m scripts.tok_train`") from e
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if found != FORMAT:
-        raise ValueError(f"{path}: format is {found!r}, expected {FORMAT!r} (not a nanochat tokenizer file)")
+        raise CorruptTokenizerError(f"{path}: format is {found!r}, expected {FORMAT!r} (not a nanochat tokenizer file)")
     for key, kind in (("pattern", str), ("special_tokens", dict), ("vocab_size", int)):
         if not isinstance(meta.get(key), kind):
-            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {_short(meta.get(key))}")
+            raise CorruptTokenizerError(f"{path}: {key!r} must be a {kind.__name__}, got {_short(meta.get(key))}")
     return meta
 
 
@@ -279,17 +288,17 @@ def _read_ranks(path):
                 raise ValueError("expected two fields")
             token, found_rank = base64.b64decode(fields[0], validate=True), int(fields[1])
         except (ValueError, binascii.Error):
-            raise ValueError(f"{path}, line {rank + 1}: expected `<base64 token> <rank>`, "
+            raise CorruptTokenizerError(f"{path}, line {rank + 1}: expected `<base64 token> <rank>`, "
                              f"got {_short(line)} (corrupt or not a tiktoken rank file)") from None
         if found_rank != rank:
-            raise ValueError(f"{path}, line {rank + 1}: rank {found_rank}, expected {rank} "
+            raise CorruptTokenizerError(f"{path}, line {rank + 1}: rank {found_rank}, expected {rank} "
                              f"(ranks must be 0..n-1 in order)")
         if token in ranks:
-            raise ValueError(f"{path}, line {rank + 1}: token {token!r} already has rank {ranks[token]}")
+            raise CorruptTokenizerError(f"{path}, line {rank + 1}: token {token!r} already has rank {ranks[token]}")
         ranks[token] = rank
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:  # without all single bytes some texts could not be encoded at all
-        raise ValueError(f"{path}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte {missing[0]})")
+        raise CorruptTokenizerError(f"{path}: {len(missing)} of the 256 single-byte tokens are missing (e.g. byte {missing[0]})")
     return ranks
 
 
@@ -375,5 +384,5 @@ def get_token_bytes(device="cpu"):
     """The tensor of compute_token_bytes, as saved by tok_train to <base>/tokenizer/token_bytes.pt."""
     path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; it is written by `python -m scripts.tok_train`")
+        raise MissingFileError(f"{path} is missing; it is written by `python -m scripts.tok_train`")
     return torch.load(path, map_location=device, weights_only=True)

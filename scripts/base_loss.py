@@ -12,7 +12,7 @@ Usage:
 """
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import SAMPLE_PROMPTS, compute_cleanup, compute_init, print0
+from nanochat.common import SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, print0
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -40,8 +40,8 @@ print0(f"Model: {model_tag or 'largest'} step {meta['step']} | sequence_len {seq
 tokens_per_step = device_batch_size * sequence_len * world_size
 steps = split_tokens // tokens_per_step
 if steps == 0:
-    raise ValueError(f"split_tokens={split_tokens:,} is less than one batch of device_batch_size * sequence_len * world_size = "
-                     f"{tokens_per_step:,} tokens; raise split_tokens or lower device_batch_size")
+    raise UserError(f"split_tokens={split_tokens:,} is less than one batch of device_batch_size * sequence_len * world_size = "
+                    f"{tokens_per_step:,} tokens; raise split_tokens or lower device_batch_size")
 token_bytes = get_token_bytes(device=device)
 bpb = {}
 for split in ("train", "val"):

@@ -1,15 +1,18 @@
 """
-Compare the compression of our tokenizer with GPT-2's and GPT-4's: bytes of UTF-8 text per token (higher means
-fewer tokens for the same text, so more text fits in the context and each step sees more of it).
+Measure our tokenizer's compression, bytes of UTF-8 text per token (higher means fewer tokens for the same text,
+so more text fits in the context and each step sees more of it), and compare it with GPT-2's and GPT-4's.
 
 Texts: a few short fixed samples of different kinds (news, Korean, code, math, science), and the first num_docs
-documents of the train and val splits. GPT-2 is tiktoken's r50k_base (the same ranks as "gpt2", which tiktoken
-would build from files we cannot get offline), GPT-4 is cl100k_base. They are downloaded by tiktoken; offline,
-point NANOCHAT_TIKTOKEN_DIR at a directory holding r50k_base.tiktoken and cl100k_base.tiktoken.
+documents of the train and val splits. Our own figures are always printed and reported. The comparison needs
+tiktoken's rank files for GPT-2 (r50k_base: the same ranks as "gpt2") and GPT-4 (cl100k_base); the repo ships
+both in data/tiktoken/ (MIT, see the README there), so it runs offline. NANOCHAT_TIKTOKEN_DIR points at another
+directory holding <name>.tiktoken; only when no local file exists does tiktoken download it. A baseline that
+cannot be had is skipped with a warning. Not a tokenizer benchmark for speed: see dev/bench/tokenizer.py.
 
 Usage:
     python -m scripts.tok_eval
-    NANOCHAT_TIKTOKEN_DIR=/path/to/rank/files python -m scripts.tok_eval --num_docs=20
+    python -m scripts.tok_eval --num_docs=20
+    NANOCHAT_TIKTOKEN_DIR=/path/to/rank/files python -m scripts.tok_eval
 """
 
 import hashlib
@@ -18,7 +21,7 @@ import shutil
 
 import tiktoken
 
-from nanochat.common import get_base_dir
+from nanochat.common import UserError, get_base_dir
 from nanochat.configurator import configure
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
@@ -27,6 +30,8 @@ from nanochat.tokenizer import get_tokenizer
 # Settings
 num_docs = 100  # documents taken from the start of each of the train and val splits
 user_config = configure(globals())
+if num_docs < 0:
+    raise UserError(f"--num_docs={num_docs}: must be >= 0 (0 evaluates only the fixed samples)")
 
 # -----------------------------------------------------------------------------
 # The texts
@@ -98,35 +103,55 @@ def first_docs(split, n):
 
 
 texts = dict(SAMPLES)
-texts["train"] = first_docs("train", num_docs)
-texts["val"] = first_docs("val", num_docs)
+if num_docs > 0:
+    texts["train"] = first_docs("train", num_docs)
+    texts["val"] = first_docs("val", num_docs)
 
 # -----------------------------------------------------------------------------
 # The tokenizers
 
 OPENAI_BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiktoken")
+# tiktoken's own expected hashes (tiktoken_ext/openai_public.py): a local file must be exactly what it would fetch
+EXPECTED_SHA256 = {"r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+                   "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"}
+
+
+def local_rank_file(name):
+    """The local <name>.tiktoken to use: $NANOCHAT_TIKTOKEN_DIR's (which must then hold it), else the repo's
+    data/tiktoken/ copy, else None (tiktoken downloads it)."""
+    local_dir = os.environ.get("NANOCHAT_TIKTOKEN_DIR")
+    if local_dir:
+        path = os.path.join(local_dir, f"{name}.tiktoken")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NANOCHAT_TIKTOKEN_DIR={local_dir} has no {name}.tiktoken")
+        return path
+    path = os.path.join(SHIPPED_DIR, f"{name}.tiktoken")
+    return path if os.path.isfile(path) else None
 
 
 def get_openai_encoding(name):
-    """tiktoken.get_encoding(name), offline when $NANOCHAT_TIKTOKEN_DIR holds <name>.tiktoken."""
-    local_dir = os.environ.get("NANOCHAT_TIKTOKEN_DIR")
-    if local_dir:
+    """tiktoken.get_encoding(name), from a local rank file when there is one (no network)."""
+    local_path = local_rank_file(name)
+    if local_path is not None:
+        with open(local_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if name in EXPECTED_SHA256 and digest != EXPECTED_SHA256[name]:
+            raise RuntimeError(f"{local_path} has sha256 {digest}, not tiktoken's {EXPECTED_SHA256[name]}: a damaged copy")
         # tiktoken first looks for a downloaded rank file in $TIKTOKEN_CACHE_DIR, named sha1(url), and checks its
         # sha256 against the hash it knows; so a copy placed there is used exactly as if it had been downloaded
-        cache_dir = os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(get_base_dir(), "tiktoken_cache"))
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(get_base_dir(), "tiktoken_cache")
+        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir  # "" would turn tiktoken's cache (and so this) off
         cache_path = os.path.join(cache_dir, hashlib.sha1(OPENAI_BLOB_URL.format(name).encode()).hexdigest())
-        local_path = os.path.join(local_dir, f"{name}.tiktoken")
         if not os.path.exists(cache_path):
-            if not os.path.isfile(local_path):
-                raise FileNotFoundError(f"NANOCHAT_TIKTOKEN_DIR={local_dir} has no {name}.tiktoken")
             os.makedirs(cache_dir, exist_ok=True)
-            shutil.copyfile(local_path, cache_path + ".tmp")
-            os.replace(cache_path + ".tmp", cache_path)
+            shutil.copyfile(local_path, cache_path + f".tmp{os.getpid()}")
+            os.replace(cache_path + f".tmp{os.getpid()}", cache_path)
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # network errors, hash mismatch
         raise RuntimeError(f"could not load tiktoken's {name!r} ({e}). Offline, set NANOCHAT_TIKTOKEN_DIR to a "
-                           f"directory holding {name}.tiktoken") from e
+                           f"directory holding {name}.tiktoken (the repo ships them in data/tiktoken/)") from e
 
 
 ours = get_tokenizer()
@@ -163,11 +188,26 @@ def comparison_table(baseline):
     return "\n".join(lines) + "\n"
 
 
+def ours_table():
+    """Markdown table of our tokenizer alone: tokens and bytes/token per text."""
+    lines = ["| Text | Bytes | tokens | bytes/token |", "|---|---:|---:|---:|"]
+    for text_name, r in results.items():
+        lines.append(f"| {text_name} | {r['bytes']:,} | {r['ours']:,} | {r['bytes'] / max(r['ours'], 1):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+own = ours_table()
 tables = {baseline: comparison_table(baseline) for baseline in baselines}
 print("Vocab sizes: " + ", ".join(f"{name} {enc.n_vocab:,}" for name, enc in encoders.items()))
+print(f"\nOur tokenizer ({ours.get_vocab_size():,} tokens)\n{own}")
 for baseline, table in tables.items():
     print(f"\nCompression vs {baseline} (diff > 0: ours needs fewer tokens)\n{table}")
 
-get_report().log(section="Tokenizer evaluation", data=[user_config] + [
-    f"### Comparison with {baseline.upper().replace('GPT', 'GPT-')}\n\n" + table for baseline, table in tables.items()
-])
+total_bytes = sum(r["bytes"] for r in results.values())
+total_tokens = sum(r["ours"] for r in results.values())
+get_report().log(section="Tokenizer evaluation", data=[
+    user_config,
+    {"vocab_size": ours.get_vocab_size(), "bytes per token (all texts)": round(total_bytes / max(total_tokens, 1), 3),
+     "baselines": ", ".join(baselines) or "none (no rank files)"},
+    "", "### Our tokenizer", "", own,
+] + [f"### Comparison with {baseline.upper().replace('GPT', 'GPT-')}\n\n" + table for baseline, table in tables.items()])

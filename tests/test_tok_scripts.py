@@ -13,6 +13,10 @@ from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TIKTOKEN = REPO_ROOT.parent / "shared" / "data" / "tiktoken"
+SHIPPED_TIKTOKEN = REPO_ROOT / "data" / "tiktoken"
+# any download through requests fails at once: nothing listens on port 9 (discard) of this host
+NO_NETWORK = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+              "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
 
 
 def run(module, *args, env):
@@ -49,28 +53,56 @@ def test_tok_train_writes_its_report_section(trained):
     assert "- vocab_size: 1024" in section.replace(",", "")
 
 
-@pytest.mark.skipif(not SHARED_TIKTOKEN.is_dir(), reason=f"GPT-2/GPT-4 rank files not found at {SHARED_TIKTOKEN}")
-def test_tok_eval_compares_with_gpt2_and_gpt4_offline(trained, tmp_path):
+def test_the_shipped_rank_files_are_tiktokens_own():
+    import hashlib
+
+    expected = {"r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+                "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"}
+    for name, digest in expected.items():
+        assert hashlib.sha256((SHIPPED_TIKTOKEN / f"{name}.tiktoken").read_bytes()).hexdigest() == digest
+        assert digest in (SHIPPED_TIKTOKEN / "README.md").read_text()
+    assert "MIT License" in (SHIPPED_TIKTOKEN / "README.md").read_text()
+
+
+def test_tok_eval_compares_with_gpt2_and_gpt4_from_the_shipped_files_without_network(trained, tmp_path):
     base_dir, env, _ = trained
-    env = {**env, "NANOCHAT_TIKTOKEN_DIR": str(SHARED_TIKTOKEN), "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+    env = {k: v for k, v in env.items() if k != "NANOCHAT_TIKTOKEN_DIR"}
+    env.update(NO_NETWORK, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"))
     result = run("scripts.tok_eval", "--num_docs=5", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Compression vs gpt2" in result.stdout and "Compression vs gpt4" in result.stdout
+    assert "warning" not in result.stdout
+    assert "gpt2 50,257" in result.stdout and "gpt4 100,277" in result.stdout
     for text in ("news", "korean", "code", "math", "science", "train", "val"):
         assert f"| {text} |" in result.stdout
     section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    assert "### Our tokenizer" in section
     assert "### Comparison with GPT-2" in section and "### Comparison with GPT-4" in section
 
 
-def test_tok_eval_without_the_rank_files_still_evaluates_ours(trained, tmp_path):
+@pytest.mark.skipif(not SHARED_TIKTOKEN.is_dir(), reason=f"GPT-2/GPT-4 rank files not found at {SHARED_TIKTOKEN}")
+def test_tok_eval_reads_the_rank_files_from_nanochat_tiktoken_dir(trained, tmp_path):
     _, env, _ = trained
+    env = {**env, **NO_NETWORK, "NANOCHAT_TIKTOKEN_DIR": str(SHARED_TIKTOKEN), "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+    result = run("scripts.tok_eval", "--num_docs=5", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Compression vs gpt2" in result.stdout and "Compression vs gpt4" in result.stdout
+
+
+def test_tok_eval_without_the_rank_files_still_evaluates_ours(trained, tmp_path):
+    base_dir, env, _ = trained
     empty = tmp_path / "no_rank_files"
     empty.mkdir()
-    env = {**env, "NANOCHAT_TIKTOKEN_DIR": str(empty), "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**env, **NO_NETWORK, "NANOCHAT_TIKTOKEN_DIR": str(empty), "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
     result = run("scripts.tok_eval", "--num_docs=5", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: skipping the gpt2 comparison" in result.stdout
+    assert "warning: skipping the gpt4 comparison" in result.stdout
     assert "ours 1,024" in result.stdout
+    assert "Our tokenizer (1,024 tokens)" in result.stdout and "| news |" in result.stdout
+    section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    assert "### Our tokenizer" in section and "| val |" in section
+    assert "Comparison with" not in section and "- baselines: none" in section
 
 
 @pytest.mark.parametrize("module", ["scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
@@ -85,3 +117,16 @@ def test_a_bad_setting_is_a_clear_error():
     result = run("scripts.tok_train", "--vocab_size=big", env=dict(os.environ))
     assert result.returncode != 0
     assert "vocab_size" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module, arg, expected", [
+    ("scripts.tok_train", "--vocab_size=100", "vocab_size=100 is too small"),
+    ("scripts.tok_train", "--max_chars=0", "--max_chars=0: must be a positive"),
+    ("scripts.tok_eval", "--num_docs=-1", "--num_docs=-1: must be >= 0"),
+])
+def test_a_bad_value_is_one_error_line(trained, module, arg, expected):
+    _, env, _ = trained
+    result = run(module, arg, env=env)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr
