@@ -1,0 +1,345 @@
+"""
+Midtrain a base model on conversations: it learns the chat format (the special tokens of user and assistant turns),
+multiple-choice answers, calculator calls, spelling and counting letters, and its own name.
+
+Like pretraining, the conversations are rendered to tokens and packed back to back into rows of max_seq_len (B*T+1
+tokens a chunk), and every token is trained on (the render mask is ignored: midtraining teaches the whole format).
+Ranks stride over the conversations; one epoch of the mixture by default (--num_iterations caps it). The LR is
+constant, then decays linearly to 0 over the last warmdown_ratio of the progress (the fraction of the epoch done, or
+of num_iterations when that comes first); progress and the end of the epoch are agreed across ranks every step, so
+every rank uses the same LR and stops at the same step.
+
+The mixture (the original's): SmolTalk, MMLU auxiliary_train, GSM8K train (with calculator calls), the identity
+conversations (twice), SimpleSpelling, SpellingBee. Offline (NANOCHAT_DATA_DIR) each comes from a local file; a
+source that is missing is an error unless it is named in --skip, and the log and the report list what was skipped.
+SmolTalk and MMLU auxiliary_train exist only on the Hugging Face hub: offline, give a local SmolTalk stand-in with
+--smoltalk_file (the CPU demo uses data/tasks/chat/chatterbot_corpus_english.jsonl) and skip mmlu_aux.
+
+Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (the base model's tag by default).
+
+Usage:
+    python -m scripts.mid_train
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --device_batch_size=16
+    NANOCHAT_DATA_DIR=data/tasks python -m scripts.mid_train --skip=mmlu_aux \\
+        --smoltalk_file=data/tasks/chat/chatterbot_corpus_english.jsonl --max_seq_len=512 --device_batch_size=8 \\
+        --total_batch_size=8192 --num_iterations=100
+"""
+
+import os
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
+from nanochat.common import UserError, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.configurator import configure
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Settings
+run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
+device_type = ""  # cuda | cpu | mps; "" = autodetect
+model_tag = ""  # base model to start from (and the tag of the mid checkpoint); "" = the largest one
+model_step = -1  # base checkpoint step; -1 = the last
+# Batch
+max_seq_len = 2048  # tokens per row
+device_batch_size = 32  # rows per micro-step per process; lower it if memory runs out (the math stays the same)
+total_batch_size = 524288  # tokens per optimizer step, across all processes and micro-steps
+num_iterations = -1  # optimizer steps; -1 = one epoch of the mixture
+# Optimization (the base model's LRs, scaled by init_lr_frac)
+embedding_lr = 0.2
+unembedding_lr = 0.004
+matrix_lr = 0.02
+init_lr_frac = 1.0
+weight_decay = 0.0
+warmdown_ratio = 0.2  # the LR decays linearly to 0 over this last fraction of the progress
+# Mixture
+skip = ""  # comma list of sources to leave out: smoltalk, mmlu_aux, gsm8k, identity, simple_spelling, spelling_bee
+smoltalk_file = ""  # a local JSONL of conversations standing in for SmolTalk ("" = the real SmolTalk)
+identity_file = os.path.join(REPO_ROOT, "data", "identity", "identity_conversations.jsonl")
+identity_copies = 2  # the identity conversations are few: each epoch sees them this many times
+simple_spelling_size = 200000
+spelling_bee_size = 80000
+# Evaluation (every <= 0: never, except that the final val bpb is always measured)
+eval_every = 150  # steps between val bpb evaluations
+eval_tokens = 20 * 524288  # tokens per val bpb evaluation
+compile = "auto"  # torch.compile the model: auto (on CUDA only) | true | false
+dry_run = False  # train and evaluate, but save no checkpoint and write no report
+user_config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# Settings check, processes, model
+
+SOURCES = ("smoltalk", "mmlu_aux", "gsm8k", "identity", "simple_spelling", "spelling_bee")
+skipped = [name.strip() for name in skip.split(",") if name.strip()]
+for name in skipped:
+    if name not in SOURCES:
+        raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(SOURCES)}")
+for name, value in [("max_seq_len", max_seq_len), ("device_batch_size", device_batch_size),
+                    ("total_batch_size", total_batch_size), ("identity_copies", identity_copies + 1),
+                    ("simple_spelling_size", simple_spelling_size), ("spelling_bee_size", spelling_bee_size)]:
+    if value < 1:
+        raise UserError(f"--{name}={value if name != 'identity_copies' else identity_copies}: must be positive"
+                        f"{' or 0' if name == 'identity_copies' else ''}")
+if not 0 <= warmdown_ratio <= 1:
+    raise UserError(f"--warmdown_ratio={warmdown_ratio}: must be between 0 and 1")
+if num_iterations == 0 or num_iterations < -1:
+    raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for one epoch")
+
+is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master_process = rank == 0
+synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+wandb_run = init_wandb(run, user_config, master_process, project="nanochat-mid")
+
+tokens_per_fwdbwd = device_batch_size * max_seq_len
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+if total_batch_size % world_tokens_per_fwdbwd != 0:
+    raise UserError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
+                    f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {grad_accum_steps} micro-step(s) x "
+       f"{device_batch_size} rows x {max_seq_len} tokens")
+
+model_tag = model_tag or find_largest_model(checkpoints_root("base"))
+model, tokenizer, meta = load_model("base", device, phase="train", model_tag=model_tag,
+                                    step=None if model_step < 0 else model_step)
+model_config = meta["model_config"]
+pretrain_batch = meta.get("device_batch_size")
+if pretrain_batch is not None and device_batch_size > pretrain_batch:
+    print0(f"Warning: device_batch_size={device_batch_size} is larger than pretraining's ({pretrain_batch}); "
+           f"lower it if memory runs out")
+if max_seq_len > model_config["sequence_len"]:
+    print0(f"Warning: max_seq_len={max_seq_len} is longer than the model was pretrained on ({model_config['sequence_len']})")
+compile_choices = {"auto": device.type == "cuda", "true": True, "false": False}
+if compile.lower() not in compile_choices:
+    raise UserError(f"--compile={compile}: expected one of auto, true, false")
+orig_model = model  # uncompiled: for evaluation and state_dict
+if compile_choices[compile.lower()]:
+    model = torch.compile(model, dynamic=False)
+token_bytes = get_token_bytes(device=device)
+
+optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                         matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
+adamw_optimizer, muon_optimizer = optimizers
+
+# -----------------------------------------------------------------------------
+# Data: the mixture, and conversations packed into a token stream
+
+from tasks.common import TaskMixture  # noqa: E402  (after the settings: importing tasks is not free)
+from tasks.customjson import CustomJSON  # noqa: E402
+from tasks.gsm8k import GSM8K  # noqa: E402
+from tasks.mmlu import MMLU  # noqa: E402
+from tasks.smoltalk import SmolTalk  # noqa: E402
+from tasks.spellingbee import SimpleSpelling, SpellingBee  # noqa: E402
+
+
+def load_source(name, build):
+    """The task(s) of one source, or a UserError that says how to leave it out."""
+    try:
+        return build()
+    except (FileNotFoundError, UserError, ConnectionError) as e:
+        raise UserError(f"midtraining source {name!r} is not available: {e}. Leave it out with --skip={name} "
+                        f"(a comma list: --skip={','.join(skipped + [name])})") from e
+
+
+def smoltalk(split):
+    return SmolTalk(split, filepath=smoltalk_file) if smoltalk_file else SmolTalk(split)
+
+
+train_builders = {
+    "smoltalk": lambda: [smoltalk("train")],
+    "mmlu_aux": lambda: [MMLU("auxiliary_train", "train")],
+    "gsm8k": lambda: [GSM8K("main", "train")],
+    "identity": lambda: [CustomJSON(identity_file)] * identity_copies,
+    "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
+    "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
+}
+val_builders = {  # held-out conversations of the same kinds (the original's val set)
+    "smoltalk": lambda: [smoltalk("test")],
+    "mmlu_aux": lambda: [MMLU("all", "test", stop=5200)],
+    "gsm8k": lambda: [GSM8K("main", "test", stop=420)],
+}
+train_tasks, val_tasks, source_sizes = [], [], {}
+for name in SOURCES:
+    if name in skipped:
+        continue
+    tasks = load_source(name, train_builders[name])
+    train_tasks += tasks
+    source_sizes[name] = sum(len(task) for task in tasks)
+    if name in val_builders:
+        val_tasks += load_source(name, val_builders[name])
+if not train_tasks:
+    raise UserError(f"--skip={skip} leaves no midtraining data")
+if not val_tasks:  # only the synthetic sources are left: validate on their test split
+    val_tasks = [SpellingBee(size=1000, split="test"), SimpleSpelling(size=1000, split="test")]
+train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
+print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
+       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
+if len(train_dataset) < world_size:
+    raise UserError(f"{len(train_dataset)} training conversations for {world_size} ranks")
+
+
+def packed_batches(dataset, loop):
+    """(inputs, targets, progress, epoch_done) with inputs/targets (B, T): conversations of this rank (rank, rank +
+    world_size, ...) rendered and concatenated, cut into B*T+1 token chunks (the last token of a chunk is the first
+    of the next). progress: fraction of the epoch this rank has read; epoch_done: this rank went past its end (then
+    the stream starts over when loop, else it stops)."""
+    needed = device_batch_size * max_seq_len + 1
+    buffer = deque()
+    cursor, epoch_done = rank, False
+    while True:
+        while len(buffer) < needed:
+            ids, _ = tokenizer.render_conversation(dataset[cursor], max_tokens=max(2048, max_seq_len))
+            buffer.extend(ids)
+            cursor += world_size
+            if cursor >= len(dataset):
+                if not loop:
+                    return
+                cursor -= len(dataset)
+                epoch_done = True
+        chunk = [buffer.popleft() for _ in range(needed - 1)] + [buffer[0]]
+        tokens = torch.tensor(chunk, dtype=torch.long, pin_memory=device.type == "cuda")
+        tokens = tokens.to(device, non_blocking=True)
+        inputs = tokens[:-1].view(device_batch_size, max_seq_len)
+        targets = tokens[1:].view(device_batch_size, max_seq_len)
+        yield inputs, targets, 1.0 if epoch_done else cursor / len(dataset), epoch_done
+
+
+def get_lr_multiplier(progress):
+    """1 until 1 - warmdown_ratio of the progress, then linearly down to 0 at progress 1; never below 0."""
+    if warmdown_ratio == 0 or progress < 1 - warmdown_ratio:
+        return 1.0
+    return max(0.0, (1 - progress) / warmdown_ratio)
+
+
+def get_muon_momentum(step):
+    """0.85 -> 0.95 over the first 300 steps, as in pretraining."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
+
+
+def evaluate_val_bpb():
+    model.eval()
+    batches = packed_batches(val_dataset, loop=True)
+    val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+    model.train()
+    return val_bpb
+
+
+# -----------------------------------------------------------------------------
+# Training loop: iteration `step` evaluates the model after `step` updates, then (unless last) trains once
+
+report = get_report()
+curve = {"model_tag": model_tag, "step": [], "loss": [], "lrm": [], "val_step": [], "val_bpb": []}
+train_batches = packed_batches(train_dataset, loop=True)
+x, y, data_progress, epoch_done = next(train_batches)
+step, progress, last_step = 0, 0.0, False
+val_bpb, min_val_bpb = None, float("inf")
+smooth_train_loss, total_training_time = 0.0, 0.0
+lrm_history = []  # this rank's LR multipliers, compared across ranks at the end
+while True:
+    if last_step or (eval_every > 0 and step % eval_every == 0):
+        val_bpb = evaluate_val_bpb()
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        curve["val_step"].append(step)
+        curve["val_bpb"].append(val_bpb)
+    if last_step:
+        break
+
+    synchronize()
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        loss = model(x, y)
+        loss_sum += loss.detach()
+        (loss / grad_accum_steps).backward()
+        rank_progress, rank_epoch_done = data_progress, epoch_done  # how far this rank has read, after this batch
+        x, y, data_progress, epoch_done = next(train_batches)  # prefetch while the device is busy
+    step += 1
+    # Progress and the end of the epoch are agreed on (max over ranks): the same LR and the same last step everywhere
+    if num_iterations > 0:
+        rank_progress = max(rank_progress, step / num_iterations)
+        rank_epoch_done = rank_epoch_done or step >= num_iterations
+    agreed = torch.tensor([rank_progress, float(rank_epoch_done), loss_sum.item() / grad_accum_steps], device=device)
+    if is_ddp:
+        dist.all_reduce(agreed[:2], op=dist.ReduceOp.MAX)
+        dist.all_reduce(agreed[2:], op=dist.ReduceOp.SUM)
+        agreed[2] /= world_size
+    lrm = get_lr_multiplier(progress)  # the progress before this step, as every rank agreed at the previous one
+    progress = max(progress, agreed[0].item())  # monotone, so the LR never goes back up
+    last_step = agreed[1].item() > 0
+    train_loss = agreed[2].item()
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon_optimizer.param_groups:
+        group["momentum"] = get_muon_momentum(step - 1)
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    synchronize()
+    dt = time.time() - t0
+
+    total_training_time += dt
+    lrm_history.append(lrm)
+    ema_beta = 0.9
+    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+    debiased_loss = smooth_train_loss / (1 - ema_beta ** step)
+    print0(f"step {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+           f"tok/s {total_batch_size / dt:,.0f} | elapsed {total_training_time:.0f}s", flush=True)
+    wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt})
+    curve["step"].append(step)
+    curve["loss"].append(train_loss)
+    curve["lrm"].append(lrm)
+
+# Every rank used the same LR at every step (checked, because a mismatch would silently desynchronize the replicas)
+if is_ddp:
+    histories = [None] * world_size
+    dist.all_gather_object(histories, lrm_history)
+    if any(history != histories[0] for history in histories):
+        raise RuntimeError(f"ranks used different LR multipliers: {histories}")
+    print0(f"LR multipliers identical on all {world_size} ranks ({len(lrm_history)} steps)")
+
+# -----------------------------------------------------------------------------
+# Save and report
+
+if not dry_run:
+    save_checkpoint(checkpoint_dir("mid", model_tag), step, orig_model.state_dict(), None, {
+        "step": step,
+        "val_bpb": val_bpb,
+        "model_config": model_config,
+        "user_config": user_config,
+        "device_batch_size": device_batch_size,
+        "max_seq_len": max_seq_len,
+        "world_size": world_size,
+        "mixture": source_sizes,
+        "skipped": skipped,
+    }, rank=rank)
+    report.log_curve("mid_train", curve)
+    report.log(section="Midtraining", data=[
+        user_config,
+        {
+            "Mixture": ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()),
+            "Skipped sources": ", ".join(skipped) or "none",
+            "Number of conversations": len(train_dataset),
+            "Number of iterations": step,
+            "Epoch fraction": f"{progress:.4f}",
+            "DDP world size": world_size,
+            "Final train loss": train_loss if step else "-",
+            "Minimum validation bpb": min_val_bpb,
+            "Final validation bpb": val_bpb,
+            "Total training time": f"{total_training_time:.0f}s",
+        },
+    ])
+wandb_run.finish()
+compute_cleanup()
