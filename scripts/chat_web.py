@@ -80,11 +80,17 @@ def bad_request(param, message, code="invalid_value"):
 
 
 def field_name(loc):
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'"""
+    """('body', 'messages', 0, 'content', 'constrained-str') -> 'messages[0].content'. Pydantic puts the member type
+    of a union (str, list[Part], ...) into the location; it is not a field and is dropped."""
     name = ""
     for item in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(item, str) and (not item.isidentifier() or item in UNION_TAGS):
+            continue
         name += f"[{item}]" if isinstance(item, int) else (f".{item}" if name else str(item))
     return name or None
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
 # -----------------------------------------------------------------------------
