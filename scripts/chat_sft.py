@@ -1,0 +1,380 @@
+"""
+Supervised fine-tuning (SFT): train a midtrained (or base) model on whole conversations, one per row, learning only
+the assistant's replies.
+
+Each row is one rendered conversation, padded to the longest row of its micro-batch; the loss is completion-only:
+a target counts only where the render mask says the assistant wrote it (its text, its calculator calls and the
+<|assistant_end|> that stops it), never on the user's turns, the tool's outputs or the padding. The loss of a step
+is the mean over every supervised token of the step (all micro-steps, all ranks), as if it were one big batch.
+Steps are optimizer steps: target_examples_per_step conversations each, split into device_batch_size rows per
+micro-step per rank; the LR multiplier falls linearly from 1 to 0 over num_iterations (clamped at 0, the same on
+every rank). Periodically: the validation loss, the categorical accuracy on MMLU and ARC-Easy, and SpellingBee
+accuracy on a few problems (sampled with the engine and its calculator).
+
+The mixture (the original's): ARC-Easy and ARC-Challenge train, GSM8K train, SmolTalk train (first smoltalk_size),
+the identity conversations, SimpleSpelling and SpellingBee. As in mid_train, a missing source is an error unless
+named in --skip, and --smoltalk_file gives a local SmolTalk stand-in (offline, ARC train and SmolTalk exist only
+on the hub).
+
+Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
+
+Usage:
+    python -m scripts.chat_sft
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_sft --skip=arc_easy,arc_challenge \\
+        --smoltalk_file=data/tasks/chat/chatterbot_corpus_english.jsonl --device_batch_size=8 --num_iterations=100
+"""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
+from nanochat.common import UserError, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.configurator import configure
+from nanochat.report import get_report
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Settings
+run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
+device_type = ""  # cuda | cpu | mps; "" = autodetect
+source = "mid"  # the model to fine-tune: mid | base
+model_tag = ""  # "" = the largest model of that source
+model_step = -1  # -1 = its last checkpoint
+# Batch
+device_batch_size = 4  # conversations per micro-step per process
+target_examples_per_step = 32  # conversations per optimizer step, across processes and micro-steps
+max_seq_len = 2048  # longer conversations are cut
+num_epochs = 1
+num_iterations = -1  # optimizer steps; -1 = num_epochs of the mixture
+# Optimization: the base LRs scaled by init_lr_frac, decaying linearly to 0
+embedding_lr = 0.2
+unembedding_lr = 0.004
+matrix_lr = 0.02
+init_lr_frac = 0.02
+weight_decay = 0.0
+# Mixture
+skip = ""  # comma list of sources to leave out: arc_easy, arc_challenge, gsm8k, smoltalk, identity, simple_spelling, spelling_bee
+smoltalk_file = ""  # a local JSONL of conversations standing in for SmolTalk ("" = the real SmolTalk)
+smoltalk_size = 10000  # the first this many SmolTalk train conversations
+identity_file = os.path.join(REPO_ROOT, "data", "identity", "identity_conversations.jsonl")
+identity_copies = 1
+simple_spelling_size = 300
+spelling_bee_size = 300
+# Evaluation (every <= 0: never; the last step always evaluates what is enabled)
+eval_every = 100  # steps between validation losses
+eval_steps = 100  # micro-batches per validation loss
+eval_metrics_every = 200  # steps between the task metrics (MMLU, ARC-Easy, SpellingBee)
+eval_metrics_max_problems = 1024  # per categorical task
+eval_spelling_problems = 64  # SpellingBee problems sampled per evaluation (generation is slow); 0 = none
+eval_max_new_tokens = 256  # tokens per SpellingBee answer
+dry_run = False  # train and evaluate, but save no checkpoint and write no report
+user_config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# Settings check, processes, model
+
+SOURCES = ("arc_easy", "arc_challenge", "gsm8k", "smoltalk", "identity", "simple_spelling", "spelling_bee")
+skipped = [name.strip() for name in skip.split(",") if name.strip()]
+for name in skipped:
+    if name not in SOURCES:
+        raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(SOURCES)}")
+if source not in ("mid", "base"):
+    raise UserError(f"--source={source}: expected mid or base")
+for name in ("device_batch_size", "target_examples_per_step", "max_seq_len", "num_epochs", "smoltalk_size",
+             "simple_spelling_size", "spelling_bee_size"):
+    if globals()[name] < 1:
+        raise UserError(f"--{name}={globals()[name]}: must be positive")
+if num_iterations == 0 or num_iterations < -1:
+    raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for num_epochs")
+
+is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master_process = rank == 0
+wandb_run = init_wandb(run, user_config, master_process, project="nanochat-sft")
+
+examples_per_micro_step = device_batch_size * world_size
+if target_examples_per_step % examples_per_micro_step != 0:
+    raise UserError(f"target_examples_per_step={target_examples_per_step} is not a multiple of device_batch_size * "
+                    f"world_size = {device_batch_size} * {world_size} = {examples_per_micro_step}")
+grad_accum_steps = target_examples_per_step // examples_per_micro_step
+print0(f"Conversations per step: {target_examples_per_step} = {world_size} process(es) x {grad_accum_steps} "
+       f"micro-step(s) x {device_batch_size} rows")
+
+model_tag = model_tag or find_largest_model(checkpoints_root(source))
+model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag,
+                                    step=None if model_step < 0 else model_step)
+model_config = meta["model_config"]
+optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                    matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
+# not compiled: every micro-batch has its own length
+
+# -----------------------------------------------------------------------------
+# Data
+
+from tasks.arc import ARC, eval_split as arc_eval_split  # noqa: E402  (after the settings: importing tasks is not free)
+from tasks.common import TaskMixture  # noqa: E402
+from tasks.customjson import CustomJSON  # noqa: E402
+from tasks.gsm8k import GSM8K  # noqa: E402
+from tasks.mmlu import MMLU  # noqa: E402
+from tasks.smoltalk import SmolTalk  # noqa: E402
+from tasks.spellingbee import SimpleSpelling, SpellingBee  # noqa: E402
+
+
+def load_source(name, build):
+    try:
+        return build()
+    except (FileNotFoundError, UserError, ConnectionError) as e:
+        raise UserError(f"SFT source {name!r} is not available: {e}. Leave it out with --skip={name} "
+                        f"(a comma list: --skip={','.join(skipped + [name])})") from e
+
+
+def smoltalk(split, **kwargs):
+    return SmolTalk(split, filepath=smoltalk_file, **kwargs) if smoltalk_file else SmolTalk(split, **kwargs)
+
+
+train_builders = {
+    "arc_easy": lambda: [ARC("ARC-Easy", "train")],
+    "arc_challenge": lambda: [ARC("ARC-Challenge", "train")],
+    "gsm8k": lambda: [GSM8K("main", "train")],
+    "smoltalk": lambda: [smoltalk("train", stop=smoltalk_size)],
+    "identity": lambda: [CustomJSON(identity_file)] * identity_copies,
+    "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
+    "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
+}
+train_tasks, source_sizes = [], {}
+for name in SOURCES:
+    if name not in skipped:
+        tasks = load_source(name, train_builders[name])
+        train_tasks += tasks
+        source_sizes[name] = sum(len(task) for task in tasks)
+if not train_tasks:
+    raise UserError(f"--skip={skip} leaves no SFT data")
+train_dataset = TaskMixture(train_tasks)
+val_dataset = smoltalk("test") if "smoltalk" not in skipped else SpellingBee(size=1000, split="test")
+print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
+       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
+
+pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id will do: padded positions are never targets
+
+
+def collate(conversations):
+    """(inputs, targets) (B, T) for a list of conversations, one per row, T = the longest rendered length - 1.
+    targets[i, t] = ids[t + 1] where mask[t + 1] is 1 (the assistant wrote that token), else -1 (ignored): the
+    user's turns, tool outputs, the BOS and the padding are never trained on."""
+    rendered = [tokenizer.render_conversation(conversation, max_tokens=max_seq_len + 1) for conversation in conversations]
+    length = max(len(ids) for ids, _ in rendered) - 1
+    inputs = torch.full((len(rendered), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rendered), length), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rendered):
+        ids_tensor, mask_tensor = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        n = len(ids) - 1
+        inputs[row, :n] = ids_tensor[:-1]
+        targets[row, :n] = torch.where(mask_tensor[1:], ids_tensor[1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+def micro_batches(dataset):
+    """Endless (inputs, targets) of this rank: conversations rank, rank + world_size, ... in groups of
+    device_batch_size, starting over after the end."""
+    cursor = rank
+    while True:
+        conversations = []
+        for _ in range(device_batch_size):
+            conversations.append(dataset[cursor % len(dataset)])
+            cursor += world_size
+        yield collate(conversations)
+
+
+if num_iterations < 0:
+    num_iterations = max(1, num_epochs * len(train_dataset) // target_examples_per_step)
+print0(f"Iterations: {num_iterations:,} ({num_iterations * target_examples_per_step / len(train_dataset):.2f} epochs)")
+
+
+def get_lr_multiplier(step):
+    """1 -> 0 linearly over num_iterations, never negative (steps past the horizon train at LR 0)."""
+    return max(0.0, 1.0 - step / num_iterations)
+
+
+def all_ranks_sum(value):
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    if is_ddp:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.item()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: validation loss and task metrics (the small loops below; chat_eval has the full evaluation)
+
+
+@torch.no_grad()
+def evaluate_val_loss():
+    """Mean loss per supervised token over eval_steps micro-batches of the validation conversations."""
+    model.eval()
+    batches = micro_batches(val_dataset)
+    total_loss, total_tokens = 0.0, 0
+    for _ in range(eval_steps):
+        inputs, targets = next(batches)
+        total_loss += model(inputs, targets, loss_reduction="sum").item()
+        total_tokens += (targets >= 0).sum().item()
+    model.train()
+    return all_ranks_sum(total_loss) / max(1.0, all_ranks_sum(total_tokens))
+
+
+@torch.no_grad()
+def categorical_accuracy(task, max_problems):
+    """Fraction of the task's first max_problems questions whose likeliest answer letter (the logits at the end of
+    the prompt, over the choices' letters only) is the right one. Ranks split the questions."""
+    model.eval()
+    correct, total = 0, 0
+    for index in range(rank, min(len(task), max_problems), world_size):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+        logits = model(torch.tensor([prompt], dtype=torch.long, device=device))[0, -1]
+        predicted = conversation["letters"][int(torch.argmax(logits[letter_ids]))]
+        correct += predicted == conversation["messages"][-1]["content"]
+        total += 1
+    model.train()
+    return all_ranks_sum(correct) / max(1.0, all_ranks_sum(total))
+
+
+def generative_accuracy(task, num_problems):
+    """Fraction of the first num_problems problems answered correctly by one greedy sample (with the calculator)."""
+    engine = Engine(model, tokenizer)
+    model.eval()
+    correct, total = 0, 0
+    for index in range(rank, min(len(task), num_problems), world_size):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=eval_max_new_tokens, temperature=0.0)
+        correct += bool(task.evaluate(conversation, tokenizer.decode(results[0][len(prompt):])))
+        total += 1
+    model.train()
+    return all_ranks_sum(correct) / max(1.0, all_ranks_sum(total))
+
+
+def load_metric_task(name, build):
+    """A task for the periodic metrics, or None (said once) when its data is not available."""
+    try:
+        return build()
+    except (FileNotFoundError, UserError, ConnectionError) as e:
+        print0(f"Metric {name} left out: {e}")
+        return None
+
+
+metric_tasks = {"MMLU": load_metric_task("MMLU", lambda: MMLU("all", "test")),
+                "ARC-Easy": load_metric_task("ARC-Easy", lambda: ARC("ARC-Easy", arc_eval_split("ARC-Easy")))}
+metric_tasks = {name: task for name, task in metric_tasks.items() if task is not None}
+try:
+    from nanochat.engine import Engine
+except ImportError:  # the engine is written separately; until it exists, no generative metric
+    Engine = None
+    print0("Metric SpellingBee left out: nanochat.engine is not available")
+
+
+def evaluate_metrics():
+    metrics = {name: categorical_accuracy(task, eval_metrics_max_problems) for name, task in metric_tasks.items()}
+    if eval_spelling_problems > 0 and Engine is not None:
+        metrics["SpellingBee"] = generative_accuracy(SpellingBee(size=eval_spelling_problems, split="test"),
+                                                     eval_spelling_problems)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Training loop: iteration `step` evaluates the model after `step` updates, then (unless last) trains once
+
+report = get_report()
+curve = {"model_tag": model_tag, "step": [], "loss": [], "lrm": [], "tokens": [], "val_step": [], "val_loss": []}
+train_batches = micro_batches(train_dataset)
+step, total_training_time = 0, 0.0
+val_loss, metrics = None, {}
+lrm_history = []
+while True:
+    last_step = step == num_iterations
+    if last_step or (eval_every > 0 and step % eval_every == 0):
+        val_loss = evaluate_val_loss()
+        print0(f"step {step:05d} | val loss {val_loss:.4f}")
+        wandb_run.log({"step": step, "val/loss": val_loss})
+        curve["val_step"].append(step)
+        curve["val_loss"].append(val_loss)
+    if eval_metrics_every > 0 and (last_step or (step > 0 and step % eval_metrics_every == 0)):
+        metrics = evaluate_metrics()
+        print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+        wandb_run.log({"step": step, **{f"metrics/{name}": value for name, value in metrics.items()}})
+    if last_step:
+        break
+
+    t0 = time.time()
+    batches = [next(train_batches) for _ in range(grad_accum_steps)]
+    rank_tokens = sum(int((targets >= 0).sum()) for _, targets in batches)
+    step_tokens = all_ranks_sum(rank_tokens)  # supervised tokens of the whole step, every rank
+    # sum of this rank's token losses / all tokens of the step, times world_size because the optimizers average the
+    # ranks' gradients: the gradient of the mean loss over every supervised token of the step
+    loss_sum = 0.0
+    for inputs, targets in batches:
+        loss = model(inputs, targets, loss_reduction="sum") * (world_size / max(1.0, step_tokens))
+        loss.backward()
+        loss_sum += loss.item() / world_size
+    train_loss = all_ranks_sum(loss_sum)
+    lrm = get_lr_multiplier(step)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    step += 1
+
+    total_training_time += dt
+    lrm_history.append(lrm)
+    print0(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.4f} | supervised tokens "
+           f"{int(step_tokens):,} | dt {dt * 1000:.0f}ms", flush=True)
+    wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tokens": step_tokens})
+    curve["step"].append(step)
+    curve["loss"].append(train_loss)
+    curve["lrm"].append(lrm)
+    curve["tokens"].append(int(step_tokens))
+
+if is_ddp:  # every rank used the same LR at every step (a mismatch would silently desynchronize the replicas)
+    histories = [None] * world_size
+    dist.all_gather_object(histories, lrm_history)
+    if any(history != histories[0] for history in histories):
+        raise RuntimeError(f"ranks used different LR multipliers: {histories}")
+    print0(f"LR multipliers identical on all {world_size} ranks ({len(lrm_history)} steps)")
+
+# -----------------------------------------------------------------------------
+# Save and report
+
+if not dry_run:
+    save_checkpoint(checkpoint_dir("sft", model_tag), step, model.state_dict(), None, {
+        "step": step,
+        "val_loss": val_loss,
+        **metrics,
+        "model_config": model_config,
+        "user_config": user_config,
+        "world_size": world_size,
+        "mixture": source_sizes,
+        "skipped": skipped,
+    }, rank=rank)
+    report.log_curve("chat_sft", curve)
+    report.log(section="Chat SFT", data=[
+        user_config,
+        {
+            "Source": f"{source} ({model_tag})",
+            "Mixture": ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()),
+            "Skipped sources": ", ".join(skipped) or "none",
+            "Number of conversations": len(train_dataset),
+            "Number of iterations": step,
+            "DDP world size": world_size,
+            "Final train loss": curve["loss"][-1] if curve["loss"] else "-",
+            "Validation loss": val_loss,
+            **metrics,
+            "Total training time": f"{total_training_time:.0f}s",
+        },
+    ])
+wandb_run.finish()
+compute_cleanup()
