@@ -114,11 +114,11 @@ optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac
 # -----------------------------------------------------------------------------
 # Data
 
-from tasks.arc import ARC, eval_split as arc_eval_split  # noqa: E402  (after the settings: importing tasks is not free)
+from scripts.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
+from tasks.arc import ARC  # noqa: E402
 from tasks.common import TaskMixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
 from tasks.gsm8k import GSM8K  # noqa: E402
-from tasks.mmlu import MMLU  # noqa: E402
 from tasks.smoltalk import SmolTalk  # noqa: E402
 from tasks.spellingbee import SimpleSpelling, SpellingBee  # noqa: E402
 
@@ -206,7 +206,7 @@ def all_ranks_sum(value):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation loss and task metrics (the small loops below; chat_eval has the full evaluation)
+# Evaluation: validation loss, and task metrics with chat_eval's functions
 
 
 @torch.no_grad()
@@ -223,63 +223,25 @@ def evaluate_val_loss():
     return all_ranks_sum(total_loss) / max(1.0, all_ranks_sum(total_tokens))
 
 
-@torch.no_grad()
-def categorical_accuracy(task, max_problems):
-    """Fraction of the task's first max_problems questions whose likeliest answer letter (the logits at the end of
-    the prompt, over the choices' letters only) is the right one. Ranks split the questions."""
-    model.eval()
-    correct, total = 0, 0
-    for index in range(rank, min(len(task), max_problems), world_size):
-        conversation = task[index]
-        prompt = tokenizer.render_for_completion(conversation)
-        letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
-        logits = model(torch.tensor([prompt], dtype=torch.long, device=device))[0, -1]
-        predicted = conversation["letters"][int(torch.argmax(logits[letter_ids]))]
-        correct += predicted == conversation["messages"][-1]["content"]
-        total += 1
-    model.train()
-    return all_ranks_sum(correct) / max(1.0, all_ranks_sum(total))
-
-
-def generative_accuracy(task, num_problems):
-    """Fraction of the first num_problems problems answered correctly by one greedy sample (with the calculator)."""
-    engine = Engine(model, tokenizer)
-    model.eval()
-    correct, total = 0, 0
-    for index in range(rank, min(len(task), num_problems), world_size):
-        conversation = task[index]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=eval_max_new_tokens, temperature=0.0)
-        correct += bool(task.evaluate(conversation, tokenizer.decode(results[0][len(prompt):])))
-        total += 1
-    model.train()
-    return all_ranks_sum(correct) / max(1.0, all_ranks_sum(total))
-
-
-def load_metric_task(name, build):
-    """A task for the periodic metrics, or None (said once) when its data is not available."""
-    try:
-        return build()
-    except (FileNotFoundError, UserError, ConnectionError) as e:
-        print0(f"Metric {name} left out: {e}")
-        return None
-
-
-metric_tasks = {"MMLU": load_metric_task("MMLU", lambda: MMLU("all", "test")),
-                "ARC-Easy": load_metric_task("ARC-Easy", lambda: ARC("ARC-Easy", arc_eval_split("ARC-Easy")))}
-metric_tasks = {name: task for name, task in metric_tasks.items() if task is not None}
-try:
-    from nanochat.engine import Engine
-except ImportError:  # the engine is written separately; until it exists, no generative metric
-    Engine = None
-    print0("Metric SpellingBee left out: nanochat.engine is not available")
+engine = load_engine(model, tokenizer)
 
 
 def evaluate_metrics():
-    metrics = {name: categorical_accuracy(task, eval_metrics_max_problems) for name, task in metric_tasks.items()}
-    if eval_spelling_problems > 0 and Engine is not None:
-        metrics["SpellingBee"] = generative_accuracy(SpellingBee(size=eval_spelling_problems, split="test"),
-                                                     eval_spelling_problems)
+    """Accuracy on MMLU and ARC-Easy (categorical, their first eval_metrics_max_problems questions) and on
+    SpellingBee (greedy, with the calculator, eval_spelling_problems of them); a task whose data is missing is left
+    out with a message."""
+    model.eval()
+    metrics = {}
+    for name, max_problems in [("MMLU", eval_metrics_max_problems), ("ARC-Easy", eval_metrics_max_problems),
+                               ("SpellingBee", eval_spelling_problems)]:
+        if max_problems <= 0:
+            continue
+        try:
+            metrics[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=device_batch_size,
+                                          max_new_tokens=eval_max_new_tokens, max_problems=max_problems)
+        except FileNotFoundError as e:
+            print0(f"Metric {name} left out: {e}")
+    model.train()
     return metrics
 
 
