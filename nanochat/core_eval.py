@@ -76,9 +76,10 @@ def unpack_bundle(zip_path, bundle_dir):
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def find_bundle(bundle_dir=None, url=BUNDLE_URL):
+def find_bundle(bundle_dir=None, url=None, attempts=5):
     """The bundle directory: bundle_dir when given (it must hold core.yaml), else <base>/eval_bundle, downloaded
-    (locked across ranks, retried, validated) and unpacked there the first time."""
+    from url (default BUNDLE_URL; locked across ranks, retried, validated) and unpacked there the first time."""
+    url = url or BUNDLE_URL
     if bundle_dir:
         if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
             raise MissingFileError(f"bundle_dir={bundle_dir!r} has no core.yaml; point it at an eval bundle (e.g. "
@@ -88,7 +89,8 @@ def find_bundle(bundle_dir=None, url=BUNDLE_URL):
     with FileLock(bundle_dir + ".lock"):
         if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
             print0(f"Downloading the CORE eval bundle from {url} ...")
-            zip_path = download_file_with_lock(url, "eval_bundle.zip", validate=validate_bundle_zip, desc="eval bundle")
+            zip_path = download_file_with_lock(url, "eval_bundle.zip", validate=validate_bundle_zip, desc="eval bundle",
+                                               attempts=attempts)
             unpack_bundle(zip_path, bundle_dir)
             os.remove(zip_path)  # ~160 MB; the unpacked folder is what counts
     return bundle_dir

@@ -1,0 +1,349 @@
+"""CORE (nanochat/core_eval.py, scripts/base_eval.py): prompts, spans, the choice each task type makes (checked against
+losses computed directly from the model), batching and ranks that change nothing, missing tasks, and the download."""
+
+import http.server
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat import core_eval
+from nanochat.common import MissingFileError
+from nanochat.core_eval import (centered, evaluate_model, evaluate_task, fewshot_examples, find_bundle, load_examples,
+                                load_tasks, render_prompts, token_rows)
+
+from model_setup import build_tiny_model, make_chat_checkpoint, tiny_config
+from pretraining_setup import install_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = "core_eval_bundle"
+
+
+@pytest.fixture
+def byte_model(isolated_base_dir):
+    """A byte-level tokenizer (one token per byte: spans are easy to count by hand) and a tiny random GPT."""
+    tokenizer = install_tokenizer(isolated_base_dir)
+    model = build_tiny_model(tiny_config(tokenizer.get_vocab_size(), sequence_len=512))
+    return model, tokenizer
+
+
+def read_jsonl(path, n=None):
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return rows[:n] if n else rows
+
+
+def span_loss(model, tokenizer, text, span_chars):
+    """Mean loss of the last span_chars bytes of text, computed straight from the model (byte tokenizer)."""
+    ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        losses = model(x, targets=y, loss_reduction="none")[0]  # losses[t] = loss of token t+1
+    return losses[-span_chars:].mean().item()
+
+
+def task(task_type, delimiter=" ", num_fewshot=0):
+    return dict(label="t", task_type=task_type, delimiter=delimiter, num_fewshot=num_fewshot, baseline=0.0)
+
+
+# -----------------------------------------------------------------------------
+# Prompts and spans
+
+
+def test_multiple_choice_prompts_share_the_context_and_end_in_each_choice():
+    shots = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c", "d"], "gold": 0}]
+    item = {"query": "Question: why?", "choices": ["because", "no"], "gold": 0}
+    assert render_prompts(item, "multiple_choice", "\nAnswer: ", shots) == [
+        "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQuestion: why?\nAnswer: because",
+        "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQuestion: why?\nAnswer: no",
+    ]
+
+
+def test_schema_prompts_vary_the_context_and_keep_the_continuation():
+    shots = [{"context_options": ["A x", "A y"], "continuation": "ran.", "gold": 1}]
+    item = {"context_options": ["The cat", "The dog"], "continuation": "barked.", "gold": 1}
+    assert render_prompts(item, "schema", " ", shots) == ["A y ran.\n\nThe cat barked.", "A y ran.\n\nThe dog barked."]
+
+
+def test_language_modeling_prompts_trim_the_context_and_strip_the_bare_prompt():
+    shots = [{"context": " The country of Paris is ", "continuation": "France"}]
+    item = {"context": "The capital of Italy is\n", "continuation": "Rome"}
+    without, with_continuation = render_prompts(item, "language_modeling", " ", shots)
+    assert without == "The country of Paris is France\n\nThe capital of Italy is"
+    assert with_continuation == "The country of Paris is France\n\nThe capital of Italy is Rome"
+
+
+def test_yaml_delimiter_defaults_to_a_space(shared_data):
+    tasks = {t["label"]: t for t in load_tasks(shared_data / BUNDLE)}
+    assert len(tasks) == 22
+    assert tasks["copa"]["delimiter"] == " " and tasks["bigbench_qa_wikidata"]["delimiter"] == " "
+    assert tasks["arc_easy"]["delimiter"] == "\nAnswer: " and tasks["jeopardy"]["delimiter"] == "\nAnswer: "
+    assert (tasks["boolq"]["baseline"], tasks["bigbench_language_identification"]["baseline"]) == (62.0, 9.1)
+
+
+def test_examples_are_shuffled_with_seed_1337_then_cropped(shared_data):
+    path = shared_data / BUNDLE / "eval_data/commonsense_reasoning/copa.jsonl"
+    rows = read_jsonl(path)
+    random.Random(1337).shuffle(rows)
+    assert load_examples(path, max_per_task=7) == rows[:7]
+    assert load_examples(path) == rows and len(rows) == 100
+
+
+def test_fewshot_examples_are_drawn_per_item_with_seed_1234_plus_index_and_never_the_item():
+    data = [{"query": f"q{i}"} for i in range(30)]
+    for idx in (0, 7, 29):
+        shots = fewshot_examples(data, idx, 10)
+        expected = random.Random(1234 + idx).sample([i for i in range(30) if i != idx], 10)
+        assert shots == [data[i] for i in expected]
+        assert data[idx] not in shots
+    assert fewshot_examples(data, 3, 10) == fewshot_examples(data, 3, 10)  # reproducible
+    assert fewshot_examples(data, 3, 10) != fewshot_examples(data, 4, 10)  # each item has its own
+
+
+def test_fewshot_count_is_clamped_to_the_other_items_that_exist():
+    data = [{"query": f"q{i}"} for i in range(4)]
+    assert len(fewshot_examples(data, 0, 10)) == 3  # a tiny max_per_task leaves 3 others, not 10
+    assert fewshot_examples(data[:1], 0, 10) == []
+    assert fewshot_examples(data, 0, 0) == []
+
+
+def test_spans_cover_the_choice_the_shared_suffix_and_the_continuation():
+    bos = 0
+    rows, spans = token_rows("multiple_choice", [[bos, 5, 6, 7, 8], [bos, 5, 6, 9], [bos, 5, 6, 7, 1, 2]])
+    assert spans == [(3, 5), (3, 4), (3, 6)]  # after the common prefix [bos, 5, 6]
+    rows, spans = token_rows("schema", [[bos, 1, 2, 8, 9], [bos, 3, 8, 9]])
+    assert spans == [(3, 5), (2, 4)]  # the common suffix [8, 9]
+    rows, spans = token_rows("language_modeling", [[bos, 4, 5], [bos, 4, 5, 6, 7]])
+    assert rows == [[bos, 4, 5, 6, 7]] and spans == [(3, 5)]  # only the prompt with the continuation runs
+
+
+def test_long_rows_lose_tokens_on_the_left_and_keep_their_span():
+    rows, spans = token_rows("language_modeling", [list(range(10)), list(range(13))], max_len=8)
+    assert rows == [list(range(5, 13))] and spans == [(5, 8)]  # tokens 10..12 still scored
+    rows, spans = token_rows("language_modeling", [[0, 1], list(range(20))], max_len=4)
+    assert rows == [[16, 17, 18, 19]] and spans == [(1, 4)]  # a continuation longer than the context: all that fits
+
+
+# -----------------------------------------------------------------------------
+# The choice each task type makes, against losses computed directly
+
+
+def test_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(byte_model, shared_data):
+    model, tokenizer = byte_model
+    item = read_jsonl(shared_data / BUNDLE / "eval_data/commonsense_reasoning/copa.jsonl", 1)[0]
+    choices = item["choices"]  # "the toilet filled with water." / "water flowed from the spout.": no shared first byte
+    assert choices[0][0] != choices[1][0]
+    losses = [span_loss(model, tokenizer, f"{item['query']} {choice}", len(choice.encode())) for choice in choices]
+    best = losses.index(min(losses))
+    assert abs(losses[0] - losses[1]) > 1e-3  # a clear decision
+    for gold, expected in ((best, 1.0), (1 - best, 0.0)):
+        data = [dict(item, gold=gold)]
+        assert evaluate_task(model, tokenizer, data, task("multiple_choice"), "cpu") == expected
+
+
+def test_schema_picks_the_context_under_which_the_continuation_is_likeliest(byte_model, shared_data):
+    model, tokenizer = byte_model
+    item = read_jsonl(shared_data / BUNDLE / "eval_data/language_understanding/winograd_wsc.jsonl", 1)[0]
+    contexts, continuation = item["context_options"], item["continuation"]
+    assert contexts[0][-1] != contexts[1][-1]  # so the shared suffix is exactly " " + continuation
+    span = len(f" {continuation}".encode())
+    losses = [span_loss(model, tokenizer, f"{context} {continuation}", span) for context in contexts]
+    best = losses.index(min(losses))
+    assert abs(losses[0] - losses[1]) > 1e-4
+    for gold, expected in ((best, 1.0), (1 - best, 0.0)):
+        assert evaluate_task(model, tokenizer, [dict(item, gold=gold)], task("schema"), "cpu") == expected
+
+
+class SuccessorModel(torch.nn.Module):
+    """A stub language model that knows one string of distinct characters: after each of its bytes it predicts
+    (greedily) the byte that follows it there."""
+
+    def __init__(self, text, vocab_size):
+        super().__init__()
+        self.successor = torch.zeros(vocab_size, dtype=torch.long)
+        for a, b in zip(text.encode(), text.encode()[1:]):
+            self.successor[a] = b
+        self.vocab_size = vocab_size
+
+    def forward(self, idx):
+        return torch.nn.functional.one_hot(self.successor[idx], self.vocab_size).float() * 10  # (B, T, V)
+
+
+def test_language_modeling_is_right_only_when_greedy_decoding_reproduces_the_continuation(isolated_base_dir):
+    tokenizer = install_tokenizer(isolated_base_dir)
+    model = SuccessorModel("Q: abcd", tokenizer.get_vocab_size())
+    # prompt "Q:" + delimiter " " + continuation; a byte tokenizer scores the delimiter's space too (" abcd")
+    right = {"context": "Q: ", "continuation": "abcd"}
+    wrong_last = {"context": "Q:", "continuation": "abce"}
+    wrong_first = {"context": "Q:", "continuation": "xbcd"}
+    lm = task("language_modeling")
+    assert evaluate_task(model, tokenizer, [right], lm, "cpu") == 1.0
+    assert evaluate_task(model, tokenizer, [wrong_last], lm, "cpu") == 0.0
+    assert evaluate_task(model, tokenizer, [wrong_first], lm, "cpu") == 0.0
+    assert evaluate_task(model, tokenizer, [right, wrong_last, right, wrong_first], lm, "cpu") == 0.5
+    assert evaluate_task(model, tokenizer, [right], task("language_modeling", delimiter=" - "), "cpu") == 0.0
+
+
+def test_centered_accuracy_rescales_chance_to_zero_and_perfect_to_one():
+    assert centered(0.25, 25) == 0.0 and centered(1.0, 25) == 1.0 and centered(0.5, 50) == 0.0
+    assert centered(0.4, 0) == 0.4
+    assert abs(centered(0.552294, 62) - -0.178175) < 5e-6  # GPT-2's boolq row in the reference results (6 digits)
+
+
+# -----------------------------------------------------------------------------
+# Whole runs on the real files: ranges, determinism, batching
+
+
+def test_accuracies_are_in_range_and_identical_across_runs_and_batch_sizes(byte_model, shared_data):
+    model, tokenizer = byte_model
+    runs = [evaluate_model(model, tokenizer, "cpu", max_per_task=6, bundle_dir=str(shared_data / BUNDLE),
+                           batch_tokens=batch_tokens) for batch_tokens in (8192, 8192, 0, 700)]
+    first = runs[0]
+    assert first["num_tasks"] == 20 and first["total_tasks"] == 22
+    assert all(0.0 <= acc <= 1.0 for acc in first["results"].values())
+    assert all(c <= 1.0 for c in first["centered_results"].values())
+    expected_core = sum(first["centered_results"].values()) / 20
+    assert abs(first["core_metric"] - expected_core) < 1e-12
+    for run in runs[1:]:  # one example per forward (0), several (8192), and a budget in between (700)
+        assert run["results"] == first["results"] and run["core_metric"] == first["core_metric"]
+
+
+def test_missing_tasks_are_skipped_and_the_result_says_core_over_n_of_22(byte_model, shared_data, tmp_path):
+    model, tokenizer = byte_model
+    full = load_tasks(shared_data / BUNDLE)
+    assert sorted(t["label"] for t in full if t["path"] is None) == ["coqa", "squad"]
+    assert sorted(t["label"] for t in full if t["fallback"]) == ["hellaswag", "hellaswag_zeroshot"]
+
+    # a bundle of three tasks, one of whose files is missing
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shared_data / BUNDLE, bundle, ignore=shutil.ignore_patterns("*.jsonl", "reference_results"))
+    config = {"icl_tasks": [
+        {"label": "copa", "dataset_uri": "commonsense_reasoning/copa.jsonl", "num_fewshot": [0], "icl_task_type": "multiple_choice"},
+        {"label": "squad", "dataset_uri": "reading_comprehension/squad.jsonl", "num_fewshot": [10], "icl_task_type": "language_modeling"},
+        {"label": "hellaswag", "dataset_uri": "language_understanding/hellaswag.jsonl", "num_fewshot": [10], "icl_task_type": "multiple_choice"},
+    ]}
+    import yaml
+    (bundle / "core.yaml").write_text(yaml.safe_dump(config))
+    for name in ("eval_data/commonsense_reasoning/copa.jsonl", "eval_data_fallback/hellaswag_val_olmes1000.jsonl"):
+        shutil.copyfile(shared_data / BUNDLE / name, bundle / name)
+
+    result = evaluate_model(model, tokenizer, "cpu", max_per_task=4, bundle_dir=str(bundle))
+    assert sorted(result["results"]) == ["copa", "hellaswag"] and list(result["skipped"]) == ["squad"]
+    assert "squad.jsonl" in result["skipped"]["squad"]
+    assert result["num_tasks"] == 2 and result["fallback_tasks"] == ["hellaswag"]
+    assert result["label"] == "CORE over 2 of 22 tasks (hellaswag on the HellaSwag fallback subset)"
+
+    result = evaluate_model(model, tokenizer, "cpu", max_per_task=4, bundle_dir=str(bundle), use_fallback=False)
+    assert sorted(result["skipped"]) == ["hellaswag", "squad"] and result["label"] == "CORE over 1 of 22 tasks"
+
+
+def test_a_bundle_dir_without_core_yaml_is_a_user_error(tmp_path):
+    with pytest.raises(MissingFileError, match="has no core.yaml"):
+        find_bundle(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# Download of the bundle
+
+
+def make_bundle_zip(path, shared_data, top_folder="eval_bundle/"):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("core.yaml", "eval_meta_data.csv", "eval_data/commonsense_reasoning/copa.jsonl"):
+            archive.write(shared_data / BUNDLE / name, top_folder + name)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A local HTTP server for the files in tmp_path/www; yields its base url."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_missing_bundle_is_downloaded_validated_and_unpacked_once(byte_model, shared_data, file_server, monkeypatch,
+                                                                 isolated_base_dir):
+    url, root = file_server
+    make_bundle_zip(root / "eval_bundle.zip", shared_data)
+    monkeypatch.setattr(core_eval, "BUNDLE_URL", f"{url}/eval_bundle.zip")
+    model, tokenizer = byte_model
+    result = evaluate_model(model, tokenizer, "cpu", max_per_task=4)  # no bundle_dir: <base>/eval_bundle
+    bundle = isolated_base_dir / "eval_bundle"
+    assert (bundle / "core.yaml").is_file() and (bundle / "eval_data/commonsense_reasoning/copa.jsonl").is_file()
+    assert not (isolated_base_dir / "eval_bundle.zip").exists()  # the zip is gone once unpacked
+    assert list(result["results"]) == ["copa"] and result["label"] == "CORE over 1 of 22 tasks"
+    (root / "eval_bundle.zip").unlink()  # a second run finds the bundle and downloads nothing
+    assert find_bundle() == str(bundle)
+
+
+def test_a_zip_with_core_yaml_at_its_top_unpacks_too(shared_data, file_server, isolated_base_dir):
+    url, root = file_server
+    make_bundle_zip(root / "flat.zip", shared_data, top_folder="")
+    bundle = find_bundle(url=f"{url}/flat.zip")
+    assert (Path(bundle) / "eval_data/commonsense_reasoning/copa.jsonl").is_file()
+
+
+def test_a_download_that_is_not_the_bundle_is_rejected_and_leaves_nothing(file_server, isolated_base_dir):
+    url, root = file_server
+    (root / "error.zip").write_text("<html>Access denied</html>")
+    with zipfile.ZipFile(root / "other.zip", "w") as archive:
+        archive.writestr("README.txt", "not a bundle")
+    for name in ("error.zip", "other.zip", "absent.zip"):
+        with pytest.raises(RuntimeError, match=name):
+            find_bundle(url=f"{url}/{name}", attempts=1)
+    assert sorted(os.listdir(isolated_base_dir)) == ["eval_bundle.lock", "eval_bundle.zip.lock"]
+
+
+# -----------------------------------------------------------------------------
+# scripts/base_eval: CSV, report, and the same numbers on 1 and 2 ranks
+
+
+def run_base_eval(base_dir, *args, nproc=1):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        command = [sys.executable, "-m", "scripts.base_eval", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "scripts.base_eval", "--", *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:]
+    return result.stdout
+
+
+@pytest.mark.slow  # three processes: ~25 s on an idle 2-core machine
+def test_base_eval_writes_csv_and_report_and_two_ranks_match_one(isolated_base_dir):
+    make_chat_checkpoint(isolated_base_dir, source="base", model_tag="d2", step=7, vocab_size=512)
+    args = ["--bundle_dir=data/core_eval", "--max_per_task=9"]  # the repo's demo bundle; 9: ranks get 5 and 4
+    run_base_eval(isolated_base_dir, *args)
+    csv_path = isolated_base_dir / "base_eval" / "d2_7.csv"
+    one_rank = csv_path.read_text()
+    csv_path.unlink()
+    output = run_base_eval(isolated_base_dir, *args, "--batch_tokens=0", nproc=2)
+    assert csv_path.read_text() == one_rank
+    assert "CORE over 20 of 22 tasks" in output
+
+    lines = [line.split(",") for line in one_rank.splitlines()]
+    assert [cell.strip() for cell in lines[0]] == ["Task", "Accuracy", "Centered"]
+    assert len(lines) == 1 + 20 + 1
+    assert lines[-1][0].startswith("CORE over 20 of 22 tasks")
+    report = (isolated_base_dir / "report" / "base-model-evaluation.md").read_text()
+    assert report.startswith("## Base model evaluation")
+    core_line = next(line for line in report.splitlines() if line.startswith("- CORE:"))
+    assert core_line == f"- CORE: {float(lines[-1][2]):.4f} (over 20 of 22 tasks)"
+    assert "- Skipped: squad" in report and "- arc_easy: " in report
