@@ -1,0 +1,293 @@
+"""
+Reinforcement learning on a task with a checkable answer (GSM8K by default, or SpellingBee): the model samples
+answers, the task scores them, and the likelihood of the better-than-average answers is pushed up.
+
+The original's simplified GRPO, i.e. on-policy REINFORCE with a per-question baseline: per step, examples_per_step
+questions (split across ranks) x num_samples answers each, sampled with the Engine (the calculator tool included).
+Reward: 1 for a correct final answer, else 0. Advantage: reward - the mean reward of that question's answers (so
+the advantages of a question sum to 0; no division by the std, no KL, no ratio clipping: every sample is fresh).
+Loss: -sum(advantage * log p(token)) over the tokens the model sampled, divided by the number of such tokens in the
+whole step (token-level normalisation); the prompt and the calculator's forced output are never trained on. An
+answer that ended by itself also trains on its <|assistant_end|> (stopping is part of a good answer). The LR falls
+linearly to 0. Periodically: pass@k on the task's test split.
+
+The helper functions come first (the tests check them on hand-made rollouts); the recipe runs under __main__.
+Checkpoints go to <base>/chatrl_checkpoints/<model_tag>/.
+
+Usage:
+    python -m scripts.chat_rl
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl
+    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_rl --task=SpellingBee --examples_per_step=8 --num_samples=8 \\
+        --max_new_tokens=160 --num_iterations=50
+"""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
+from nanochat.common import UserError, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.configurator import configure
+from nanochat.report import get_report
+
+# Settings
+run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
+device_type = ""  # cuda | cpu | mps; "" = autodetect
+source = "sft"  # the model to train: sft | mid
+model_tag = ""  # "" = the largest model of that source
+model_step = -1  # -1 = its last checkpoint
+task = "GSM8K"  # GSM8K | SpellingBee
+spelling_bee_size = 20000  # SpellingBee train problems (GSM8K uses its whole train split)
+# Rollouts
+examples_per_step = 16  # questions per optimizer step, across processes
+num_samples = 16  # answers sampled per question
+device_batch_size = 8  # answers sampled (and trained on) together; num_samples must be a multiple
+max_new_tokens = 256
+temperature = 1.0
+top_k = 50
+num_epochs = 1
+num_iterations = -1  # optimizer steps; -1 = num_epochs of the task's train questions
+# Optimization: the base LRs scaled by init_lr_frac, decaying linearly to 0
+embedding_lr = 0.2
+unembedding_lr = 0.004
+matrix_lr = 0.02
+init_lr_frac = 0.05
+weight_decay = 0.0
+# Evaluation and checkpoints (every <= 0: never; the last step always evaluates and saves)
+eval_every = 60  # steps between pass@k evaluations
+eval_examples = 400  # test questions per evaluation
+eval_num_samples = 8  # answers per test question: pass@1 .. pass@eval_num_samples
+save_every = 60
+dry_run = False  # train and evaluate, but save no checkpoint and write no report
+
+# -----------------------------------------------------------------------------
+# The math of one step, on plain lists and tensors
+
+
+def question_advantages(rewards):
+    """Advantages of one question's answers: reward minus the mean reward of the question (they sum to 0)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+
+def rollout_batch(sequences, masks, pad_id):
+    """(inputs, targets) (B, T) for rollouts, one per row: sequences are prompt + answer token ids, masks are 1 on
+    the tokens the model sampled and 0 on the prompt and the calculator's forced output. targets[i, t] is
+    sequences[i][t + 1] where that token was sampled, else -1; rows are padded to the longest with targets -1."""
+    length = max(len(sequence) for sequence in sequences) - 1
+    inputs = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), length), -1, dtype=torch.long)
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        ids, sampled = torch.tensor(sequence, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, :len(sequence) - 1] = ids[:-1]
+        targets[row, :len(sequence) - 1] = torch.where(sampled[1:], ids[1:], -1)
+    return inputs, targets
+
+
+def policy_gradient_loss(model, inputs, targets, advantages, num_tokens):
+    """-sum over sampled tokens of advantage(row) * log p(token), divided by num_tokens (the sampled tokens of the
+    whole step): its gradient is the token-level REINFORCE gradient. Masked targets (-1) contribute nothing."""
+    nll = model(inputs, targets, loss_reduction="none")  # (B, T); 0 where targets == -1
+    log_probs = -nll
+    return -(log_probs * advantages[:, None]).sum() / num_tokens
+
+
+if __name__ == "__main__":
+    user_config = configure(globals())
+
+    # -------------------------------------------------------------------------
+    # Settings check, processes, model, task
+
+    if task not in ("GSM8K", "SpellingBee"):
+        raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
+    if source not in ("sft", "mid"):
+        raise UserError(f"--source={source}: expected sft or mid")
+    for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "num_epochs",
+                 "eval_num_samples", "spelling_bee_size"):
+        if globals()[name] < 1:
+            raise UserError(f"--{name}={globals()[name]}: must be positive")
+    if num_samples % device_batch_size != 0:
+        raise UserError(f"--num_samples={num_samples} is not a multiple of --device_batch_size={device_batch_size}")
+    if num_samples < 2:
+        raise UserError(f"--num_samples={num_samples}: the per-question baseline needs at least 2 answers")
+    if temperature <= 0:
+        raise UserError(f"--temperature={temperature}: RL needs sampling, use a temperature > 0")
+    if num_iterations == 0 or num_iterations < -1:
+        raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for num_epochs")
+
+    is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master_process = rank == 0
+    wandb_run = init_wandb(run, user_config, master_process, project="nanochat-rl")
+    if examples_per_step % world_size != 0:
+        raise UserError(f"--examples_per_step={examples_per_step} is not a multiple of the {world_size} processes")
+    examples_per_rank = examples_per_step // world_size
+    num_passes = num_samples // device_batch_size
+
+    model_tag = model_tag or find_largest_model(checkpoints_root(source))
+    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag,
+                                        step=None if model_step < 0 else model_step)
+    model_config = meta["model_config"]
+    optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                        matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+    pad_id = assistant_end = tokenizer.encode_special("<|assistant_end|>")
+
+    from tasks.gsm8k import GSM8K
+    from tasks.spellingbee import SpellingBee
+    if task == "GSM8K":
+        train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test", stop=eval_examples)
+    else:
+        train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="test")
+    if num_iterations < 0:
+        num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
+    print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "
+           f"| {num_iterations:,} steps")
+
+    def get_lr_multiplier(step):
+        return max(0.0, 1.0 - step / num_iterations)
+
+    def all_ranks_sum(values):
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        if is_ddp:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def sample_answers(prompt, count, seed):
+        """count answers to one prompt: (sequences, masks, answer texts), in passes of device_batch_size rows.
+        An answer that ended by itself gets its <|assistant_end|> back (sampled, mask 1) so stopping is trained."""
+        sequences, masks, texts = [], [], []
+        for pass_index in range(count // device_batch_size):
+            rows, row_masks = engine.generate_batch(prompt, num_samples=device_batch_size, max_tokens=max_new_tokens,
+                                                    temperature=temperature, top_k=top_k,
+                                                    seed=hash((seed, pass_index)) & 0x7FFFFFFF)
+            for row, row_mask in zip(rows, row_masks):
+                texts.append(tokenizer.decode(row[len(prompt):]))
+                if len(row) - len(prompt) < max_new_tokens:  # stopped before the limit: it emitted the stop token
+                    row, row_mask = row + [assistant_end], row_mask + [1]
+                sequences.append(row)
+                masks.append(row_mask)
+        return sequences, masks, texts
+
+    @torch.no_grad()
+    def evaluate_pass_at_k():
+        """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
+        model.eval()
+        passed = [0] * eval_num_samples
+        total = 0
+        for index in range(rank, len(test_task), world_size):
+            conversation = test_task[index]
+            prompt = tokenizer.render_for_completion(conversation)
+            rows, _ = engine.generate_batch(prompt, num_samples=eval_num_samples, max_tokens=max_new_tokens,
+                                            temperature=temperature, top_k=top_k, seed=index)
+            correct = [bool(test_task.evaluate(conversation, tokenizer.decode(row[len(prompt):]))) for row in rows]
+            for k in range(eval_num_samples):
+                passed[k] += any(correct[:k + 1])
+            total += 1
+        model.train()
+        *passed, total = all_ranks_sum(passed + [total])
+        return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}
+
+    def save(step):
+        save_checkpoint(checkpoint_dir("rl", model_tag), step, model.state_dict(), None, {
+            "step": step,
+            "task": task,
+            "mean_reward": curve["reward"][-1] if curve["reward"] else None,
+            **pass_at_k,
+            "model_config": model_config,
+            "user_config": user_config,
+            "world_size": world_size,
+        }, rank=rank)
+
+    # -------------------------------------------------------------------------
+    # Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
+
+    report = get_report()
+    curve = {"model_tag": model_tag, "task": task, "step": [], "reward": [], "lrm": [], "answer_tokens": [],
+             "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
+    step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
+    while True:
+        last_step = step == num_iterations
+        if last_step or (eval_every > 0 and step % eval_every == 0):
+            pass_at_k = evaluate_pass_at_k()
+            first_pass_at_k = first_pass_at_k or pass_at_k
+            print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
+            wandb_run.log({"step": step, **{f"eval/{name}": value for name, value in pass_at_k.items()}})
+            curve["eval_step"].append(step)
+            curve["pass@1"].append(pass_at_k["pass@1"])
+            curve[f"pass@{eval_num_samples}"].append(pass_at_k[f"pass@{eval_num_samples}"])
+        if not dry_run and step > 0 and (last_step or (save_every > 0 and step % save_every == 0)):
+            save(step)
+        if last_step:
+            break
+
+        t0 = time.time()
+        # Rollouts: this rank's questions, num_samples answers each, their rewards and advantages
+        model.eval()
+        rollouts = []  # (inputs, targets, advantages) per pass
+        rewards_sum, sampled_tokens = 0.0, 0
+        for k in range(examples_per_rank):
+            index = (step * examples_per_step + k * world_size + rank) % len(train_task)
+            conversation = train_task[index]
+            prompt = tokenizer.render_for_completion(conversation)
+            sequences, masks, texts = sample_answers(prompt, num_samples, seed=(step, index))
+            rewards = [train_task.reward(conversation, text) for text in texts]
+            advantages = question_advantages(rewards)
+            rewards_sum += sum(rewards)
+            sampled_tokens += sum(sum(mask) for mask in masks)
+            for start in range(0, num_samples, device_batch_size):
+                inputs, targets = rollout_batch(sequences[start:start + device_batch_size], masks[start:start + device_batch_size], pad_id)
+                rollouts.append((inputs.to(device), targets.to(device), advantages[start:start + device_batch_size].to(device)))
+        model.train()
+        rewards_total, step_tokens = all_ranks_sum([rewards_sum, sampled_tokens])
+        mean_reward = rewards_total / (examples_per_step * num_samples)
+
+        # One update: the mean over every sampled token of the step (times world_size: the optimizers average ranks)
+        for inputs, targets, advantages in rollouts:
+            loss = policy_gradient_loss(model, inputs, targets, advantages, max(1.0, step_tokens) / world_size)
+            loss.backward()
+        lrm = get_lr_multiplier(step)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        step += 1
+
+        total_training_time += dt
+        mean_answer_tokens = step_tokens / (examples_per_step * num_samples)
+        print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | answer tokens "
+               f"{mean_answer_tokens:.1f} | lrm {lrm:.4f} | dt {dt * 1000:.0f}ms", flush=True)
+        wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_tokens": mean_answer_tokens, "train/lrm": lrm})
+        curve["step"].append(step)
+        curve["reward"].append(mean_reward)
+        curve["lrm"].append(lrm)
+        curve["answer_tokens"].append(mean_answer_tokens)
+
+    # -------------------------------------------------------------------------
+    # Report
+
+    if not dry_run:
+        report.log_curve("chat_rl", curve)
+        rewards = curve["reward"]
+        first, last = rewards[:max(1, len(rewards) // 5)], rewards[-max(1, len(rewards) // 5):]
+        report.log(section="Chat RL", data=[
+            user_config,
+            {
+                "Task": task,
+                "Source": f"{source} ({model_tag})",
+                "Number of iterations": step,
+                "DDP world size": world_size,
+                "Mean reward, first fifth of the steps": sum(first) / len(first) if rewards else "-",
+                "Mean reward, last fifth of the steps": sum(last) / len(last) if rewards else "-",
+                **{f"{name} before": value for name, value in (first_pass_at_k or {}).items()},
+                **{f"{name} after": value for name, value in pass_at_k.items()},
+                "Total training time": f"{total_training_time:.0f}s",
+            },
+            "Mean reward per step: " + ", ".join(f"{reward:.3f}" for reward in rewards),
+        ])
+    wandb_run.finish()
+    compute_cleanup()
