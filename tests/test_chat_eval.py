@@ -1,0 +1,133 @@
+"""scripts/chat_eval.py: categorical scoring reads the answer letters' logits at the last prompt position (the same
+batched as one at a time), generative scoring is pass@k, ChatCORE needs all six tasks, and the script evaluates a
+real (tiny, random) checkpoint on the real data and writes its report section."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_setup import make_chat_checkpoint
+from pretraining_setup import install_tokenizer
+from scripts.chat_eval import (CHATCORE_BASELINES, ReferenceEngine, categorical_predictions, chatcore,
+                               run_categorical_eval, run_generative_eval)
+from tasks.arc import ARC
+from tasks.spellingbee import SpellingBee
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LetterByPosition(torch.nn.Module):
+    """A stand-in model whose logits at position t favour letter (t mod 4): the right answer is known for any
+    prompt length, and a wrong position (e.g. a padding one) would show."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.letter_ids = [tokenizer.encode(letter)[0] for letter in "ABCD"]
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for t in range(T):
+            logits[:, t, self.letter_ids[t % 4]] = 1.0
+        return logits
+
+
+@pytest.fixture
+def data_dir(shared_data, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(shared_data))
+    return shared_data
+
+
+def test_categorical_answer_is_the_letter_with_the_top_logit_after_the_prompt(data_dir, tmp_path):
+    tokenizer = install_tokenizer(tmp_path / "tok")
+    task = ARC("ARC-Easy", "validation", stop=12)
+    conversations = [task[i] for i in range(len(task))]
+    expected = ["ABCD"[(len(tokenizer.render_for_completion(c)) - 1) % 4] for c in conversations]
+    for batch_size in (1, 5, 12):
+        assert categorical_predictions(LetterByPosition(tokenizer), tokenizer, conversations, batch_size) == expected
+    num_passed, total = run_categorical_eval(task, LetterByPosition(tokenizer), tokenizer, batch_size=4)
+    assert total == 12
+    assert num_passed == sum(c["messages"][1]["content"] == e for c, e in zip(conversations, expected))
+
+
+def test_categorical_batched_equals_unbatched_on_a_real_model(data_dir, isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    task = ARC("ARC-Challenge", "validation", stop=10)
+    conversations = [task[i] for i in range(len(task))]
+    one_at_a_time = categorical_predictions(model, tokenizer, conversations, batch_size=1)
+    assert categorical_predictions(model, tokenizer, conversations, batch_size=4) == one_at_a_time
+    assert categorical_predictions(model, tokenizer, conversations, batch_size=10) == one_at_a_time
+
+
+class ScriptedEngine:
+    """Answers every prompt with the given completions (one per sample)."""
+
+    def __init__(self, tokenizer, completions):
+        self.tokenizer, self.completions = tokenizer, completions
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        rows = [tokens + self.tokenizer.encode(text) for text in self.completions[:num_samples]]
+        return rows, [[1] * len(row) for row in rows]
+
+
+def test_generative_problem_passes_when_any_sample_is_right(data_dir, tmp_path):
+    tokenizer = install_tokenizer(tmp_path / "tok")
+    task = SpellingBee(6, "test")
+    # "#### 0" is right only where the letter is not in the word; "#### 1" where it occurs once
+    expected_zero = sum(task[i]["word"].count(task[i]["letter"]) == 0 for i in range(6))
+    expected_zero_or_one = sum(task[i]["word"].count(task[i]["letter"]) <= 1 for i in range(6))
+    assert run_generative_eval(task, tokenizer, ScriptedEngine(tokenizer, ["#### 0"])) == (expected_zero, 6)
+    two = ScriptedEngine(tokenizer, ["#### 0", "#### 1"])
+    assert run_generative_eval(task, tokenizer, two, num_samples=1) == (expected_zero, 6)
+    assert run_generative_eval(task, tokenizer, two, num_samples=2) == (expected_zero_or_one, 6)
+
+
+def test_chatcore_centres_on_the_baselines_and_needs_all_six():
+    results = {name: 0.25 if base else 0.0 for name, base in CHATCORE_BASELINES.items()}
+    assert chatcore(results) == 0.0
+    results["MMLU"], results["GSM8K"] = 1.0, 0.6  # centred: 1.0 and 0.6, the others 0
+    assert chatcore(results) == pytest.approx(1.6 / 6)
+    del results["HumanEval"]
+    assert chatcore(results) is None
+
+
+def test_reference_engine_stops_at_assistant_end(isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    prompt = tokenizer.encode("hi", prepend="<|bos|>")
+    rows, masks = ReferenceEngine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=5, temperature=0)
+    assert rows[0] == rows[1] and rows[0][:len(prompt)] == prompt and len(rows[0]) <= len(prompt) + 5
+    assert len(masks[0]) == len(rows[0])
+
+
+def run_chat_eval_script(base_dir, data_dir, *args):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(data_dir),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "scripts.chat_eval", *args], cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def test_script_evaluates_a_checkpoint_and_writes_the_report_section(shared_data, isolated_base_dir):
+    make_chat_checkpoint(isolated_base_dir, source="sft")
+    result = run_chat_eval_script(isolated_base_dir, shared_data, "-i", "sft", "-a", "ARC-Easy|SpellingBee",
+                                  "-x", "8", "-m", "48", "--device_type", "cpu")
+    assert result.returncode == 0, result.stdout
+    section = (isolated_base_dir / "report" / "chat-evaluation-sft.md").read_text()
+    assert section.startswith("## Chat evaluation sft")
+    scores = {name: float(value) for name, value in re.findall(r"^- (ARC-Easy|SpellingBee): ([0-9.]+)$", section, re.M)}
+    assert set(scores) == {"ARC-Easy", "SpellingBee"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "- ChatCORE:" not in section and "ChatCORE: not computed" in section
+
+
+def test_script_names_an_unknown_task(shared_data, isolated_base_dir):
+    result = run_chat_eval_script(isolated_base_dir, shared_data, "-i", "sft", "-a", "ARC-Easy|HellaSwag")
+    assert result.returncode == 1
+    assert "error: -a 'ARC-Easy|HellaSwag': unknown task 'HellaSwag'; the tasks are ARC-Easy" in result.stdout
