@@ -103,6 +103,12 @@ def _bwrap_command(bwrap):
             bound.append(path)
     for path in {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)} | {os.path.dirname(_interpreter())}:
         if not any(path == b or path.startswith(b + "/") for b in bound):
+            # bwrap would copy the modes of the host's parent dirs (/root is 0700): open them to the throwaway uid
+            parents = [os.path.dirname(path)]
+            while parents[-1] != "/":
+                parents.append(os.path.dirname(parents[-1]))
+            for parent in reversed(parents[:-1]):
+                command += ["--perms", "0755", "--dir", parent]
             command += ["--ro-bind", path, path]
             bound.append(path)
     command += ["--proc", "/proc", "--dev", "/dev",
@@ -122,7 +128,8 @@ def _use_bwrap(use_bwrap):
                                     reason="bubblewrap (Debian package `bubblewrap`) is not installed")
             else:
                 _bwrap_state.update(ok=True, missing=False, command=_bwrap_command(bwrap))
-                probe = _run("print(6 * 7)", 10.0, 256 << 20, True)
+                # imports after the guard drops root prove the standard library is reachable in there
+                probe = _run("import json\nprint(json.dumps(6 * 7))", 10.0, 256 << 20, True)
                 if probe.stdout != "42\n":
                     _bwrap_state.update(ok=False, reason=f"bwrap does not work here: {probe.error or probe.stderr}")
             if not _bwrap_state["ok"] and use_bwrap is None:
@@ -146,9 +153,9 @@ def _reachable_by_others(path):
 
 
 def _sweep(marker, uid):
-    """Without bwrap: SIGKILL every process carrying the run's environment marker or its throwaway uid, until none
-    is left (a fork bomb refills between scans). Linux only; a process that re-execs with a clean environment under
-    the caller's own uid escapes it."""
+    """Without bwrap: SIGKILL every live process carrying the run's environment marker or its throwaway uid, until
+    none is left (a fork bomb refills between scans). Linux only; a process that re-execs with a clean environment
+    under the caller's own uid escapes it."""
     if not os.path.isdir("/proc/self"):
         return
     needle = marker.encode()
@@ -158,8 +165,12 @@ def _sweep(marker, uid):
             if not name.isdigit() or int(name) == os.getpid():
                 continue
             try:
-                if uid >= 0 and os.stat(f"/proc/{name}").st_uid == uid:
-                    found.append(int(name))
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                        continue  # already dead, waiting for its parent
+                if uid >= 0:  # a throwaway uid cannot be left, so it is the exact mark
+                    if os.stat(f"/proc/{name}").st_uid == uid:
+                        found.append(int(name))
                 else:
                     with open(f"/proc/{name}/environ", "rb") as f:
                         if needle in f.read():
@@ -213,32 +224,37 @@ def _run(code, timeout, maximum_memory_bytes, bwrap):
                         str(cpu_seconds), str(MAX_DISK_BYTES), str(MAX_OPEN_FILES), str(nproc), str(uid)]
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
            "NANOCHAT_SANDBOX": marker}
+    def kill_escapees():  # without bwrap: the program's process group, then whatever left it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        _sweep(marker, uid)
+
     try:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, env=env, start_new_session=True)
+        on_exit = None if bwrap else kill_escapees
         try:
-            out, err, limit_hit = _communicate(proc, code.encode(), time.monotonic() + timeout)
+            out, err, limit_hit = _communicate(proc, code.encode(), time.monotonic() + timeout, on_exit)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # with bwrap, its death takes the whole PID namespace along
             proc.wait()
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 stream.close()
-            if not bwrap:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # children left in the program's process group
-                except OSError:
-                    pass
-                _sweep(marker, uid)
+            if on_exit:
+                on_exit()
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return _result(proc.returncode, out, err, limit_hit, timeout, bwrap)
 
 
-def _communicate(proc, program, deadline):
+def _communicate(proc, program, deadline, on_exit):
     """Feeds the program to stdin and reads stdout/stderr as they come, until both close, the deadline passes or
-    a stream goes over MAX_OUTPUT_BYTES. Returns (stdout bytes, stderr bytes, the limit hit or None)."""
+    a stream goes over MAX_OUTPUT_BYTES; calls on_exit (if any) once the program has exited, so that processes it
+    left behind release the pipes. Returns (stdout bytes, stderr bytes, the limit hit or None)."""
     selector = selectors.DefaultSelector()
     os.set_blocking(proc.stdin.fileno(), False)
     selector.register(proc.stdin, selectors.EVENT_WRITE)
@@ -254,6 +270,8 @@ def _communicate(proc, program, deadline):
             break
         if exited_at is None and proc.poll() is not None:
             exited_at = now
+            if on_exit:
+                on_exit()
         if exited_at is not None and now - exited_at > 1.0:
             break  # the program is gone; an escaped process without bwrap still holds the pipe open
         for key, _ in selector.select(min(deadline - now, 0.1)):
