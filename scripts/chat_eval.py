@@ -27,6 +27,7 @@ from nanochat.common import UserError, compute_cleanup, compute_init, get_dist_i
 from nanochat.checkpoint_manager import load_model
 from nanochat.report import get_report
 from tasks.arc import ARC, eval_split
+from tasks.common import local_data_dir
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -220,7 +221,8 @@ if __name__ == "__main__":
 
     get_report().log(section=f"Chat evaluation {args.source}", data=[
         vars(args),
-        {"Model": f"{args.source} step {meta['step']}"},
+        {"Model": f"{args.source} step {meta['step']}",
+         "Data": f"local copy {local_data_dir()}" if local_data_dir() else "Hugging Face hub"},
         {name: f"{accuracy:.4f}" for name, accuracy in results.items()},
         {"ChatCORE": f"{chatcore_metric:.4f}"} if chatcore_metric is not None else
         "ChatCORE: not computed (needs all six of " + ", ".join(CHATCORE_BASELINES) + ")",
