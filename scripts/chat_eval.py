@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from nanochat.common import UserError, compute_cleanup, compute_init, get_dist_info, print0
 from nanochat.checkpoint_manager import load_model
+from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.arc import ARC, eval_split
 from tasks.common import local_data_dir
@@ -137,34 +138,8 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
     return num_passed / total
 
 
-class ReferenceEngine:
-    """GPT.generate behind Engine.generate_batch's call, used until nanochat/engine.py exists: one full forward per
-    token (no KV cache) and no calculator tool, so slower, and tool-using tasks score lower than with the Engine."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-
-    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        if max_tokens is None:
-            max_tokens = max(0, self.model.config.sequence_len - len(tokens))
-        results = []
-        for sample in range(num_samples):
-            row = list(tokens)
-            for token in self.model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, seed=seed + sample):
-                if token in self.stop_ids:
-                    break
-                row.append(token)
-            results.append(row)
-        return results, [[0] * len(tokens) + [1] * (len(row) - len(tokens)) for row in results]
-
-
 def load_engine(model, tokenizer):
-    try:
-        from nanochat.engine import Engine
-    except ImportError:
-        print0("nanochat.engine not found: sampling with GPT.generate (no KV cache, no calculator tool)")
-        return ReferenceEngine(model, tokenizer)
+    """The sampler of the generative tasks (chat_sft and chat_rl build theirs here too)."""
     return Engine(model, tokenizer)
 
 

@@ -13,8 +13,8 @@ import torch
 
 from model_setup import make_chat_checkpoint
 from pretraining_setup import install_tokenizer
-from scripts.chat_eval import (CHATCORE_BASELINES, ReferenceEngine, categorical_predictions, chatcore,
-                               run_categorical_eval, run_generative_eval)
+from scripts.chat_eval import (CHATCORE_BASELINES, categorical_predictions, chatcore, load_engine, run_categorical_eval,
+                               run_generative_eval)
 from tasks.arc import ARC
 from tasks.spellingbee import SpellingBee
 
@@ -91,6 +91,14 @@ def test_generative_problem_passes_when_any_sample_is_right(data_dir, tmp_path):
     assert run_generative_eval(task, tokenizer, two, num_samples=2) == (expected_zero_or_one, 6)
 
 
+def test_generative_eval_with_the_engine_is_deterministic(data_dir, isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    task, engine = SpellingBee(4, "test"), load_engine(model, tokenizer)
+    first = run_generative_eval(task, tokenizer, engine, num_samples=2, max_new_tokens=8, temperature=1.0)
+    assert first == run_generative_eval(task, tokenizer, engine, num_samples=2, max_new_tokens=8, temperature=1.0)
+    assert first[1] == 4 and 0 <= first[0] <= 4
+
+
 def test_chatcore_centres_on_the_baselines_and_needs_all_six():
     results = {name: 0.25 if base else 0.0 for name, base in CHATCORE_BASELINES.items()}
     assert chatcore(results) == 0.0
@@ -98,14 +106,6 @@ def test_chatcore_centres_on_the_baselines_and_needs_all_six():
     assert chatcore(results) == pytest.approx(1.6 / 6)
     del results["HumanEval"]
     assert chatcore(results) is None
-
-
-def test_reference_engine_stops_at_assistant_end(isolated_base_dir):
-    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    prompt = tokenizer.encode("hi", prepend="<|bos|>")
-    rows, masks = ReferenceEngine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=5, temperature=0)
-    assert rows[0] == rows[1] and rows[0][:len(prompt)] == prompt and len(rows[0]) <= len(prompt) + 5
-    assert len(masks[0]) == len(rows[0])
 
 
 def run_chat_eval_script(base_dir, data_dir, *args):
