@@ -72,7 +72,7 @@ exec(compile(program, "program.py", "exec"), {"__name__": "__main__", "__builtin
 """
 
 _bwrap_lock = threading.Lock()
-_bwrap_state = {}  # "ok": bool, "reason": str, set by the first call that needs it
+_bwrap_state = {}  # ok, missing, reason, command: found out by the first call that may use bwrap; warned: once
 
 
 def _interpreter(unprivileged=False):
@@ -101,7 +101,8 @@ def _bwrap_command(bwrap):
         elif os.path.exists(path):
             command += ["--ro-bind", path, path]
             bound.append(path)
-    for path in {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)} | {os.path.dirname(_interpreter())}:
+    interpreter_dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
+    for path in sorted(interpreter_dirs | {os.path.dirname(_interpreter())}):  # prefix first: covers its bin/
         if not any(path == b or path.startswith(b + "/") for b in bound):
             # bwrap would copy the modes of the host's parent dirs (/root is 0700): open them to the throwaway uid
             parents = [os.path.dirname(path)]
@@ -129,12 +130,17 @@ def _use_bwrap(use_bwrap):
             else:
                 _bwrap_state.update(ok=True, missing=False, command=_bwrap_command(bwrap))
                 # imports after the guard drops root prove the standard library is reachable in there
-                probe = _run("import json\nprint(json.dumps(6 * 7))", 10.0, 256 << 20, True)
-                if probe.stdout != "42\n":
-                    _bwrap_state.update(ok=False, reason=f"bwrap does not work here: {probe.error or probe.stderr}")
-            if not _bwrap_state["ok"] and use_bwrap is None:
-                logger.warning(f"code sandbox: {_bwrap_state['reason']}; programs run with rlimits only, "
-                               f"WITHOUT network or filesystem isolation")
+                try:
+                    probe = _run("import json\nprint(json.dumps(6 * 7))", 10.0, 256 << 20, True)
+                    problem = None if probe.stdout == "42\n" else probe.error or "no output"
+                except OSError as e:
+                    problem = str(e)
+                if problem:
+                    _bwrap_state.update(ok=False, reason=f"bwrap does not work here ({problem})")
+        if not _bwrap_state["ok"] and use_bwrap is None and not _bwrap_state.get("warned"):
+            _bwrap_state["warned"] = True
+            logger.warning(f"code sandbox: {_bwrap_state['reason']}; programs run with rlimits only, "
+                           f"WITHOUT network or filesystem isolation")
     if use_bwrap is True and not _bwrap_state["ok"]:
         fix = "install it with `apt-get install bubblewrap`" if _bwrap_state["missing"] else \
             "allow user namespaces or run where bwrap works"

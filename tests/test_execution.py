@@ -137,6 +137,21 @@ def test_missing_bwrap_falls_back_with_one_warning_or_raises_when_required(monke
     assert len(warnings) == 1 and "`bubblewrap`" in warnings[0].getMessage()
 
 
+def test_broken_bwrap_is_detected_once_and_falls_back(monkeypatch, tmp_path, caplog):
+    fake = tmp_path / "bwrap"  # what bwrap says where the container forbids namespaces
+    fake.write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    real_which = shutil.which
+    monkeypatch.setattr(execution, "_bwrap_state", {})
+    monkeypatch.setattr(execution.shutil, "which", lambda name, path=None: str(fake) if name == "bwrap" else
+                        real_which(name, path=path))
+    with caplog.at_level("WARNING", logger="nanochat"):
+        assert execute_code("print(1)").stdout == "1\n"
+    assert "bwrap does not work here (bwrap: Creating new namespace failed" in caplog.text
+    with pytest.raises(UserError, match="does not work here"):
+        execute_code("pass", use_bwrap=True)
+
+
 # -----------------------------------------------------------------------------
 # Runaway programs: contained, reported, the test process unharmed
 
@@ -267,7 +282,8 @@ def test_cannot_connect_to_a_local_socket(bwrap_only):
         server.listen(1)
         server.setblocking(False)
         port = server.getsockname()[1]
-        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\nprint('connected')"
+        code = (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+                f"print('connected')")
         result = execute_code(code, use_bwrap=bwrap_only)
         assert not result.success and "connected" not in result.stdout
         assert result.error.startswith(("OSError", "ConnectionRefusedError", "TimeoutError"))
