@@ -108,11 +108,18 @@ def test_chatcore_centres_on_the_baselines_and_needs_all_six():
     assert chatcore(results) is None
 
 
-def run_chat_eval_script(base_dir, data_dir, *args):
+def run_chat_eval_script(base_dir, data_dir, *args, nproc=1):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(data_dir),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "scripts.chat_eval", *args], cwd=REPO_ROOT, env=env,
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([sys.executable, *launcher, "-m", "scripts.chat_eval", *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def report_scores(base_dir, source="sft"):
+    section = (Path(base_dir) / "report" / f"chat-evaluation-{source}.md").read_text()
+    return {name: float(value) for name, value in re.findall(r"^- ([A-Za-z-]+): ([0-9.]+)$", section, re.M)
+            if name != "temperature"}
 
 
 def test_script_evaluates_a_checkpoint_and_writes_the_report_section(shared_data, isolated_base_dir):
@@ -122,7 +129,7 @@ def test_script_evaluates_a_checkpoint_and_writes_the_report_section(shared_data
     assert result.returncode == 0, result.stdout
     section = (isolated_base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert section.startswith("## Chat evaluation sft")
-    scores = {name: float(value) for name, value in re.findall(r"^- (ARC-Easy|SpellingBee): ([0-9.]+)$", section, re.M)}
+    scores = report_scores(isolated_base_dir)
     assert set(scores) == {"ARC-Easy", "SpellingBee"} and all(0.0 <= v <= 1.0 for v in scores.values())
     assert "- ChatCORE:" not in section and "ChatCORE: not computed" in section
 
@@ -131,3 +138,15 @@ def test_script_names_an_unknown_task(shared_data, isolated_base_dir):
     result = run_chat_eval_script(isolated_base_dir, shared_data, "-i", "sft", "-a", "ARC-Easy|HellaSwag")
     assert result.returncode == 1
     assert "error: -a 'ARC-Easy|HellaSwag': unknown task 'HellaSwag'; the tasks are ARC-Easy" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_problems_and_agree_with_one(shared_data, isolated_base_dir):
+    make_chat_checkpoint(isolated_base_dir, source="sft")
+    args = ["-i", "sft", "-a", "ARC-Easy|SpellingBee", "-x", "7", "-m", "24", "-b", "3", "--device_type", "cpu"]
+    single = run_chat_eval_script(isolated_base_dir, shared_data, *args)
+    assert single.returncode == 0, single.stdout
+    one_rank = report_scores(isolated_base_dir)
+    double = run_chat_eval_script(isolated_base_dir, shared_data, "--", *args, nproc=2)
+    assert double.returncode == 0, double.stdout
+    assert report_scores(isolated_base_dir) == one_rank
