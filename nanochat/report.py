@@ -1,6 +1,7 @@
 """
 The report card of a run: every stage logs a markdown section into <base>/report/, and `generate` puts them
-together into report.md with a summary table, the total wall clock and the pretraining curve.
+together into report.md with a summary table (metrics x stages), the time per stage, the total wall clock, a
+cost estimate, and a plot of each training curve (base val bpb, mid/SFT loss, RL reward) after its section.
 
     python -m nanochat.report reset      # start of a run: clear old sections, write the header (git, hardware, code size)
     python -m nanochat.report generate   # end of a run: <base>/report/report.md
@@ -31,9 +32,16 @@ SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model train
                  "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
                  "Chat RL", "Chat evaluation rl"]
 # The summary table: metric rows x stage columns, each column read from that stage's evaluation section.
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "Base model evaluation", "MID": "Chat evaluation mid", "SFT": "Chat evaluation sft",
                    "RL": "Chat evaluation rl"}
+# The training curves (report.log_curve name) plotted after a section, and the plot's title
+CURVES = {"Base model training": ("base_train", "Base model training"), "Midtraining": ("mid_train", "Midtraining"),
+          "Chat SFT": ("chat_sft", "SFT"), "Chat RL": ("chat_rl", "RL")}
+# Panels a curve may have: (x key, y key, y label); a panel is drawn when the curve holds both keys with data
+CURVE_PANELS = [("step", "loss", "train loss (nats/token)"), ("val_step", "val_bpb", "validation bits per byte"),
+                ("val_step", "val_loss", "validation loss (nats/token)"), ("step", "reward", "mean reward"),
+                ("eval_step", "pass@1", "pass@1 (eval)")]
 # Rough on-demand cloud prices per GPU-hour (USD), matched by substring of the GPU name; others get the default.
 GPU_HOURLY_COST = [("H200", 3.50), ("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]
 DEFAULT_GPU_HOURLY_COST = 2.00
@@ -216,11 +224,13 @@ class Report:
         if missing:
             print(f"Sections not in this report (stage not run): {', '.join(missing)}")
 
+        plots = {slugify(section): curve for section, curve in CURVES.items()}
         parts = [header.rstrip() + "\n"]
         for slug, text in sections.items():
             parts.append(text.rstrip() + "\n")
-            if slug == "base-model-training" and self.plot_curve("base_train"):
-                parts.append("![base model training curve](base_train_curve.png)\n")
+            if slug in plots and self.plot_curve(*plots[slug]):
+                name, title = plots[slug]
+                parts.append(f"![{title.lower()} curve]({name}_curve.png)\n")
         parts.append(self.summary(sections, header))
         report_path = self._path("report.md")
         _write_text(report_path, "\n".join(parts))
@@ -232,43 +242,94 @@ class Report:
         bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.S)
         if bloat:
             lines += [bloat.group(1), ""]
-        columns = list(SUMMARY_COLUMNS)
-        rows = [[metric] + [read_metric(sections.get(slugify(SUMMARY_COLUMNS[c]), ""), metric) or "-" for c in columns]
-                for metric in SUMMARY_METRICS]
-        widths = [max(len(row[i]) for row in rows + [["Metric"] + columns]) for i in range(len(columns) + 1)]
-        table = [["Metric"] + columns, ["-" * w for w in widths]] + rows
-        lines += ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in table]
+        lines += summary_table(sections) + [""]
+        # Wall clock: from "Run started" in the header to the last section written (so regenerating later does
+        # not stretch it); each stage's time is the gap between its section's timestamp and the one before it.
+        stamps = [(slug, _section_time(text)) for slug, text in sections.items()]
+        stamps = sorted(((t, slug) for slug, t in stamps if t is not None))
         started = re.search(r"^Run started: (.+)$", header, re.M)
-        if started:
-            start = datetime.datetime.strptime(started.group(1).strip(), TIME_FORMAT)
-            elapsed = (datetime.datetime.now() - start).total_seconds()
+        if started and stamps:
+            previous = start = datetime.datetime.strptime(started.group(1).strip(), TIME_FORMAT)
+            lines += ["| Stage (section) | Finished | Took |", "|---|---|---|"]
+            for when, slug in stamps:
+                lines.append(f"| {slug} | {when.strftime('%H:%M:%S')} | {_format_duration((when - previous).total_seconds())} |")
+                previous = when
+            elapsed = (stamps[-1][0] - start).total_seconds()
             lines += ["", f"Total wall clock time: {_format_duration(elapsed)}"]
-            rate = re.search(r"Hourly cost estimate: \$([0-9.]+)/h", header)
+            rate = re.search(r"Hourly cost estimate: \$([0-9.]+)/h \(([^)]*)\)", header)
             if rate:
-                lines.append(f"Estimated cost: ${float(rate.group(1)) * elapsed / 3600:,.2f}")
+                cost = float(rate.group(1)) * elapsed / 3600
+                lines.append(f"Estimated cost: ${cost:,.2f} ({rate.group(2)}, for {_format_duration(elapsed)})")
+            else:
+                lines.append("Estimated cost: - (no GPUs in this run)")
         return "\n".join(lines) + "\n"
 
-    def plot_curve(self, name):
-        """<name>_curve.png from <name>_curve.json: train loss and validation bpb against step. False if no data."""
+    def plot_curve(self, name, title=None):
+        """<name>_curve.png from <name>_curve.json: one panel per series it holds (train loss, validation bpb or
+        loss, RL reward, pass@1) against step. False when there is no curve or nothing to draw."""
         curve = self.read_curve(name)
-        if not curve or not curve.get("step"):
+        if not curve:
+            return False
+        panels = [(x, y, label) for x, y, label in CURVE_PANELS
+                  if curve.get(x) and curve.get(y) and len(curve[x]) == len(curve[y])]
+        if not panels:
             return False
         import matplotlib
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
 
-        fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
-        ax_loss.plot(curve["step"], curve["loss"], linewidth=1)
-        ax_loss.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
-        if curve.get("val_step"):
-            ax_bpb.plot(curve["val_step"], curve["val_bpb"], marker="o", markersize=3)
-        ax_bpb.set(xlabel="step", ylabel="bits per byte", title="Validation bpb")
-        for ax in (ax_loss, ax_bpb):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (x, y, label) in zip(axes[0], panels):
+            points = len(curve[x])
+            ax.plot(curve[x], curve[y], linewidth=1, marker="o" if points <= 50 else None, markersize=3)
+            ax.set(xlabel="step", ylabel=label, title=f"{title or name}: {label.split(' (')[0]}")
             ax.grid(alpha=0.3)
         fig.tight_layout()
         write_atomic(self._path(f"{name}_curve.png"), lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         return True
+
+
+def _section_time(text):
+    found = re.search(r"^timestamp: (.+)$", text, re.M)
+    try:
+        return datetime.datetime.strptime(found.group(1).strip(), TIME_FORMAT) if found else None
+    except ValueError:
+        return None
+
+
+def core_cell(section_text):
+    """(value, "over N of 22 tasks" or None) of the base evaluation's CORE. base_eval writes a partial CORE as
+    `- CORE: 0.1234 (over 19 of 22 tasks)`; a separate `- CORE tasks: 19 of 22` line is read too."""
+    value = read_metric(section_text, "CORE")
+    if value is None:
+        return None, None
+    counted = re.search(r"over (\d+) of (\d+) tasks", value) or re.search(r"(\d+) of (\d+)", read_metric(section_text, "CORE tasks") or "")
+    number = value.split()[0]
+    if counted and counted.group(1) != counted.group(2):
+        return number, f"over {counted.group(1)} of {counted.group(2)} tasks"
+    return number, None
+
+
+def summary_table(sections):
+    """The metrics x stages table as markdown lines; "-" where a stage did not measure a metric. CORE's row says
+    "over N of 22 tasks" when the evaluation had only some of the tasks: such a CORE is not the published one."""
+    columns = list(SUMMARY_COLUMNS)
+    rows = []
+    for metric in SUMMARY_METRICS:
+        label, cells = metric, []
+        for column in columns:
+            text = sections.get(slugify(SUMMARY_COLUMNS[column]), "")
+            if metric == "CORE":
+                value, partial = core_cell(text)
+                label = f"CORE ({partial})" if partial else label
+            else:
+                value = read_metric(text, metric)
+            cells.append(value.split()[0] if value else "-")
+        rows.append([label] + cells)
+    widths = [max(len(row[i]) for row in rows + [["Metric"] + columns]) for i in range(len(columns) + 1)]
+    table = [["Metric"] + columns, ["-" * w for w in widths]] + rows
+    return ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in table]
 
 
 def read_metric(section_text, metric):

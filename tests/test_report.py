@@ -82,3 +82,85 @@ def test_only_rank_zero_writes(monkeypatch):
     assert isinstance(get_report(), DummyReport)
     monkeypatch.setenv("RANK", "0")
     assert isinstance(get_report(), Report)
+
+
+def summary_rows(text):
+    summary = text[text.index("## Summary"):]
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in summary.splitlines()
+            if line.startswith("| ") and not line.startswith(("| Metric", "| Stage", "| --"))}
+
+
+def test_a_partial_core_is_labelled_with_its_number_of_tasks(report):
+    report.reset()
+    report.log("Base model evaluation", [{"CORE": "0.1234 (over 19 of 22 tasks)", "CORE label": "CORE over 19 of 22 tasks"}])
+    rows = summary_rows(open(report.generate(), encoding="utf-8").read())
+    assert rows["CORE (over 19 of 22 tasks)"] == ["0.1234", "-", "-", "-"]
+    assert "CORE" not in rows
+
+
+def test_a_separate_core_tasks_line_labels_the_core_row_too(report):
+    report.reset()
+    report.log("Base model evaluation", [{"CORE": 0.2, "CORE tasks": "20 of 22"}])
+    rows = summary_rows(open(report.generate(), encoding="utf-8").read())
+    assert rows["CORE (over 20 of 22 tasks)"] == ["0.2000", "-", "-", "-"]
+
+
+def test_the_summary_has_every_stage_and_chat_metric(report):
+    report.reset()
+    for stage, scale in (("mid", 1), ("sft", 2), ("rl", 3)):
+        report.log(f"Chat evaluation {stage}", [{"ARC-Easy": 0.1 * scale, "SpellingBee": 0.05 * scale, "GSM8K": 0.01 * scale}])
+    report.log("Base model evaluation", [{"CORE": 0.2219}])
+    rows = summary_rows(open(report.generate(), encoding="utf-8").read())
+    assert list(rows)[:8] == ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+    assert rows["SpellingBee"] == ["-", "0.0500", "0.1000", "0.1500"]
+    assert rows["GSM8K"] == ["-", "0.0100", "0.0200", "0.0300"]
+    assert rows["ChatCORE"] == ["-", "-", "-", "-"]
+
+
+def test_each_training_curve_is_plotted_after_its_own_section(report):
+    report.reset()
+    report.log("Midtraining", [{"steps": 3}])
+    report.log("Chat SFT", [{"steps": 3}])
+    report.log("Chat RL", [{"steps": 3}])
+    report.log("Chat evaluation rl", [{"SpellingBee": 0.5}])
+    report.log_curve("mid_train", {"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "val_step": [3], "val_bpb": [1.5]})
+    report.log_curve("chat_sft", {"step": [1, 2, 3], "loss": [2.0, 1.5, 1.2], "val_step": [3], "val_loss": [1.4]})
+    report.log_curve("chat_rl", {"step": [1, 2, 3], "reward": [0.1, 0.3, 0.4], "eval_step": [0, 3], "pass@1": [0.1, 0.4]})
+    text = open(report.generate(), encoding="utf-8").read()
+    for section, image, next_section in (("Midtraining", "mid_train_curve.png", "Chat SFT"),
+                                         ("Chat SFT", "chat_sft_curve.png", "Chat RL"),
+                                         ("Chat RL", "chat_rl_curve.png", "Chat evaluation rl")):
+        assert text.index(f"## {section}") < text.index(f"]({image})") < text.index(f"## {next_section}")
+        with open(f"{report.report_dir}/{image}", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "base_train_curve.png" not in text  # no curve file, no plot
+
+
+def test_a_section_without_a_curve_file_gets_no_plot(report):
+    report.reset()
+    report.log("Chat SFT", [{"steps": 3}])
+    text = open(report.generate(), encoding="utf-8").read()
+    assert "chat_sft_curve.png" not in text and "## Chat SFT" in text
+
+
+def test_wall_clock_runs_to_the_last_section_and_each_stage_gets_its_time(report):
+    report.reset()
+    header = Path(report.report_dir, "header.md")
+    text = re.sub(r"Run started: .*", "Run started: 2026-01-01 10:00:00", header.read_text())
+    header.write_text(text.replace("- GPUs: none", "- GPUs: 8 x H100\n- Hourly cost estimate: $24.00/h (8 x NVIDIA H100 at $3.00/h)"))
+    for section, stamp in (("Tokenizer training", "10:05:00"), ("Base model training", "13:05:00"), ("Chat SFT", "13:50:00")):
+        path = report.log(section, [{"x": 1}])
+        Path(path).write_text(re.sub(r"timestamp: .*", f"timestamp: 2026-01-01 {stamp}", Path(path).read_text()))
+    text = open(report.generate(), encoding="utf-8").read()
+    assert "| tokenizer-training | 10:05:00 | 0h5m |" in text
+    assert "| base-model-training | 13:05:00 | 3h0m |" in text
+    assert "| chat-sft | 13:50:00 | 0h45m |" in text
+    assert "Total wall clock time: 3h50m" in text
+    assert "Estimated cost: $92.00 (8 x NVIDIA H100 at $3.00/h, for 3h50m)" in text
+
+
+def test_without_gpus_the_cost_line_says_so(report):
+    report.reset()
+    report.log("Tokenizer training", [{"x": 1}])
+    if "Hourly cost estimate" not in Path(report.report_dir, "header.md").read_text():
+        assert "Estimated cost: - (no GPUs in this run)" in open(report.generate(), encoding="utf-8").read()
