@@ -205,7 +205,7 @@ if __name__ == "__main__":
 
     report = get_report()
     curve = {"model_tag": model_tag, "task": task, "step": [], "reward": [], "lrm": [], "answer_tokens": [],
-             "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
+             "calculator_tokens": [], "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
     step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
     while True:
         last_step = step == num_iterations
@@ -226,7 +226,7 @@ if __name__ == "__main__":
         # Rollouts: this rank's questions, num_samples answers each, their rewards and advantages
         model.eval()
         rollouts = []  # (inputs, targets, advantages) per pass
-        rewards_sum, sampled_tokens = 0.0, 0
+        rewards_sum, sampled_tokens, forced_tokens = 0.0, 0, 0
         for k in range(examples_per_rank):
             index = (step * examples_per_step + k * world_size + rank) % len(train_task)
             conversation = train_task[index]
@@ -236,11 +236,12 @@ if __name__ == "__main__":
             advantages = question_advantages(rewards)
             rewards_sum += sum(rewards)
             sampled_tokens += sum(sum(mask) for mask in masks)
+            forced_tokens += sum(len(mask) - len(prompt) - sum(mask) for mask in masks)  # the calculator's output
             for start in range(0, num_samples, device_batch_size):
                 inputs, targets = rollout_batch(sequences[start:start + device_batch_size], masks[start:start + device_batch_size], pad_id)
                 rollouts.append((inputs.to(device), targets.to(device), advantages[start:start + device_batch_size].to(device)))
         model.train()
-        rewards_total, step_tokens = all_ranks_sum([rewards_sum, sampled_tokens])
+        rewards_total, step_tokens, step_forced_tokens = all_ranks_sum([rewards_sum, sampled_tokens, forced_tokens])
         mean_reward = rewards_total / (examples_per_step * num_samples)
 
         # One update: the mean over every sampled token of the step (times world_size: the optimizers average ranks)
@@ -260,12 +261,14 @@ if __name__ == "__main__":
         total_training_time += dt
         mean_answer_tokens = step_tokens / (examples_per_step * num_samples)
         print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | answer tokens "
-               f"{mean_answer_tokens:.1f} | lrm {lrm:.4f} | dt {dt * 1000:.0f}ms", flush=True)
+               f"{mean_answer_tokens:.1f} | calculator tokens {int(step_forced_tokens)} | lrm {lrm:.4f} | dt {dt * 1000:.0f}ms",
+               flush=True)
         wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_tokens": mean_answer_tokens, "train/lrm": lrm})
         curve["step"].append(step)
         curve["reward"].append(mean_reward)
         curve["lrm"].append(lrm)
         curve["answer_tokens"].append(mean_answer_tokens)
+        curve["calculator_tokens"].append(int(step_forced_tokens))
 
     # -------------------------------------------------------------------------
     # Report
