@@ -18,6 +18,9 @@ Which split each task trains on and which it is evaluated on (never train on an 
 | SmolTalk                      | train                             | test: validation loss only          |
 | CustomJSON (identity)         | the whole file                    | never                               |
 | SpellingBee / SimpleSpelling  | split="train" (seeds train/i)     | split="test" (seeds test/i)         |
+
+Training scripts may compute a validation *loss* on an evaluated split (mid_train: MMLU test, GSM8K test); they
+never take a gradient step on one.
 """
 
 import csv

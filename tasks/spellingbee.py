@@ -14,7 +14,6 @@ Training uses split="train", evaluation split="test".
 """
 
 import functools
-import os
 import random
 import string
 

@@ -2,7 +2,6 @@
 datasets pointed at a local file), render as valid conversations, score reference answers right and wrong answers
 wrong, slice and mix deterministically, and name what is missing."""
 
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from nanochat.common import MissingFileError, UserError
+from nanochat.engine import use_calculator
 from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc, shuffled
@@ -22,8 +22,6 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-HAS_EXECUTION = importlib.util.find_spec("nanochat.execution") is not None
-HAS_ENGINE = importlib.util.find_spec("nanochat.engine") is not None
 
 
 class Numbers(Task):
@@ -241,14 +239,6 @@ def test_gsm8k_answers_compare_as_numbers():
 # -----------------------------------------------------------------------------
 # SpellingBee / SimpleSpelling
 
-def calculator(expr):
-    if HAS_ENGINE:
-        from nanochat.engine import use_calculator
-        return use_calculator(expr)
-    word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", expr).groups()
-    return word.count(letter)
-
-
 def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_dir):
     a, b = SpellingBee(200, "train"), SpellingBee(200, "train", start=100)
     assert a[150] == b[50] and a[7] == SpellingBee(200, "train")[7]
@@ -268,7 +258,7 @@ def test_spellingbee_calculator_call_and_answer_are_right(data_dir):
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
         assert f"{word}:{','.join(word)}" in parts[0]["text"]
         assert parts[1]["text"] == f"'{word}'.count('{letter}')"
-        assert str(calculator(parts[1]["text"])) == parts[2]["text"] == str(word.count(letter))
+        assert str(use_calculator(parts[1]["text"])) == parts[2]["text"] == str(word.count(letter))
         assert parts[0]["text"].count("hit!") == word.count(letter)
         assert parts[3]["text"].endswith(f"#### {word.count(letter)}")
         reference = full_text(conversation)
@@ -303,7 +293,6 @@ def test_humaneval_program_has_imports_first_code_block_tests_and_check(data_dir
     assert extract_code("def g(): pass") == "def g(): pass"
 
 
-@pytest.mark.skipif(not HAS_EXECUTION, reason="nanochat/execution.py (the sandbox) has not landed yet")
 def test_humaneval_canonical_solution_passes_and_empty_completion_fails(data_dir):
     task = HumanEval(stop=3)
     for i in range(len(task)):
