@@ -120,6 +120,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         num_passed += any(task.evaluate(conversation, completion) for completion in completions)
         total += 1
+        if total % 50 == 0:  # long generative runs (GSM8K: 1319 problems) show that they are moving
+            print0(f"  {type(task).__name__}: {num_passed}/{total} passed on rank 0 so far")
     return num_passed, total
 
 
