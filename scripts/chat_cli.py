@@ -1,0 +1,153 @@
+"""
+Talk to a chat model in the terminal: multi-turn, replies streamed as they are sampled, calculator calls shown as
+[calculator: expression = result]. Type `clear` to start a new conversation, `quit` or `exit` (or Ctrl-D) to leave.
+With -p "prompt" it answers that one prompt and exits (for scripts and a quick check).
+
+The conversation is kept as messages and rendered for every turn exactly as in training (tokenizer's
+render_for_completion: <|bos|>, the turns, <|assistant_start|>); the reply's tool calls are stored as python /
+python_output parts, so the next turn sees them as the model did. Not a server: see scripts/chat_web.py.
+
+Usage:
+    python -m scripts.chat_cli                       # sft model, largest tag, last step
+    python -m scripts.chat_cli -i rl -t 0.8 -k 50
+    python -m scripts.chat_cli -p "Why is the sky blue?" --temperature=0 --device_type=cpu
+"""
+
+import argparse
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import UserError, compute_init
+from nanochat.engine import Engine
+
+parser = argparse.ArgumentParser(description="Chat with a model in the terminal.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which checkpoints")
+parser.add_argument("-g", "--model_tag", default=None, help="checkpoint directory, e.g. d20 (default: the largest)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit")
+parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
+parser.add_argument("-m", "--max_tokens", type=int, default=256, help="most tokens per reply")
+parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply (+1 per reply)")
+parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="'' = autodetect")
+args = parser.parse_args()
+if args.temperature < 0:
+    raise UserError(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
+if args.top_k < 0:
+    raise UserError(f"--top_k={args.top_k}: must be >= 0 (0 = the whole vocabulary)")
+if args.max_tokens < 1:
+    raise UserError(f"--max_tokens={args.max_tokens}: must be at least 1")
+
+_, _, _, _, device = compute_init(args.device_type)
+model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+engine = Engine(model, tokenizer)
+special = {name: tokenizer.encode_special(name) for name in (
+    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>")}
+stop_tokens = {special["<|assistant_end|>"], tokenizer.get_bos_token_id()}
+
+
+class ReplyPrinter:
+    """Streams a reply's text as its tokens arrive and collects it as message parts (text / python /
+    python_output). Text is printed only up to its last complete UTF-8 character: a multi-byte character split
+    across tokens decodes to U+FFFD until its last byte arrives."""
+
+    def __init__(self):
+        self.parts = []
+        self.kind, self.tokens, self.printed = "text", [], 0
+        self.expression = None  # a finished python block waiting to see whether the tool answers
+
+    def _flush(self):
+        text = tokenizer.decode(self.tokens)
+        if self.kind == "text":
+            print(text[self.printed:], end="", flush=True)
+        if text:
+            self.parts.append({"type": self.kind, "text": text})
+        self.tokens, self.printed = [], 0
+        return text
+
+    def _show_unanswered_call(self):
+        if self.expression is not None:
+            print(f"[calculator: {self.expression} = ?]", end="", flush=True)
+            self.expression = None
+
+    def add(self, token):
+        if token == special["<|python_start|>"]:
+            self._show_unanswered_call()
+            self._flush()
+            self.kind = "python"
+        elif token == special["<|python_end|>"] and self.kind == "python":
+            self.expression = self._flush()
+            self.kind = "text"
+        elif token == special["<|output_start|>"]:
+            self._flush()
+            self.kind = "python_output"
+        elif token == special["<|output_end|>"] and self.kind == "python_output":
+            result = self._flush()
+            print(f"[calculator: {self.expression or '?'} = {result}]", end="", flush=True)
+            self.expression, self.kind = None, "text"
+        else:
+            self._show_unanswered_call()
+            self.tokens.append(token)
+            if self.kind == "text":
+                text = tokenizer.decode(self.tokens)
+                if not text.endswith("\ufffd"):
+                    print(text[self.printed:], end="", flush=True)
+                    self.printed = len(text)
+
+    def finish(self):
+        self._show_unanswered_call()
+        self._flush()
+        print()
+        return self.parts or [{"type": "text", "text": ""}]
+
+
+def reply(messages, seed):
+    """Stream the assistant's reply to the conversation `messages` (ending with a user turn); return its parts."""
+    conversation = {"messages": messages + [{"role": "assistant", "content": ""}]}
+    prompt = tokenizer.render_for_completion(conversation)
+    if len(prompt) + args.max_tokens > model.config.sequence_len:
+        print(f"(the conversation is {len(prompt)} tokens, near the model's context of {model.config.sequence_len}; "
+              f"type 'clear' to start over)")
+    printer = ReplyPrinter()
+    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, seed=seed):
+        if column[0] in stop_tokens:
+            break
+        printer.add(column[0])
+    # stopped by max_tokens or by <|assistant_end|>: either way the history closes the turn with
+    # <|assistant_end|>, which rendering the assistant message adds
+    return printer.finish()
+
+
+seed = args.seed
+if args.prompt:
+    print("Assistant: ", end="", flush=True)
+    reply([{"role": "user", "content": args.prompt}], seed)
+    raise SystemExit(0)
+
+print(f"nanochat {args.source} model (step {meta['step']}). Commands: 'clear' starts over, 'quit' or 'exit' leaves.")
+messages = []
+while True:
+    try:
+        user_text = input("\nUser: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        break
+    if user_text.lower() in ("quit", "exit"):
+        break
+    if user_text.lower() == "clear":
+        messages = []
+        print("(new conversation)")
+        continue
+    if not user_text:
+        continue
+    messages.append({"role": "user", "content": user_text})
+    print("Assistant: ", end="", flush=True)
+    try:
+        parts = reply(messages, seed)
+    except KeyboardInterrupt:  # stop this reply, keep the session
+        print("\n(interrupted)")
+        messages.pop()
+        continue
+    messages.append({"role": "assistant", "content": parts})
+    seed += 1
