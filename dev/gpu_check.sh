@@ -11,7 +11,15 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# .gpu_vendor/PYTHON_VERSION (e.g. "3.12"), when present, says which Python its compiled parts were built for:
+# another Python (say a local --dry_run with .venv's) leaves the folder out instead of failing on it
 if [ -d "$REPO/.gpu_vendor" ]; then
-    export PYTHONPATH="$REPO/.gpu_vendor:$PYTHONPATH"
+    WANT="$(cat "$REPO/.gpu_vendor/PYTHON_VERSION" 2>/dev/null || true)"
+    HAVE="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    if [ -z "$WANT" ] || [ "$WANT" = "$HAVE" ]; then
+        export PYTHONPATH="$REPO/.gpu_vendor:$PYTHONPATH"
+    else
+        echo "note: .gpu_vendor/ holds packages for Python $WANT and this is Python $HAVE: not used" >&2
+    fi
 fi
 exec "$PYTHON" dev/gpu_check.py "$@"
