@@ -208,24 +208,76 @@ def token_rows(task_type, token_lists, max_len=None):
 # Scoring
 
 
+def _pad(rows, pad_id):
+    """(len(rows), longest) long tensor of the rows, right-padded with pad_id."""
+    batch = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return batch
+
+
+def supports_prefix_sharing(model):
+    """A nanochat GPT takes a KV cache; other models (test stubs, wrappers) are run one full row per option."""
+    config = getattr(model, "config", None)
+    return all(hasattr(config, name) for name in ("n_layer", "n_head", "n_kv_head", "n_embd"))
+
+
 @torch.no_grad()
-def score_batch(model, items, pad_id, device):
-    """Is each item right? items: dicts with rows, spans, task_type and gold. All rows of all items go through one
-    forward, right-padded; a row's scores read only its own span, which the padding after it cannot affect."""
+def score_batch(model, items, pad_id, device, share_prefix=True):
+    """Is each item right? items: dicts with rows, spans, shared, task_type and gold.
+
+    All rows of all items go through one forward, right-padded; a row's scores read only its own span, which the
+    padding after it cannot affect. With share_prefix, the tokens that all options of an item share (item["shared"]:
+    few-shot examples + question, often 90% of a multiple-choice prompt) run once per item into a KV cache that
+    each option's row then continues from, instead of once per option."""
     rows = [row for item in items for row in item["rows"]]
-    max_len = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
-    row_index, positions = [], []
-    for r, (row, (start, end)) in enumerate(zip(rows, [span for item in items for span in item["spans"]])):
-        input_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-        row_index += [r] * (end - start)
-        positions += range(start - 1, end - 1)  # the predictions of tokens start..end-1
-    input_ids = input_ids.to(device)
+    spans = [span for item in items for span in item["spans"]]
+    shared = [item["shared"] if share_prefix else 0 for item in items]
+    row_shared = [q for item, q in zip(items, shared) for _ in item["rows"]]
+
+    prefix_logits, prefix_of_row = None, [0] * len(rows)
+    if any(shared):
+        from nanochat.gpt import KVCache
+        config = model.config
+        def new_cache(batch_size, seq_len):
+            return KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer, device)
+        # 1) the shared prefix of each item that has one, once
+        prefixed = [i for i, q in enumerate(shared) if q]
+        prefixes = _pad([items[i]["rows"][0][:shared[i]] for i in prefixed], pad_id).to(device)  # (E, Q)
+        prefix_cache = new_cache(len(prefixed), prefixes.size(1))
+        prefix_logits = model(prefixes, kv_cache=prefix_cache)  # (E, Q, V)
+        # 2) every row continues from its item's prefix (rows without one start from an empty cache at 0)
+        slot = {i: e for e, i in enumerate(prefixed)}
+        prefix_of_row = [slot.get(i, 0) for i, item in enumerate(items) for _ in item["rows"]]
+        suffixes = _pad([row[q:] for row, q in zip(rows, row_shared)], pad_id).to(device)  # (R, S)
+        cache = new_cache(len(rows), prefixes.size(1) + suffixes.size(1))
+        source = torch.tensor(prefix_of_row, device=device)
+        cache.k[:, :, :prefixes.size(1)] = prefix_cache.k[:, source]
+        cache.v[:, :, :prefixes.size(1)] = prefix_cache.v[:, source]
+        cache.pos.copy_(torch.tensor(row_shared, device=device))
+        row_logits = model(suffixes, kv_cache=cache)  # (R, S, V): row r position j is token row_shared[r] + j
+    else:
+        row_logits = model(_pad(rows, pad_id).to(device))  # (R, T, V)
+
+    # the predictions of span tokens start..end-1 sit at positions start-1..end-2: the last prefix position comes
+    # from the prefix forward, the rest from the row forward. picks: (place in span order, row, position)
+    prefix_picks, row_picks, targets, row_index = [], [], [], []
+    for r, ((start, end), q, row) in enumerate(zip(spans, row_shared, rows)):
+        for t in range(start - 1, end - 1):
+            if t < q:
+                assert t == q - 1, "a span may start at most one token into the shared prefix's predictions"
+                prefix_picks.append((len(targets), prefix_of_row[r], t))
+            else:
+                row_picks.append((len(targets), r, t - q))
+            targets.append(row[t + 1])
+            row_index.append(r)
+    span_logits = row_logits.new_empty(len(targets), row_logits.size(-1))  # (N, V)
+    for logits, picks in ((prefix_logits, prefix_picks), (row_logits, row_picks)):
+        if picks:
+            place, batch_row, position = (torch.tensor(column, device=device) for column in zip(*picks))
+            span_logits[place] = logits[batch_row, position]
+    targets = torch.tensor(targets, device=device)
     row_index = torch.tensor(row_index, device=device)
-    positions = torch.tensor(positions, device=device)
-    logits = model(input_ids)  # (R, T, V) fp32
-    span_logits = logits[row_index, positions]  # (N, V): only the scored positions, not the whole batch
-    targets = input_ids[row_index, positions + 1]  # (N,)
     losses = F.cross_entropy(span_logits.float(), targets, reduction="none")
     hits = span_logits.argmax(dim=-1) == targets
     # per row: mean loss over its span, and whether every span token was the argmax
@@ -247,27 +299,33 @@ def score_batch(model, items, pad_id, device):
     return correct
 
 
-def make_batches(items, batch_tokens):
-    """Groups of items, each at most batch_tokens padded tokens (rows x longest row), taken in order of length so
-    that items of similar length share a forward (little padding). An item never splits; one item per batch
-    when batch_tokens <= 0."""
+def forward_tokens(items, share_prefix):
+    """Padded tokens of one forward over these items: the rows (after the shared prefix), plus the prefixes."""
+    shared = [item["shared"] if share_prefix else 0 for item in items]
+    num_rows = sum(len(item["rows"]) for item in items)
+    suffix_len = max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
+    return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared)
+
+
+def make_batches(items, batch_tokens, share_prefix=True):
+    """Groups of item indices, each forward at most batch_tokens padded tokens, taken in order of length so that
+    items of similar length share a forward (little padding). An item never splits; one item per forward when
+    batch_tokens <= 0."""
     order = sorted(range(len(items)), key=lambda i: max(len(row) for row in items[i]["rows"]), reverse=True)
-    batches, current, current_rows, current_len = [], [], 0, 0
+    batches, current = [], []
     for i in order:
-        num_rows, length = len(items[i]["rows"]), max(len(row) for row in items[i]["rows"])
-        fits = (current_rows + num_rows) * max(current_len, length) <= batch_tokens
-        if current and not fits:
+        if current and forward_tokens([items[j] for j in current + [i]], share_prefix) > batch_tokens:
             batches.append(current)
-            current, current_rows, current_len = [], 0, 0
+            current = []
         current.append(i)
-        current_rows, current_len = current_rows + num_rows, max(current_len, length)
     if current:
         batches.append(current)
     return batches
 
 
 def prepare_items(data, indices, task, tokenizer, max_len):
-    """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts)."""
+    """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts), and how many
+    leading tokens all rows of an item share ahead of every span (0 for a single row: nothing to share)."""
     prompts = [render_prompts(data[i], task["task_type"], task["delimiter"],
                               fewshot_examples(data, i, task["num_fewshot"])) for i in indices]
     flat = tokenizer.encode([p for item_prompts in prompts for p in item_prompts], prepend=tokenizer.get_bos_token_id())
@@ -275,21 +333,24 @@ def prepare_items(data, indices, task, tokenizer, max_len):
     for i, item_prompts in zip(indices, prompts):
         rows, spans = token_rows(task["task_type"], flat[k:k + len(item_prompts)], max_len)
         k += len(item_prompts)
-        items.append(dict(index=i, rows=rows, spans=spans, task_type=task["task_type"], gold=data[i].get("gold")))
+        shared = min(_common_prefix_length(rows), min(start for start, _ in spans)) if len(rows) > 1 else 0
+        items.append(dict(index=i, rows=rows, spans=spans, shared=shared, task_type=task["task_type"],
+                          gold=data[i].get("gold")))
     return items
 
 
-def evaluate_task(model, tokenizer, data, task, device, batch_tokens=DEFAULT_BATCH_TOKENS):
+def evaluate_task(model, tokenizer, data, task, device, batch_tokens=DEFAULT_BATCH_TOKENS, share_prefix=True):
     """Accuracy of the model on data (this task's examples). Each rank scores examples rank, rank + world_size, ...;
     the per-example results are summed over ranks, so every rank returns the same accuracy."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = getattr(model, "config", None)
     max_len = getattr(config, "sequence_len", None) or getattr(model, "max_seq_len", None)
+    share_prefix = share_prefix and supports_prefix_sharing(model)
     items = prepare_items(data, range(rank, len(data), world_size), task, tokenizer, max_len)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    for batch in make_batches(items, batch_tokens):
-        results = score_batch(model, [items[i] for i in batch], tokenizer.get_bos_token_id(), device)
+    for batch in make_batches(items, batch_tokens, share_prefix):
+        results = score_batch(model, [items[i] for i in batch], tokenizer.get_bos_token_id(), device, share_prefix)
         for i, right in zip(batch, results):
             correct[items[i]["index"]] = float(right)
     if distributed and world_size > 1:
@@ -315,7 +376,7 @@ def core_label(result):
 
 
 def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=DEFAULT_BATCH_TOKENS,
-                   use_fallback=True):
+                   use_fallback=True, share_prefix=True):
     """CORE of a base model. Returns {"results": {task: accuracy}, "centered_results": {task: centred},
     "core_metric": mean centred accuracy, "num_tasks": tasks evaluated, "total_tasks": 22, "skipped": {task: why},
     "fallback_tasks": [tasks run on a stand-in file], "label": "CORE (over N of 22 tasks ...)"}."""
@@ -330,7 +391,7 @@ def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, b
             continue
         t0 = time.time()
         data = load_examples(task["path"], max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
+        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens, share_prefix)
         results[label] = accuracy
         centered_results[label] = centered(accuracy, task["baseline"])
         if task["fallback"]:

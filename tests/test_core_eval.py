@@ -203,18 +203,34 @@ def test_centered_accuracy_rescales_chance_to_zero_and_perfect_to_one():
 # Whole runs on the real files: ranges, determinism, batching
 
 
-def test_accuracies_are_in_range_and_identical_across_runs_and_batch_sizes(byte_model, shared_data):
+def test_accuracies_are_in_range_and_identical_across_runs_batch_sizes_and_prefix_sharing(byte_model, shared_data):
     model, tokenizer = byte_model
-    runs = [evaluate_model(model, tokenizer, "cpu", max_per_task=6, bundle_dir=str(shared_data / BUNDLE),
-                           batch_tokens=batch_tokens) for batch_tokens in (8192, 8192, 0, 700)]
+    modes = [dict(batch_tokens=8192), dict(batch_tokens=8192), dict(batch_tokens=0), dict(batch_tokens=700),
+             dict(batch_tokens=0, share_prefix=False), dict(batch_tokens=8192, share_prefix=False)]
+    runs = [evaluate_model(model, tokenizer, "cpu", max_per_task=5, bundle_dir=str(shared_data / BUNDLE), **mode)
+            for mode in modes]
     first = runs[0]
     assert first["num_tasks"] == 20 and first["total_tasks"] == 22
     assert all(0.0 <= acc <= 1.0 for acc in first["results"].values())
     assert all(c <= 1.0 for c in first["centered_results"].values())
     expected_core = sum(first["centered_results"].values()) / 20
     assert abs(first["core_metric"] - expected_core) < 1e-12
-    for run in runs[1:]:  # one example per forward (0), several (8192), and a budget in between (700)
+    # one example per forward (0), several (8192), a budget in between (700); options' shared prefix run once
+    # (default) or every option's full prompt run as its own row (share_prefix=False)
+    for run in runs[1:]:
         assert run["results"] == first["results"] and run["core_metric"] == first["core_metric"]
+
+
+def test_options_share_the_prefix_ahead_of_every_span(byte_model):
+    model, tokenizer = byte_model
+    mc = {"query": "Pick:", "choices": ["red", "green"], "gold": 0}
+    items = core_eval.prepare_items([mc], [0], task("multiple_choice"), tokenizer, max_len=None)
+    assert items[0]["shared"] == 1 + len("Pick: ")  # BOS + the query and delimiter, the choices differ from there
+    schema = {"context_options": ["The cat", "The dog"], "continuation": "barked.", "gold": 1}
+    items = core_eval.prepare_items([schema], [0], task("schema"), tokenizer, max_len=None)
+    assert items[0]["shared"] == 1 + len("The ")  # the contexts part at "c"/"d"; the span is " barked."
+    lm = {"context": "Q:", "continuation": "abcd"}
+    assert core_eval.prepare_items([lm], [0], task("language_modeling"), tokenizer, None)[0]["shared"] == 0
 
 
 def test_missing_tasks_are_skipped_and_the_result_says_core_over_n_of_22(byte_model, shared_data, tmp_path):
