@@ -32,6 +32,7 @@ Then open the page, or: OpenAI(base_url="http://localhost:8000/v1", api_key="non
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import random
 import threading
@@ -349,6 +350,8 @@ class Worker:
                 except Exception as e:  # a bug must not kill the worker silently: fail its requests, go on
                     logger.exception(f"worker {self.worker_id}: decode loop failed")
                     for row_id, generation in list(self.running.items()):
+                        with contextlib.suppress(Exception):
+                            self.decoder.remove(row_id)
                         self._finish(row_id, generation, e)
 
     def loop_once(self):
@@ -400,11 +403,10 @@ class Worker:
         if batch:
             batch[0][0].loop.call_soon_threadsafe(_put_events, batch)
 
-    def tokens_per_second(self):
-        recent = list(self.recent)
-        if len(recent) < 2:
-            return 0.0
-        return sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-6)
+    def tokens_per_second(self, window=10.0):
+        """Tokens decoded in the last `window` seconds, per second (0 when idle)."""
+        since = time.time() - window
+        return sum(n for t, n in list(self.recent) if t > since) / window
 
 
 def _put_events(batch):
@@ -455,10 +457,13 @@ class WorkerPool:
             worker.wake.set()
 
     def take(self, worker):
-        """Called by a worker's thread: the waiting requests it now owns, as many as it has free rows."""
+        """Called by a worker's thread: the waiting requests it now owns. A worker takes one only while it is among
+        the least loaded, so that with several GPUs the requests spread out instead of piling onto whichever
+        worker wakes first."""
         taken = []
         with self.lock:
-            while self.waiting and self.rows_in_use[worker.worker_id] < worker.max_batch:
+            while (self.waiting and self.rows_in_use[worker.worker_id] < worker.max_batch
+                   and self.rows_in_use[worker.worker_id] <= min(self.rows_in_use.values())):
                 generation = self.waiting.popleft()
                 if generation.state != "waiting":
                     continue

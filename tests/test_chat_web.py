@@ -131,12 +131,15 @@ def serve_in_thread(app):
         thread.join(timeout=10)
 
 
-def scripted_app(tokenizer, script, max_batch=4, step_seconds=0.0, max_queue=8, request_timeout=5.0, context_len=4096):
-    decoder = ScriptedDecoder(tokenizer, script, max_batch, step_seconds)
+def scripted_app(tokenizer, script, max_batch=4, step_seconds=0.0, max_queue=8, request_timeout=5.0, context_len=4096,
+                 num_workers=1):
+    """(app, decoder of worker 0) over num_workers workers with scripted decoders."""
     pool = WorkerPool(max_queue=max_queue, request_timeout=request_timeout)
-    pool.add_worker("cpu", decoder)
+    decoders = [ScriptedDecoder(tokenizer, script, max_batch, step_seconds) for _ in range(num_workers)]
+    for decoder in decoders:
+        pool.add_worker("cpu", decoder)
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
-    return create_app(pool, tokenizer, "nanochat-test", defaults, context_len), decoder
+    return create_app(pool, tokenizer, "nanochat-test", defaults, context_len), decoders[0]
 
 
 @pytest.fixture
@@ -459,3 +462,21 @@ def test_a_prompt_longer_than_the_context_is_a_400(byte_tokenizer):
     with serve_in_thread(app) as url:
         response = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "x" * 100}]})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_requests_spread_over_the_workers(byte_tokenizer):
+    app, _ = scripted_app(byte_tokenizer, forever(ord("a")), max_batch=4, step_seconds=0.01, num_workers=2)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MAX_TOKENS}
+
+    async def main(url):
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(4):
+                    response = await stack.enter_async_context(client.stream("POST", f"{url}/chat/completions", json=body))
+                    assert response.status_code == 200
+                return (await client.get(f"{url}/stats")).json()
+
+    with serve_in_thread(app) as url:
+        stats = asyncio.run(main(url))
+        assert [worker["active_rows"] for worker in stats["workers"]] == [2, 2]
+        assert stats["total_workers"] == 2 and stats["active_requests"] == 4
