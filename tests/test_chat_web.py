@@ -369,6 +369,27 @@ async def _aiter_events(response):
             yield line[len("data: "):]
 
 
+def test_a_disconnected_stream_stops_decoding_on_the_real_engine(server):
+    body = {"messages": [{"role": "user", "content": "Write a long story."}], "temperature": 1.0, "max_tokens": 200}
+    for seed in range(10):  # a seed whose reply is long (the random model may stop early)
+        full = httpx.post(f"{server}/v1/chat/completions", json=body | {"seed": seed}, timeout=120).json()
+        if full["usage"]["completion_tokens"] >= 150:
+            break
+    else:
+        pytest.skip("no seed gave a long reply from this random model")
+    before = httpx.get(f"{server}/stats").json()["total_tokens"]
+    with httpx.stream("POST", f"{server}/chat/completions", json=body | {"seed": seed}, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        assert httpx.get(f"{server}/stats").json()["active_requests"] == 1
+    deadline = time.time() + 5
+    while httpx.get(f"{server}/stats").json()["active_requests"] != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    stats = httpx.get(f"{server}/stats").json()
+    assert stats["active_requests"] == 0 and stats["workers"][0]["free_rows"] == 8
+    assert stats["total_tokens"] - before < full["usage"]["completion_tokens"]
+
+
 def test_openapi_schema_fuzzing_finds_no_server_error(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings, strategies
