@@ -14,6 +14,7 @@ The engine knows token ids only; text goes through the tokenizer solely to run t
 
 import ast
 import math
+import random
 from collections import deque
 from dataclasses import dataclass
 
@@ -316,16 +317,33 @@ class RowEvent:
 
 
 class _Request:
-    __slots__ = ("row_id", "next_input", "position", "generated", "max_tokens", "temperature", "top_k",
-                 "generator", "state")
+    __slots__ = ("row_id", "next_input", "position", "generated", "max_tokens", "temperature", "top_k", "rng",
+                 "state")
 
-    def __init__(self, row_id, next_input, position, max_tokens, temperature, top_k, generator):
+    def __init__(self, row_id, next_input, position, max_tokens, temperature, top_k, seed):
         self.row_id = row_id
         self.next_input = next_input  # the token fed at the next step (the prompt's last token, at first)
         self.position = position  # tokens of this row in the cache = where next_input goes
         self.generated = 0
-        self.max_tokens, self.temperature, self.top_k, self.generator = max_tokens, temperature, top_k, generator
+        self.max_tokens, self.temperature, self.top_k = max_tokens, temperature, top_k or 0
+        self.rng = random.Random(seed)  # one uniform per sampled token, drawn on the host: no per-row device work
         self.state = _RowState()
+
+
+def _sample_rows(logits, requests, top_k):
+    """Next token ids (n,) for n rows that all sample with the same top_k (0 = whole vocabulary) but their own
+    temperatures and random streams: inverse-CDF sampling with one host-drawn uniform per row, batched on device."""
+    device = logits.device
+    temperatures = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)[:, None]
+    uniforms = torch.tensor([r.rng.random() for r in requests], dtype=torch.float32, device=device)[:, None]
+    indices = None
+    if top_k:
+        logits, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (n, k)
+    cdf = torch.cumsum(F.softmax(logits / temperatures, dim=-1), dim=-1)
+    # side="right" and u < 1: a token whose probability underflowed to 0 (a flat stretch of the cdf) is never hit
+    uniforms = uniforms.clamp_(max=1 - 2**-24)
+    choice = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # (n, 1)
+    return (choice if indices is None else indices.gather(-1, choice)).view(-1)
 
 
 def _rows_view(cache, start, stop):
@@ -341,7 +359,7 @@ class BatchDecoder:
 
     add() prefills a request's prompt (all but its last token, batch 1, straight into a free row); that row joins
     the next step(), which feeds its last prompt token together with every other row's latest token. Each request
-    has its own sampling settings and seeded generator, so its output does not depend on which other requests
+    has its own sampling settings and seeded random stream, so its output does not depend on which other requests
     share the batch (greedy results are the same alone or batched, up to float rounding of batched matmuls).
     Rows above the highest active one are not computed. Not thread-safe: call add/step/remove from one thread."""
 
@@ -385,14 +403,11 @@ class BatchDecoder:
             view = _rows_view(self.cache, slot, slot + 1)
             view.pos.zero_()
             self.model(torch.tensor([tokens[:-1]], dtype=torch.long, device=self.device), kv_cache=view)
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
         if max_tokens == 0:
             raise ValueError("max_tokens=0: a request must be allowed at least one token")
         max_tokens = self.max_seq_len if max_tokens is None else max_tokens
         row_id, self.next_row_id = self.next_row_id, self.next_row_id + 1
-        self.slots[slot] = _Request(row_id, tokens[-1], len(tokens) - 1, max_tokens, temperature, top_k, generator)
+        self.slots[slot] = _Request(row_id, tokens[-1], len(tokens) - 1, max_tokens, temperature, top_k, seed)
         self.slot_of[row_id] = slot
         return row_id
 
@@ -422,12 +437,14 @@ class BatchDecoder:
                             kv_cache=view)[:, -1, :]  # (high, V)
 
         next_ids = torch.argmax(logits, dim=-1)  # (high,) greedy rows keep this
+        by_top_k = {}  # sampled rows grouped by top_k (usually one group), each group sampled in one go
         for slot in active_slots:
-            request = requests[slot]
-            if request.temperature > 0:
-                next_ids[slot] = sample_next_token(logits[slot:slot + 1], request.generator, request.temperature,
-                                                   request.top_k)[0, 0]
-        next_ids = next_ids.tolist()
+            if requests[slot].temperature > 0:
+                by_top_k.setdefault(requests[slot].top_k, []).append(slot)
+        for top_k, slots in by_top_k.items():
+            rows = torch.tensor(slots, device=self.device)
+            next_ids[rows] = _sample_rows(logits[rows], [requests[slot] for slot in slots], top_k)
+        next_ids = next_ids.tolist()  # the one host sync per step
 
         events = []
         for slot in active_slots:
