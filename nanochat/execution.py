@@ -50,12 +50,13 @@ class ExecutionResult:
 
 
 # Runs inside the sandboxed interpreter before the program: reads it whole (so a program of any size fits), closes
-# stdin, applies the limits, drops root, runs it as __main__. argv: memory cpu_seconds file_bytes files processes uid.
+# stdin, applies the limits, drops root, runs it as __main__. argv: memory cpu_seconds file_bytes files processes uid
+# caller_pid (>= 0 without bwrap on Linux: die with the caller, as bwrap's --die-with-parent does).
 GUARD = """
 import os, resource, sys
 program = sys.stdin.buffer.read()
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-memory, cpu, fsize, nofile, nproc, uid = (int(a) for a in sys.argv[1:7])
+memory, cpu, fsize, nofile, nproc, uid, caller = (int(a) for a in sys.argv[1:8])
 limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, nofile),
           (resource.RLIMIT_CORE, 0)]
 if sys.platform != "darwin":  # macOS rejects RLIMIT_AS
@@ -66,7 +67,13 @@ for which, value in limits:
     resource.setrlimit(which, (value, value))
 if uid >= 0:
     os.setgroups([]); os.setgid(uid); os.setuid(uid)
-del os, resource, null, memory, cpu, fsize, nofile, nproc, uid, limits
+if caller >= 0:  # set after setuid, which clears it
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != caller:
+        os._exit(137)
+    del ctypes
+del os, resource, null, memory, cpu, fsize, nofile, nproc, uid, caller, limits
 sys.argv = ["program.py"]
 exec(compile(program, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 """
@@ -227,7 +234,8 @@ def _run(code, timeout, maximum_memory_bytes, bwrap):
             nproc = -1 if root or not os.path.isdir("/proc/self") else _count_own_tasks() + MAX_PROCESSES
     cpu_seconds = math.ceil(timeout) + 1
     command = prefix + [interpreter, "-I", "-S", "-B", "-X", "utf8", "-c", GUARD, str(maximum_memory_bytes),
-                        str(cpu_seconds), str(MAX_DISK_BYTES), str(MAX_OPEN_FILES), str(nproc), str(uid)]
+                        str(cpu_seconds), str(MAX_DISK_BYTES), str(MAX_OPEN_FILES), str(nproc), str(uid),
+                        str(os.getpid() if not bwrap and sys.platform == "linux" else -1)]
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
            "NANOCHAT_SANDBOX": marker}
     def kill_escapees():  # without bwrap: the program's process group, then whatever left it

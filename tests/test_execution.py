@@ -8,6 +8,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,7 +163,7 @@ def test_infinite_loop_times_out(use_bwrap):
     result = execute_code("while True:\n    pass", timeout=1.0, use_bwrap=use_bwrap)
     assert result.timeout and not result.success
     assert result.error.startswith("timeout")
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 4.0
 
 
 @pytest.mark.parametrize("bomb", ["plain", "persistent"])
@@ -189,12 +191,10 @@ def test_memory_hog_is_reported(use_bwrap):
 
 
 def test_flood_of_output_is_capped(use_bwrap):
-    start = time.monotonic()
-    result = execute_code("while True:\n    print('x' * 999)", timeout=5.0, use_bwrap=use_bwrap)
-    assert not result.success and not result.timeout
+    result = execute_code("while True:\n    print('x' * 999)", timeout=10.0, use_bwrap=use_bwrap)
+    assert not result.success and not result.timeout  # stopped at the cap, not at the timeout
     assert result.error.startswith("output limit")
     assert len(result.stdout) == MAX_OUTPUT_BYTES
-    assert time.monotonic() - start < 4.0
 
 
 @pytest.mark.parametrize("how", ["parent", "everyone"])
@@ -220,12 +220,33 @@ def test_setsid_grandchild_does_not_outlive_the_call(use_bwrap, main):
         "            open('heartbeat', 'w').write(str(time.time()))\n"
         "            time.sleep(0.05)\n"
         "    os._exit(0)\n"
-        "time.sleep(0.5)\n"
+        "for _ in range(150):  # up to 3 s on a loaded machine\n"
+        "    if os.path.exists('heartbeat'):\n"
+        "        break\n"
+        "    time.sleep(0.02)\n"
         "print('beating' if os.path.exists('heartbeat') else 'no heartbeat', flush=True)\n"
     ) + ("time.sleep(60)\n" if main == "hangs" else "")
-    result = execute_code(code, timeout=2.0, use_bwrap=use_bwrap)
+    result = execute_code(code, timeout=4.0, use_bwrap=use_bwrap)
     assert result.stdout == "beating\n"
     assert result.timeout == (main == "hangs")
+    assert_none_left(name)
+
+
+def test_program_dies_with_a_killed_caller(use_bwrap):
+    requires_proc()
+    name = unique_name()
+    program = SET_NAME.format(name=name) + "import time\ntime.sleep(60)"
+    caller_code = (f"from nanochat.execution import execute_code\n"
+                   f"execute_code({program!r}, timeout=60, use_bwrap={use_bwrap})")
+    caller = subprocess.Popen([sys.executable, "-c", caller_code], cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not processes_named(name) and time.monotonic() < deadline and caller.poll() is None:
+            time.sleep(0.1)
+        assert processes_named(name), "the program never started"
+    finally:
+        caller.kill()
+        caller.wait()
     assert_none_left(name)
 
 
