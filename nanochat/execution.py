@@ -10,10 +10,12 @@ The caller enforces the wall-clock timeout and caps the captured output; killing
 namespace, so nothing the program started (a setsid'd grandchild included) outlives the call.
 
 Without bwrap (macOS, or a container that forbids namespaces) the same guard runs with the rlimits alone: network
-and filesystem isolation are off (a one-time warning says so), and escaped processes are hunted by process group
-and, on Linux, by a marker in their environment or their throwaway uid. The program never runs in the calling
-process, and nothing here tries to make Python itself safe (nulling os.kill and friends is undone by any program
-that wants to): the boundary is the operating system's.
+and filesystem isolation are off (a one-time warning says so). Escaped processes are then hunted by process group
+and, on Linux, by their throwaway uid (root callers: exact) or a marker in their environment (others: a process that
+re-execs with a clean environment escapes); a caller that is not root shares its uid with the program, which may
+then signal the caller's processes and read its files. The program never runs in the calling process, and nothing
+here tries to make Python itself safe (nulling os.kill and friends is undone by any program that wants to): the
+boundary is the operating system's.
 """
 
 import math
@@ -312,6 +314,11 @@ def _communicate(proc, program, deadline, on_exit):
         if limit_hit:
             break
     selector.close()
+    if limit_hit is None:  # both pipes closed: a program may close them and keep running
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            limit_hit = "timeout"
     out, err = (b"".join(chunks[s])[:MAX_OUTPUT_BYTES] for s in (proc.stdout, proc.stderr))
     return out, err, limit_hit
 

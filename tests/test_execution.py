@@ -166,6 +166,15 @@ def test_infinite_loop_times_out(use_bwrap):
     assert time.monotonic() - start < 4.0
 
 
+@pytest.mark.parametrize("then", ["loops", "exits"])
+def test_closing_its_output_does_not_end_the_run(use_bwrap, then):
+    code = "import os, time\nprint('bye', flush=True)\nos.close(1)\nos.close(2)\ntime.sleep(0.3)\n"
+    code += "while True:\n    pass\n" if then == "loops" else ""
+    result = execute_code(code, timeout=2.0, use_bwrap=use_bwrap)
+    assert result.stdout == "bye\n"
+    assert (result.timeout, result.success) == ((True, False) if then == "loops" else (False, True))
+
+
 @pytest.mark.parametrize("bomb", ["plain", "persistent"])
 def test_fork_bomb_is_contained(use_bwrap, bomb):
     requires_proc()
