@@ -260,27 +260,29 @@ class Engine:
         sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k)  # (B, 1)
 
         rows = [_RowState() for _ in range(num_samples)]
-        terminal = [None] * num_samples
+        column = [None] * num_samples  # a finished row repeats its terminal token, with mask 0
+        live = list(range(num_samples))  # the sample row each cache row belongs to (finished rows get dropped)
         for position in range(max_tokens):
             sampled_ids = sampled.view(-1).tolist()  # the one host sync per step: the tool and the caller need ints
-            column, masks, any_forced = [], [], False
-            for i, row in enumerate(rows):
-                if row.finished:
-                    column.append(terminal[i])
-                    masks.append(0)
-                    continue
-                token, mask = row.next_token(sampled_ids[i], special)
-                any_forced |= token != sampled_ids[i]
-                if token in special.stops:
-                    row.finished, terminal[i] = True, token
-                column.append(token)
-                masks.append(mask)
-            yield column, masks
-            if position == max_tokens - 1 or all(row.finished for row in rows):
+            masks = [0] * num_samples
+            for j, i in enumerate(live):
+                if not rows[i].finished:
+                    column[i], masks[i] = rows[i].next_token(sampled_ids[j], special)
+                    rows[i].finished = column[i] in special.stops
+            yield list(column), masks
+            still_running = [j for j, i in enumerate(live) if not rows[i].finished]
+            if position == max_tokens - 1 or not still_running:
                 return
-            next_ids = torch.tensor(column, dtype=torch.long, device=device).view(-1, 1) if any_forced else sampled
-            logits = model(next_ids, kv_cache=cache)[:, -1, :]  # (B, V)
-            sampled = sample_next_token(logits, generator, temperature, top_k)
+            next_ids = [column[i] for i in live]
+            if 2 * len(still_running) <= len(live):
+                # at most half the rows still run: drop the finished ones from the cache rather than keep computing
+                # them (a copy of the live rows, done at most log2(num_samples) times)
+                keep = torch.tensor(still_running, device=device)
+                cache.k, cache.v, cache.pos = cache.k[:, keep], cache.v[:, keep], cache.pos[keep]
+                next_ids = [next_ids[j] for j in still_running]
+                live = [live[j] for j in still_running]
+            logits = model(torch.tensor(next_ids, dtype=torch.long, device=device).view(-1, 1), kv_cache=cache)[:, -1, :]
+            sampled = sample_next_token(logits, generator, temperature, top_k)  # (len(live), 1)
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """(results, masks): per row, the prompt followed by its generated tokens (the terminal

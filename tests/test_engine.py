@@ -5,6 +5,7 @@ batching (a request's greedy tokens do not depend on who shares the batch; rows 
 Exactness tests run the model in fp32: the compute dtype is fixed at import (bf16 on CPUs with native bf16), so
 the `fp32` fixture switches the modules' COMPUTE_DTYPE before the model is built."""
 
+import math
 import threading
 import time
 
@@ -85,6 +86,43 @@ def test_sample_rows_differ_from_their_first_token_and_repeat_with_the_same_seed
     assert again == results
     other_seed, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=16, temperature=1.0, seed=8)
     assert other_seed != results
+
+
+class ChainModel:
+    """Stands in for GPT: the prompt's next token is uniform over 10..17; after token t, t + 1 with probability 0.8
+    or <|assistant_end|> with 0.2. Every row is then a run of consecutive ids of its own length."""
+
+    def __init__(self, tokenizer):
+        self.config = gpt_module.GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1,
+                                           n_head=1, n_kv_head=1, n_embd=4)
+        self.end = tokenizer.encode_special("<|assistant_end|>")
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def __call__(self, idx, kv_cache):
+        B, T = idx.shape
+        kv_cache.advance(T)
+        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        if T > 1:  # the prompt
+            logits[:, -1, 10:18] = 0.0
+            return logits
+        logits[torch.arange(B), -1, idx[:, -1] + 1] = math.log(0.8)
+        logits[:, -1, self.end] = math.log(0.2)
+        return logits
+
+
+def test_rows_finishing_at_different_times_keep_their_own_tokens(isolated_base_dir):
+    # rows that finish are dropped from the batch as it shrinks; the others must keep their own tokens
+    _, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    prompt = prompt_of(tokenizer, "go")
+    results, masks = Engine(ChainModel(tokenizer), tokenizer).generate_batch(
+        prompt, num_samples=16, max_tokens=60, temperature=1.0, seed=0)
+    replies = [row[len(prompt):] for row in results]
+    assert len({len(reply) for reply in replies}) > 3
+    for reply, mask in zip(replies, masks):
+        assert 10 <= reply[0] < 18 and reply == list(range(reply[0], reply[0] + len(reply)))
+        assert mask == [0] * len(prompt) + [1] * len(reply)
 
 
 def test_top_k_one_is_greedy(chat_model):
