@@ -29,6 +29,7 @@ import yaml
 from filelock import FileLock
 
 from nanochat.common import MissingFileError, UserError, download_file_with_lock, get_base_dir, print0
+from nanochat.gpt import KVCache
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TOTAL_TASKS = 22  # CORE is defined over the 22 tasks of the bundle's core.yaml
@@ -227,57 +228,40 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
     """Is each item right? items: dicts with rows, spans, shared, task_type and gold.
 
     All rows of all items go through one forward, right-padded; a row's scores read only its own span, which the
-    padding after it cannot affect. With share_prefix, the tokens that all options of an item share (item["shared"]:
-    few-shot examples + question, often 90% of a multiple-choice prompt) run once per item into a KV cache that
-    each option's row then continues from, instead of once per option."""
+    padding after it cannot affect. With share_prefix, the leading tokens that all options of an item share and
+    whose predictions are not scored (item["shared"]: few-shot examples + question, most of a multiple-choice
+    prompt) run once per item into a KV cache, and each option's row continues from there, instead of every
+    option running the whole prompt."""
     rows = [row for item in items for row in item["rows"]]
     spans = [span for item in items for span in item["spans"]]
-    shared = [item["shared"] if share_prefix else 0 for item in items]
-    row_shared = [q for item, q in zip(items, shared) for _ in item["rows"]]
-
-    prefix_logits, prefix_of_row = None, [0] * len(rows)
-    if any(shared):
-        from nanochat.gpt import KVCache
+    row_shared = [item["shared"] if share_prefix else 0 for item in items for _ in item["rows"]]
+    if any(row_shared):
         config = model.config
         def new_cache(batch_size, seq_len):
             return KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer, device)
-        # 1) the shared prefix of each item that has one, once
-        prefixed = [i for i, q in enumerate(shared) if q]
-        prefixes = _pad([items[i]["rows"][0][:shared[i]] for i in prefixed], pad_id).to(device)  # (E, Q)
-        prefix_cache = new_cache(len(prefixed), prefixes.size(1))
-        prefix_logits = model(prefixes, kv_cache=prefix_cache)  # (E, Q, V)
-        # 2) every row continues from its item's prefix (rows without one start from an empty cache at 0)
-        slot = {i: e for e, i in enumerate(prefixed)}
-        prefix_of_row = [slot.get(i, 0) for i, item in enumerate(items) for _ in item["rows"]]
+        # 1) each item's shared prefix, once (an item without one gets an empty prefix: its rows start at 0)
+        prefixes = _pad([item["rows"][0][:item["shared"]] or [pad_id] for item in items], pad_id).to(device)  # (E, Q)
+        prefix_cache = new_cache(len(items), prefixes.size(1))
+        model(prefixes, kv_cache=prefix_cache)
+        # 2) every row continues from its item's prefix
         suffixes = _pad([row[q:] for row, q in zip(rows, row_shared)], pad_id).to(device)  # (R, S)
         cache = new_cache(len(rows), prefixes.size(1) + suffixes.size(1))
-        source = torch.tensor(prefix_of_row, device=device)
-        cache.k[:, :, :prefixes.size(1)] = prefix_cache.k[:, source]
-        cache.v[:, :, :prefixes.size(1)] = prefix_cache.v[:, source]
+        item_of_row = torch.tensor([e for e, item in enumerate(items) for _ in item["rows"]], device=device)
+        cache.k[:, :, :prefixes.size(1)] = prefix_cache.k[:, item_of_row]
+        cache.v[:, :, :prefixes.size(1)] = prefix_cache.v[:, item_of_row]
         cache.pos.copy_(torch.tensor(row_shared, device=device))
-        row_logits = model(suffixes, kv_cache=cache)  # (R, S, V): row r position j is token row_shared[r] + j
+        logits = model(suffixes, kv_cache=cache)  # (R, S, V): position j of row r is token row_shared[r] + j
     else:
-        row_logits = model(_pad(rows, pad_id).to(device))  # (R, T, V)
+        logits = model(_pad(rows, pad_id).to(device))  # (R, T, V)
 
-    # the predictions of span tokens start..end-1 sit at positions start-1..end-2: the last prefix position comes
-    # from the prefix forward, the rest from the row forward. picks: (place in span order, row, position)
-    prefix_picks, row_picks, targets, row_index = [], [], [], []
+    # span tokens start..end-1 are predicted at positions start-1..end-2 (never inside the shared prefix)
+    row_index, position, targets = [], [], []
     for r, ((start, end), q, row) in enumerate(zip(spans, row_shared, rows)):
-        for t in range(start - 1, end - 1):
-            if t < q:
-                assert t == q - 1, "a span may start at most one token into the shared prefix's predictions"
-                prefix_picks.append((len(targets), prefix_of_row[r], t))
-            else:
-                row_picks.append((len(targets), r, t - q))
-            targets.append(row[t + 1])
-            row_index.append(r)
-    span_logits = row_logits.new_empty(len(targets), row_logits.size(-1))  # (N, V)
-    for logits, picks in ((prefix_logits, prefix_picks), (row_logits, row_picks)):
-        if picks:
-            place, batch_row, position = (torch.tensor(column, device=device) for column in zip(*picks))
-            span_logits[place] = logits[batch_row, position]
-    targets = torch.tensor(targets, device=device)
-    row_index = torch.tensor(row_index, device=device)
+        row_index += [r] * (end - start)
+        position += range(start - 1 - q, end - 1 - q)
+        targets += row[start:end]
+    row_index, position, targets = (torch.tensor(x, device=device) for x in (row_index, position, targets))
+    span_logits = logits[row_index, position]  # (N, V): only the scored positions
     losses = F.cross_entropy(span_logits.float(), targets, reduction="none")
     hits = span_logits.argmax(dim=-1) == targets
     # per row: mean loss over its span, and whether every span token was the argmax
@@ -325,7 +309,8 @@ def make_batches(items, batch_tokens, share_prefix=True):
 
 def prepare_items(data, indices, task, tokenizer, max_len):
     """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts), and how many
-    leading tokens all rows of an item share ahead of every span (0 for a single row: nothing to share)."""
+    leading tokens all rows of an item share before the first scored prediction (0 for a single row: nothing to
+    share)."""
     prompts = [render_prompts(data[i], task["task_type"], task["delimiter"],
                               fewshot_examples(data, i, task["num_fewshot"])) for i in indices]
     flat = tokenizer.encode([p for item_prompts in prompts for p in item_prompts], prepend=tokenizer.get_bos_token_id())
@@ -333,7 +318,7 @@ def prepare_items(data, indices, task, tokenizer, max_len):
     for i, item_prompts in zip(indices, prompts):
         rows, spans = token_rows(task["task_type"], flat[k:k + len(item_prompts)], max_len)
         k += len(item_prompts)
-        shared = min(_common_prefix_length(rows), min(start for start, _ in spans)) if len(rows) > 1 else 0
+        shared = min(_common_prefix_length(rows), min(start for start, _ in spans) - 1) if len(rows) > 1 else 0
         items.append(dict(index=i, rows=rows, spans=spans, shared=shared, task_type=task["task_type"],
                           gold=data[i].get("gold")))
     return items

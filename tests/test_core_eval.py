@@ -225,10 +225,11 @@ def test_options_share_the_prefix_ahead_of_every_span(byte_model):
     model, tokenizer = byte_model
     mc = {"query": "Pick:", "choices": ["red", "green"], "gold": 0}
     items = core_eval.prepare_items([mc], [0], task("multiple_choice"), tokenizer, max_len=None)
-    assert items[0]["shared"] == 1 + len("Pick: ")  # BOS + the query and delimiter, the choices differ from there
+    # BOS + "Pick: " is common, and the prediction at its last token (the choice's first) is scored
+    assert items[0]["shared"] == 1 + len("Pick: ") - 1
     schema = {"context_options": ["The cat", "The dog"], "continuation": "barked.", "gold": 1}
     items = core_eval.prepare_items([schema], [0], task("schema"), tokenizer, max_len=None)
-    assert items[0]["shared"] == 1 + len("The ")  # the contexts part at "c"/"d"; the span is " barked."
+    assert items[0]["shared"] == 1 + len("The ")  # the contexts part at "c"/"d", well before the span " barked."
     lm = {"context": "Q:", "continuation": "abcd"}
     assert core_eval.prepare_items([lm], [0], task("language_modeling"), tokenizer, None)[0]["shared"] == 0
 
