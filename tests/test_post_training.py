@@ -299,7 +299,7 @@ def test_each_stage_checkpoint_loads_in_chat_eval_and_chat_cli(tmp_path):
         result = run_script(tmp_path, "scripts.chat_eval", "-i", stage, "-a", "SpellingBee|ARC-Easy", "-x", "2", "-m", "8")
         assert "SpellingBee: " in result.stdout and "ARC-Easy: " in result.stdout
         if has_cli:
-            result = run_script(tmp_path, "scripts.chat_cli", "-i", stage, "-p", "What is your name?")
-            assert result.returncode == 0
+            result = run_script(tmp_path, "scripts.chat_cli", "-i", stage, "-p", "What is your name?", "-m", "8")
+            assert result.returncode == 0 and "Traceback" not in result.stdout
     if not has_cli:
         pytest.skip("scripts/chat_cli.py does not exist yet: chat_eval checked, chat_cli not")
