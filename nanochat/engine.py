@@ -126,10 +126,7 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None):
     """Next token ids (B, 1) long from logits (B, V): argmax when temperature is 0, else a sample from
     softmax(logits / temperature), restricted to the top_k largest logits when top_k is a positive int
     (0 or None = the whole vocabulary). generator: a torch.Generator on the logits' device (seeded by the caller)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k={top_k}: must be a positive int, or 0/None for no top-k restriction")
+    _check_sampling(temperature, top_k, None)
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k:
