@@ -90,8 +90,13 @@ def find_bundle(bundle_dir=None, url=None, attempts=5):
     with FileLock(bundle_dir + ".lock"):
         if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
             print0(f"Downloading the CORE eval bundle from {url} ...")
-            zip_path = download_file_with_lock(url, "eval_bundle.zip", validate=validate_bundle_zip, desc="eval bundle",
-                                               attempts=attempts)
+            try:
+                zip_path = download_file_with_lock(url, "eval_bundle.zip", validate=validate_bundle_zip,
+                                                   desc="eval bundle", attempts=attempts)
+            except RuntimeError as e:
+                raise MissingFileError(f"no CORE eval bundle in {bundle_dir} and the download failed: {e}. Offline, "
+                                       f"pass --bundle_dir=data/core_eval (the repo's 50-row demo subset) or a copy "
+                                       f"of the bundle") from e
             unpack_bundle(zip_path, bundle_dir)
             os.remove(zip_path)  # ~160 MB; the unpacked folder is what counts
     return bundle_dir

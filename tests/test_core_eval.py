@@ -321,7 +321,7 @@ def test_a_download_that_is_not_the_bundle_is_rejected_and_leaves_nothing(file_s
     with zipfile.ZipFile(root / "other.zip", "w") as archive:
         archive.writestr("README.txt", "not a bundle")
     for name in ("error.zip", "other.zip", "absent.zip"):
-        with pytest.raises(RuntimeError, match=name):
+        with pytest.raises(MissingFileError, match=f"{name}.*--bundle_dir=data/core_eval"):
             find_bundle(url=f"{url}/{name}", attempts=1)
     assert sorted(os.listdir(isolated_base_dir)) == ["eval_bundle.lock", "eval_bundle.zip.lock"]
 
