@@ -240,6 +240,7 @@ def _run(code, timeout, maximum_memory_bytes, bwrap):
                         str(os.getpid() if not bwrap and sys.platform == "linux" else -1)]
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
            "NANOCHAT_SANDBOX": marker}
+
     def kill_escapees():  # without bwrap: the program's process group, then whatever left it
         try:
             os.killpg(proc.pid, signal.SIGKILL)
