@@ -80,12 +80,11 @@ skipped = [name.strip() for name in skip.split(",") if name.strip()]
 for name in skipped:
     if name not in SOURCES:
         raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(SOURCES)}")
-for name, value in [("max_seq_len", max_seq_len), ("device_batch_size", device_batch_size),
-                    ("total_batch_size", total_batch_size), ("identity_copies", identity_copies + 1),
-                    ("simple_spelling_size", simple_spelling_size), ("spelling_bee_size", spelling_bee_size)]:
-    if value < 1:
-        raise UserError(f"--{name}={value if name != 'identity_copies' else identity_copies}: must be positive"
-                        f"{' or 0' if name == 'identity_copies' else ''}")
+for name in ("max_seq_len", "device_batch_size", "total_batch_size", "simple_spelling_size", "spelling_bee_size"):
+    if globals()[name] < 1:
+        raise UserError(f"--{name}={globals()[name]}: must be positive")
+if identity_copies < 0:
+    raise UserError(f"--identity_copies={identity_copies}: must be 0 or more")
 if not 0 <= warmdown_ratio <= 1:
     raise UserError(f"--warmdown_ratio={warmdown_ratio}: must be between 0 and 1")
 if num_iterations == 0 or num_iterations < -1:
@@ -333,7 +332,7 @@ if not dry_run:
             "Skipped sources": ", ".join(skipped) or "none",
             "Number of conversations": len(train_dataset),
             "Number of iterations": step,
-            "Epoch fraction": f"{progress:.4f}",
+            "Progress (of the epoch or num_iterations)": f"{progress:.4f}",
             "DDP world size": world_size,
             "Final train loss": train_loss if step else "-",
             "Minimum validation bpb": min_val_bpb,
