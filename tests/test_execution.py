@@ -241,13 +241,15 @@ def test_setsid_grandchild_does_not_outlive_the_call(use_bwrap, main):
     assert_none_left(name)
 
 
-def test_program_dies_with_a_killed_caller(use_bwrap):
+def test_program_dies_with_a_killed_caller(use_bwrap, tmp_path):
     requires_proc()
     name = unique_name()
     program = SET_NAME.format(name=name) + "import time\ntime.sleep(60)"
     caller_code = (f"from nanochat.execution import execute_code\n"
                    f"execute_code({program!r}, timeout=60, use_bwrap={use_bwrap})")
-    caller = subprocess.Popen([sys.executable, "-c", caller_code], cwd=REPO_ROOT)
+    # a killed caller cannot remove its temp dir (without bwrap): keep it in the test's own
+    caller = subprocess.Popen([sys.executable, "-c", caller_code], cwd=REPO_ROOT,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 60
         while not processes_named(name) and time.monotonic() < deadline and caller.poll() is None:
