@@ -23,8 +23,8 @@ CASES = {
     "tok_eval": ("--num_doc=5", ("--num_docs=-1", None, "num_docs=-1"), []),
     "base_train": ("--dept=4", ("--total_batch_size=1000", "base", "total_batch_size=1,000"), ["--depth=2"]),
     "base_loss": ("--split_token=1", ("--split_tokens=1", "base", "split_tokens=1"), []),
-    "base_eval": ("--max_per_tsk=5", ("--batch_tokens=-1", "base", "batch_tokens"), []),
-    "chat_eval": ("--sorce=sft", ("-i sft -a Nonsense", None, "Nonsense"), ["-i", "sft"]),
+    "base_eval": ("--max_per_tsk=5", ("--bundle_dir=/nonexistent/bundle", "base", "bundle_dir='/nonexistent/bundle'"), []),
+    "chat_eval": ("-i sft --sorce=sft", ("-i sft -a Nonsense", None, "Nonsense"), ["-i", "sft"]),
     "chat_cli": ("--temprature=0.5", ("-t -1", None, "temperature=-1"), ["-p", "hello"]),
     "mid_train": ("--device_batch=2", ("--warmdown_ratio=2.0", None, "warmdown_ratio=2.0"), []),
     "chat_sft": ("--num_iteration=2", ("--source=rl", None, "source=rl"), []),
@@ -76,9 +76,9 @@ def pending(name, case):
 def test_a_mistyped_setting_is_one_error_line(name, tmp_path):
     existing(name)
     pending(name, "mistyped")
-    typo = CASES[name][0]
-    result = run_script(name, [typo], tmp_path / "base")
-    assert_one_error_line(result, typo.split("=")[0])
+    args = CASES[name][0].split()
+    result = run_script(name, args, tmp_path / "base")
+    assert_one_error_line(result, args[-1].split("=")[0])
 
 
 @pytest.mark.slow
