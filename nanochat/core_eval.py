@@ -11,7 +11,9 @@ A task whose file is missing is reported and skipped, and then the result says "
 partial CORE is never to be compared with a published one. Ranks take every world_size-th example and all-reduce.
 Examples are batched (all options of an example in one forward, several examples per forward up to a token
 budget, right-padded, each row scored on its own span); causal attention makes a row's scores independent of
-the padding, so results match one example at a time. Not here: chat evaluations (scripts/chat_eval.py).
+the padding, so results match one example at a time. The prompt that an example's options share (few-shot
+examples + question) runs once into a KV cache that each option continues from, not once per option: the same
+numbers for ~1/3 of the compute on few-shot multiple choice. Not here: chat evaluations (scripts/chat_eval.py).
 """
 
 import csv
@@ -115,7 +117,8 @@ def load_tasks(bundle_dir, use_fallback=True):
     for entry in config["icl_tasks"]:
         label, task_type = entry["label"], entry["icl_task_type"]
         if task_type not in TASK_TYPES:
-            raise ValueError(f"{bundle_dir}/core.yaml: task {label} has icl_task_type={task_type!r}; expected one of {TASK_TYPES}")
+            raise ValueError(f"{bundle_dir}/core.yaml: task {label} has icl_task_type={task_type!r}; "
+                             f"expected one of {TASK_TYPES}")
         if label not in baselines:
             raise ValueError(f"{bundle_dir}/eval_meta_data.csv has no random baseline for task {label}")
         path = os.path.join(bundle_dir, "eval_data", entry["dataset_uri"])

@@ -64,7 +64,8 @@ if rank == 0:
     print(csv_text, end="")
     print(f"Wrote {csv_path} ({eval_seconds:.1f}s)")
 
-    over = f" (over {result['num_tasks']} of {result['total_tasks']} tasks)" if result["num_tasks"] < result["total_tasks"] else ""
+    partial = result["num_tasks"] < result["total_tasks"]
+    over = f" (over {result['num_tasks']} of {result['total_tasks']} tasks)" if partial else ""
     get_report().log(section="Base model evaluation", data=[
         user_config,
         {"Model": f"{model_tag} step {step}", "CORE": f"{result['core_metric']:.4f}{over}", "CORE label": result["label"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from nanochat import core_eval
 from nanochat.common import MissingFileError
@@ -243,12 +244,11 @@ def test_missing_tasks_are_skipped_and_the_result_says_core_over_n_of_22(byte_mo
     # a bundle of three tasks, one of whose files is missing
     bundle = tmp_path / "bundle"
     shutil.copytree(shared_data / BUNDLE, bundle, ignore=shutil.ignore_patterns("*.jsonl", "reference_results"))
-    config = {"icl_tasks": [
-        {"label": "copa", "dataset_uri": "commonsense_reasoning/copa.jsonl", "num_fewshot": [0], "icl_task_type": "multiple_choice"},
-        {"label": "squad", "dataset_uri": "reading_comprehension/squad.jsonl", "num_fewshot": [10], "icl_task_type": "language_modeling"},
-        {"label": "hellaswag", "dataset_uri": "language_understanding/hellaswag.jsonl", "num_fewshot": [10], "icl_task_type": "multiple_choice"},
-    ]}
-    import yaml
+    def entry(label, uri, shots, task_type):
+        return {"label": label, "dataset_uri": uri, "num_fewshot": [shots], "icl_task_type": task_type}
+    config = {"icl_tasks": [entry("copa", "commonsense_reasoning/copa.jsonl", 0, "multiple_choice"),
+                            entry("squad", "reading_comprehension/squad.jsonl", 10, "language_modeling"),
+                            entry("hellaswag", "language_understanding/hellaswag.jsonl", 10, "multiple_choice")]}
     (bundle / "core.yaml").write_text(yaml.safe_dump(config))
     for name in ("eval_data/commonsense_reasoning/copa.jsonl", "eval_data_fallback/hellaswag_val_olmes1000.jsonl"):
         shutil.copyfile(shared_data / BUNDLE / name, bundle / name)

@@ -85,14 +85,16 @@ if "core" in parts:
     tasks = [t for t in core_eval.load_tasks(bundle_dir) if t["path"]]
     runs, accuracies = {}, {}
     for name, mode in modes.items():
-        examples, seconds, accuracies[name] = 0, 0.0, {}
+        examples, seconds, by_type, accuracies[name] = 0, 0.0, {}, {}
         for task in tasks:
             data = core_eval.load_examples(task["path"], max_per_task)
             t0 = time.perf_counter()
             accuracies[name][task["label"]] = core_eval.evaluate_task(model, tokenizer, data, task, "cpu", **mode)
             seconds += time.perf_counter() - t0
             examples += len(data)
-        runs[name] = {"examples": examples, "seconds": round(seconds, 2), "examples_per_s": round(examples / seconds, 2)}
+            by_type[task["task_type"]] = round(by_type.get(task["task_type"], 0.0) + time.perf_counter() - t0, 2)
+        runs[name] = {"examples": examples, "seconds": round(seconds, 2), "examples_per_s": round(examples / seconds, 2),
+                      "seconds_by_task_type": by_type}
         log(f"CORE {name}: {examples} examples of {len(tasks)} tasks in {seconds:.1f}s")
     rate = {name: run["examples_per_s"] for name, run in runs.items()}
     result["core"] = {"bundle": bundle_dir, "tasks": len(tasks), "torch_threads": torch.get_num_threads(),
@@ -127,7 +129,8 @@ if "humaneval" in parts:
                     outcomes = list(pool.map(run, programs))
                 seconds = time.perf_counter() - t0
                 failed = [problems[i]["task_id"] for i, o in enumerate(outcomes) if not o.success]
-                result["humaneval"][name] = {"seconds": round(seconds, 2), "programs_per_s": round(len(programs) / seconds, 1),
+                result["humaneval"][name] = {"seconds": round(seconds, 2),
+                                             "programs_per_s": round(len(programs) / seconds, 1),
                                              "passed": len(programs) - len(failed), "failed": failed[:10]}
                 log(f"HumanEval {name}: {len(programs) - len(failed)}/{len(programs)} passed in {seconds:.1f}s")
             except Exception as e:  # e.g. bwrap missing or not permitted here
