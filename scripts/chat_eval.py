@@ -3,11 +3,13 @@ Evaluate a chat model (mid, SFT or RL checkpoint) on the chat tasks and report C
 
 Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) are scored without sampling: the prompts of a batch go through
 one forward, and the answer is the letter whose token has the highest logit at the last prompt position. Generative
-tasks (GSM8K, HumanEval, SpellingBee, SimpleSpelling) sample num_samples completions per problem with the Engine
-(calculator tool included) and pass if any is correct (pass@k). ChatCORE is the mean over the six ChatCORE tasks of
-(accuracy - baseline) / (1 - baseline), baseline 0.25 for the four-choice tasks and 0 for the others; it is reported
-only when all six ran. Results go to the report section "Chat evaluation <source>". Runs alone or under torchrun
-(ranks take every world_size-th problem; the counts are summed). Which split each task is scored on: tasks/common.py.
+tasks (GSM8K, HumanEval, SpellingBee, SimpleSpelling) sample num_samples completions per problem (calculator tool
+included) and pass if any is correct (pass@k); the completions of all problems share --gen_batch decoder rows, a
+finished row taking the next (problem, sample) at once, since one problem's samples alone would leave the batch
+mostly idle. ChatCORE is the mean over the six ChatCORE tasks of (accuracy - baseline) / (1 - baseline), baseline
+0.25 for the four-choice tasks and 0 for the others; it is reported only when all six ran. Results go to the report
+section "Chat evaluation <source>". Runs alone or under torchrun (ranks take every world_size-th problem; the counts
+are summed). Which split each task is scored on: tasks/common.py.
 
 Usage:
     python -m scripts.chat_eval -i sft
@@ -18,6 +20,7 @@ Offline, point the tasks at a local copy of the data: NANOCHAT_DATA_DIR=data/tas
 
 import argparse
 import time
+from collections import deque
 from functools import partial
 
 import torch
@@ -25,7 +28,7 @@ import torch.distributed as dist
 
 from nanochat.common import UserError, compute_cleanup, compute_init, get_dist_info, print0
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.engine import BatchDecoder, Engine
 from nanochat.report import get_report
 from tasks.arc import ARC, eval_split
 from tasks.common import local_data_dir
@@ -107,18 +110,67 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8):
     return num_passed, len(conversations)
 
 
-def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50):
+def decide_problems(engine, prompts, is_correct, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                    gen_batch=32, seed=42):
+    """Yield (problem, passed) for each prompt as soon as it is decided: passed once is_correct(problem, completion)
+    holds for one of its num_samples completions (its other samples are then dropped), failed once all are wrong.
+
+    The (problem, sample) pairs share gen_batch decoder rows, a finished row taking the next pair at once, so the
+    work is batched across problems instead of within one. A completion is the generated tokens with the calculator's
+    forced ones, the stop token left out, as in Engine.generate_batch; greedy completions are the ones generate_batch
+    gives (up to float rounding of batched matmuls). Sample s of every problem is seeded with seed + s, so sampled
+    completions do not depend on gen_batch, the rank or the other problems (they are not generate_batch's, whose
+    samples of a prompt share one generator)."""
+    if not prompts:
+        return
+    # Room for the longest prompt and its reply, as generate_batch allocates per prompt (the rotary table is the limit)
+    max_seq_len = min(max(len(prompt) for prompt in prompts) + max_new_tokens, engine.model.rotary_seq_len)
+    decoder = BatchDecoder(engine.model, engine.tokenizer, min(gen_batch, len(prompts) * num_samples), max_seq_len)
+    waiting = deque((problem, sample) for problem in range(len(prompts)) for sample in range(num_samples))
+    samples_left = [num_samples] * len(prompts)  # 0 = decided
+    rows = {}  # row_id -> (problem, its completion so far)
+    while waiting or rows:
+        while waiting and decoder.num_free:
+            problem, sample = waiting.popleft()
+            if samples_left[problem]:
+                row_id = decoder.add(prompts[problem], max_new_tokens, temperature, top_k, seed + sample)
+                rows[row_id] = (problem, [])
+        for event in decoder.step():
+            if event.row_id not in rows:  # a sibling sample passed earlier in this step and dropped it
+                continue
+            problem, completion = rows[event.row_id]
+            if event.finish_reason != "stop":  # the stop token ends the reply but is not part of it
+                completion.append(event.token)
+            if not event.finished:
+                continue
+            del rows[event.row_id]
+            if is_correct(problem, completion):
+                samples_left[problem] = 0
+                for row_id in [row_id for row_id, (other, _) in rows.items() if other == problem]:
+                    decoder.remove(row_id)
+                    del rows[row_id]
+                yield problem, True
+            else:
+                samples_left[problem] -= 1
+                if samples_left[problem] == 0:
+                    yield problem, False
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        gen_batch=32):
     """(num_passed, total) over this rank's share of the task: a problem passes when any of its num_samples
-    completions is correct (pass@num_samples)."""
+    completions is correct (pass@num_samples). gen_batch completions are decoded together (decide_problems)."""
     _, rank, _, world_size = get_dist_info()
+    conversations = [task[i] for i in range(rank, len(task), world_size)]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+
+    def is_correct(problem, completion):
+        return task.evaluate(conversations[problem], tokenizer.decode(completion))
+
     num_passed = total = 0
-    for i in range(rank, len(task), world_size):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(row[len(prompt):]) for row in results]
-        num_passed += any(task.evaluate(conversation, completion) for completion in completions)
+    for _, passed in decide_problems(engine, prompts, is_correct, num_samples, max_new_tokens, temperature, top_k,
+                                     gen_batch):
+        num_passed += passed
         total += 1
         if total % 50 == 0:  # long generative runs (GSM8K: 1319 problems) show that they are moving
             print0(f"  {type(task).__name__}: {num_passed}/{total} passed on rank 0 so far")
@@ -126,14 +178,14 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None):
+                  temperature=0.0, top_k=50, max_problems=None, gen_batch=32):
     """Accuracy of the model on one task (over all ranks), in [0, 1]."""
     task = make_task(task_name, max_problems)
     if task.eval_type == "categorical":
         num_passed, total = run_categorical_eval(task, model, tokenizer, batch_size)
     else:
         num_passed, total = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature,
-                                                top_k)
+                                                top_k, gen_batch)
     num_passed, total = all_reduce_counts(num_passed, total, model.get_device())
     if total == 0:
         raise UserError(f"{task_name}: no problems to evaluate (max_problems={max_problems})")
@@ -164,6 +216,8 @@ if __name__ == "__main__":
     parser.add_argument("-n", "--num_samples", type=int, default=1, help="completions per problem (pass@n)")
     parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k likeliest tokens")
     parser.add_argument("-b", "--batch_size", type=int, default=8, help="prompts per forward (categorical tasks)")
+    parser.add_argument("--gen_batch", type=int, default=32,
+                        help="completions decoded together across problems and samples (generative tasks)")
     parser.add_argument("-g", "--model_tag", default=None, help="checkpoint directory (default: the largest model)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-x", "--max_problems", type=int, default=None, help="problems per task at most")
@@ -174,7 +228,7 @@ if __name__ == "__main__":
         if name not in TASKS:
             raise UserError(f"-a {args.task_name!r}: unknown task {name!r}; the tasks are {', '.join(TASKS)}")
     for flag, value, low in (("-b", args.batch_size, 1), ("-n", args.num_samples, 1), ("-m", args.max_new_tokens, 1),
-                             ("-x", args.max_problems, 1)):
+                             ("-x", args.max_problems, 1), ("--gen_batch", args.gen_batch, 1)):
         if value is not None and value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
 
@@ -189,7 +243,7 @@ if __name__ == "__main__":
         results[task_name] = run_chat_eval(task_name, model, tokenizer, engine, batch_size=args.batch_size,
                                            num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, top_k=args.top_k,
-                                           max_problems=args.max_problems)
+                                           max_problems=args.max_problems, gen_batch=args.gen_batch)
         seconds[task_name] = time.time() - t0
         print0(f"{task_name}: {results[task_name]:.4f} ({seconds[task_name]:.1f}s)")
     chatcore_metric = chatcore(results)

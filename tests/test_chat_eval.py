@@ -1,6 +1,10 @@
 """scripts/chat_eval.py: categorical scoring reads the answer letters' logits at the last prompt position (the same
-batched as one at a time), generative scoring is pass@k, ChatCORE needs all six tasks, and the script evaluates a
-real (tiny, random) checkpoint on the real data and writes its report section."""
+batched as one at a time), generative scoring is pass@k over completions decoded together across problems (greedy
+ones equal to Engine.generate_batch's one problem at a time, sampled ones independent of the batch), ChatCORE needs
+all six tasks, and the script evaluates a real (tiny, random) checkpoint on the real data and writes its report section.
+
+Exactness tests run the model in fp32 (the `fp32` fixture): in bf16, batched and single-row matmuls round apart
+enough to flip a near-tie greedy choice of a random model."""
 
 import os
 import re
@@ -11,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import nanochat.engine as engine_module
+import nanochat.gpt as gpt_module
 from model_setup import make_chat_checkpoint
 from pretraining_setup import install_tokenizer
-from scripts.chat_eval import (CHATCORE_BASELINES, categorical_predictions, chatcore, load_engine, run_categorical_eval,
-                               run_generative_eval)
+from scripts.chat_eval import (CHATCORE_BASELINES, categorical_predictions, chatcore, decide_problems, load_engine,
+                               run_categorical_eval, run_generative_eval)
 from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
 from tasks.spellingbee import SpellingBee
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +54,21 @@ def data_dir(shared_data, monkeypatch):
     return shared_data
 
 
+@pytest.fixture
+def one_thread():
+    # the tiny models gain nothing from a thread pool, and on a busy 2-core machine its spinning costs seconds
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fp32(monkeypatch, one_thread):
+    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.float32)
+    monkeypatch.setattr(engine_module, "COMPUTE_DTYPE", torch.float32)
+
+
 def test_categorical_answer_is_the_letter_with_the_top_logit_after_the_prompt(data_dir, tmp_path):
     tokenizer = install_tokenizer(tmp_path / "tok")
     task = ARC("ARC-Easy", "validation", stop=12)
@@ -68,30 +90,71 @@ def test_categorical_batched_equals_unbatched_on_a_real_model(data_dir, isolated
     assert categorical_predictions(model, tokenizer, conversations, batch_size=10) == one_at_a_time
 
 
-class ScriptedEngine:
-    """Answers every prompt with the given completions (one per sample)."""
+def completions_of(engine, prompts, **settings):
+    """{(problem, n-th finished sample): completion tokens} as decide_problems produces them, none passing."""
+    completions, finished = {}, [0] * len(prompts)
 
-    def __init__(self, tokenizer, completions):
-        self.tokenizer, self.completions = tokenizer, completions
+    def record(problem, completion):
+        completions[problem, finished[problem]] = list(completion)
+        finished[problem] += 1
+        return False
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        rows = [tokens + self.tokenizer.encode(text) for text in self.completions[:num_samples]]
-        return rows, [[1] * len(row) for row in rows]
+    decided = list(decide_problems(engine, prompts, record, **settings))
+    assert sorted(decided) == [(problem, False) for problem in range(len(prompts))]
+    return completions
 
 
-def test_generative_problem_passes_when_any_sample_is_right(data_dir, tmp_path):
-    tokenizer = install_tokenizer(tmp_path / "tok")
+def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    engine = load_engine(model, tokenizer)
+    for task in (SpellingBee(7, "test"), GSM8K("main", "test", stop=5)):
+        conversations = [task[i] for i in range(len(task))]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]  # lengths differ
+        one_at_a_time = [engine.generate_batch(prompt, max_tokens=20, temperature=0.0)[0][0][len(prompt):]
+                         for prompt in prompts]
+        for gen_batch in (3, 32):  # 3 rows: finished rows take the next problems; 32: all at once
+            batched = completions_of(engine, prompts, max_new_tokens=20, gen_batch=gen_batch)
+            assert [batched[problem, 0] for problem in range(len(prompts))] == one_at_a_time
+        expected = [task.evaluate(c, tokenizer.decode(tokens)) for c, tokens in zip(conversations, one_at_a_time)]
+        assert run_generative_eval(task, tokenizer, engine, max_new_tokens=20, gen_batch=3) == (sum(expected),
+                                                                                                 len(task))
+
+
+def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    engine = load_engine(model, tokenizer)
+    task = SpellingBee(4, "test")
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
+    settings = dict(num_samples=3, max_new_tokens=12, temperature=1.0, top_k=50)
+    alone = completions_of(engine, prompts, gen_batch=1, **settings)  # one row: samples finish in order
+    assert completions_of(engine, prompts, gen_batch=12, **settings) == alone
+    assert completions_of(engine, prompts[2:], gen_batch=5, **settings) == {
+        (problem - 2, sample): tokens for (problem, sample), tokens in alone.items() if problem >= 2}
+    assert alone[0, 0] != alone[0, 1]  # seed + sample: the samples of a problem differ
+    assert completions_of(engine, prompts, gen_batch=12, seed=7, **settings) != alone
+
+
+def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, isolated_base_dir):
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
+    engine = load_engine(model, tokenizer)
     task = SpellingBee(6, "test")
-    # "#### 0" is right only where the letter is not in the word; "#### 1" where it occurs once
-    expected_zero = sum(task[i]["word"].count(task[i]["letter"]) == 0 for i in range(6))
-    expected_zero_or_one = sum(task[i]["word"].count(task[i]["letter"]) <= 1 for i in range(6))
-    assert run_generative_eval(task, tokenizer, ScriptedEngine(tokenizer, ["#### 0"])) == (expected_zero, 6)
-    two = ScriptedEngine(tokenizer, ["#### 0", "#### 1"])
-    assert run_generative_eval(task, tokenizer, two, num_samples=1) == (expected_zero, 6)
-    assert run_generative_eval(task, tokenizer, two, num_samples=2) == (expected_zero_or_one, 6)
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
+    judged = [0] * len(prompts)
+
+    def second_sample_of_even_problems_is_right(problem, completion):
+        judged[problem] += 1
+        return problem % 2 == 0 and judged[problem] == 2
+
+    decided = dict(decide_problems(engine, prompts, second_sample_of_even_problems_is_right, num_samples=3,
+                                   max_new_tokens=6, temperature=1.0, gen_batch=4))
+    assert decided == {problem: problem % 2 == 0 for problem in range(6)}
+    assert judged == [2, 3, 2, 3, 2, 3]  # a passed problem's third sample is never judged
+    decided = dict(decide_problems(engine, prompts, lambda problem, completion: False, num_samples=2,
+                                   max_new_tokens=6, temperature=1.0, gen_batch=4))
+    assert decided == {problem: False for problem in range(6)}
 
 
-def test_generative_eval_with_the_engine_is_deterministic(data_dir, isolated_base_dir):
+def test_generative_eval_with_the_engine_is_deterministic(data_dir, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     task, engine = SpellingBee(4, "test"), load_engine(model, tokenizer)
     first = run_generative_eval(task, tokenizer, engine, num_samples=2, max_new_tokens=8, temperature=1.0)
