@@ -3,7 +3,8 @@ Reinforcement learning on a task with a checkable answer (GSM8K by default, or S
 answers, the task scores them, and the likelihood of the better-than-average answers is pushed up.
 
 The original's simplified GRPO, i.e. on-policy REINFORCE with a per-question baseline: per step, examples_per_step
-questions (split across ranks) x num_samples answers each, sampled with the Engine (the calculator tool included).
+questions (split across ranks) x num_samples answers each, sampled with the engine (all of a step's answers decoded
+together by its BatchDecoder, the calculator tool included).
 Reward: 1 for a correct final answer, else 0. Advantage: reward - the mean reward of that question's answers (so
 the advantages of a question sum to 0; no division by the std, no KL, no ratio clipping: every sample is fresh).
 Loss: -sum(advantage * log p(token)) over the tokens the model sampled, divided by the number of such tokens in the
@@ -42,7 +43,8 @@ spelling_bee_size = 20000  # SpellingBee train problems (GSM8K uses its whole tr
 # Rollouts
 examples_per_step = 16  # questions per optimizer step, across processes
 num_samples = 16  # answers sampled per question
-device_batch_size = 8  # answers sampled (and trained on) together; num_samples must be a multiple
+device_batch_size = 8  # rows per forward/backward of the update; num_samples must be a multiple
+generation_batch_size = 64  # answers decoded together (rows of one KV cache), across questions
 max_new_tokens = 256
 temperature = 1.0
 top_k = 50
@@ -103,7 +105,7 @@ if __name__ == "__main__":
         raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
     if source not in ("sft", "mid"):
         raise UserError(f"--source={source}: expected sft or mid")
-    for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "num_epochs",
+    for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens", "num_epochs",
                  "eval_num_samples", "spelling_bee_size"):
         if globals()[name] < 1:
             raise UserError(f"--{name}={globals()[name]}: must be positive")
@@ -122,7 +124,6 @@ if __name__ == "__main__":
     if examples_per_step % world_size != 0:
         raise UserError(f"--examples_per_step={examples_per_step} is not a multiple of the {world_size} processes")
     examples_per_rank = examples_per_step // world_size
-    num_passes = num_samples // device_batch_size
 
     model_tag = model_tag or find_largest_model(checkpoints_root(source))
     model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag,
@@ -130,8 +131,7 @@ if __name__ == "__main__":
     model_config = meta["model_config"]
     optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
                                         matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
-    from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)
+    from nanochat.engine import BatchDecoder
     pad_id = assistant_end = tokenizer.encode_special("<|assistant_end|>")
 
     from tasks.gsm8k import GSM8K
@@ -154,39 +154,58 @@ if __name__ == "__main__":
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def sample_answers(prompt, count, seed):
-        """count answers to one prompt: (sequences, masks, answer texts), in passes of device_batch_size rows.
-        An answer that ended by itself gets its <|assistant_end|> back (sampled, mask 1) so stopping is trained."""
-        sequences, masks, texts = [], [], []
-        for pass_index in range(count // device_batch_size):
-            rows, row_masks = engine.generate_batch(prompt, num_samples=device_batch_size, max_tokens=max_new_tokens,
-                                                    temperature=temperature, top_k=top_k,
-                                                    seed=hash((seed, pass_index)) & 0x7FFFFFFF)
-            for row, row_mask in zip(rows, row_masks):
-                texts.append(tokenizer.decode(row[len(prompt):]))
-                if len(row) - len(prompt) < max_new_tokens:  # stopped before the limit: it emitted the stop token
-                    row, row_mask = row + [assistant_end], row_mask + [1]
-                sequences.append(row)
-                masks.append(row_mask)
-        return sequences, masks, texts
+    def sample_answers(prompts, count, seed):
+        """count answers to each prompt, all decoded together in rows of one BatchDecoder (generation_batch_size at
+        a time; a finished row takes the next answer). Returns, per prompt, (sequences, masks, texts): prompt +
+        answer ids, their masks (0 on the prompt and on the calculator's output) and the answer texts. An answer that
+        ended by itself gets its <|assistant_end|> back (sampled, mask 1), so that stopping is trained too. Answer j
+        of prompt i is seeded by (seed, i, j): it does not depend on the batching."""
+        longest = max(len(prompt) for prompt in prompts) + max_new_tokens
+        decoder = BatchDecoder(model, tokenizer, max_batch=min(generation_batch_size, len(prompts) * count),
+                               max_seq_len=min(longest, model.rotary_seq_len))
+        waiting = [(i, j) for i in range(len(prompts)) for j in range(count)]
+        waiting.reverse()  # popped from the end: prompt 0 first
+        owner, answers, stopped = {}, {key: ([], []) for key in waiting}, set()
+        while waiting or decoder.num_active:
+            while waiting and decoder.num_free:
+                i, j = key = waiting.pop()
+                row_id = decoder.add(prompts[i], max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     seed=hash((seed, i, j)) & 0x7FFFFFFF)
+                owner[row_id] = key
+            for event in decoder.step():
+                key = owner[event.row_id]
+                if event.finish_reason == "stop":  # the stop token ends the row; it is not part of the answer text
+                    stopped.add(key)
+                    continue
+                answers[key][0].append(event.token)
+                answers[key][1].append(event.mask)
+        results = []
+        for i, prompt in enumerate(prompts):
+            sequences, masks, texts = [], [], []
+            for j in range(count):
+                tokens, token_masks = answers[(i, j)]
+                texts.append(tokenizer.decode(tokens))
+                if (i, j) in stopped:
+                    tokens, token_masks = tokens + [assistant_end], token_masks + [1]
+                sequences.append(prompt + tokens)
+                masks.append([0] * len(prompt) + token_masks)
+            results.append((sequences, masks, texts))
+        return results
 
     @torch.no_grad()
     def evaluate_pass_at_k():
         """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
         model.eval()
+        conversations = [test_task[index] for index in range(rank, len(test_task), world_size)]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
         passed = [0] * eval_num_samples
-        total = 0
-        for index in range(rank, len(test_task), world_size):
-            conversation = test_task[index]
-            prompt = tokenizer.render_for_completion(conversation)
-            rows, _ = engine.generate_batch(prompt, num_samples=eval_num_samples, max_tokens=max_new_tokens,
-                                            temperature=temperature, top_k=top_k, seed=index)
-            correct = [bool(test_task.evaluate(conversation, tokenizer.decode(row[len(prompt):]))) for row in rows]
-            for k in range(eval_num_samples):
-                passed[k] += any(correct[:k + 1])
-            total += 1
+        if prompts:
+            for conversation, (_, _, texts) in zip(conversations, sample_answers(prompts, eval_num_samples, seed=-1)):
+                correct = [bool(test_task.evaluate(conversation, text)) for text in texts]
+                for k in range(eval_num_samples):
+                    passed[k] += any(correct[:k + 1])
         model.train()
-        *passed, total = all_ranks_sum(passed + [total])
+        *passed, total = all_ranks_sum(passed + [len(prompts)])
         return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}
 
     def save(step):
@@ -227,11 +246,11 @@ if __name__ == "__main__":
         model.eval()
         rollouts = []  # (inputs, targets, advantages) per pass
         rewards_sum, sampled_tokens, forced_tokens = 0.0, 0, 0
-        for k in range(examples_per_rank):
-            index = (step * examples_per_step + k * world_size + rank) % len(train_task)
-            conversation = train_task[index]
-            prompt = tokenizer.render_for_completion(conversation)
-            sequences, masks, texts = sample_answers(prompt, num_samples, seed=(step, index))
+        indices = [(step * examples_per_step + k * world_size + rank) % len(train_task) for k in range(examples_per_rank)]
+        conversations = [train_task[index] for index in indices]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        for conversation, prompt, (sequences, masks, texts) in zip(conversations, prompts,
+                                                                     sample_answers(prompts, num_samples, seed=step)):
             rewards = [train_task.reward(conversation, text) for text in texts]
             advantages = question_advantages(rewards)
             rewards_sum += sum(rewards)
