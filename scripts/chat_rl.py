@@ -105,8 +105,8 @@ if __name__ == "__main__":
         raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
     if source not in ("sft", "mid"):
         raise UserError(f"--source={source}: expected sft or mid")
-    for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens", "num_epochs",
-                 "eval_num_samples", "spelling_bee_size"):
+    for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens",
+                 "num_epochs", "eval_examples", "eval_num_samples", "spelling_bee_size"):
         if globals()[name] < 1:
             raise UserError(f"--{name}={globals()[name]}: must be positive")
     if num_samples % device_batch_size != 0:
