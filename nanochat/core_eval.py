@@ -39,7 +39,14 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # The shared data has a 1000-example random subset of HellaSwag val in the bundle's schema; the bundle's own
 # hellaswag.jsonl (10,042 rows) is used whenever it exists.
 FALLBACK_FILES = {"language_understanding/hellaswag.jsonl": "eval_data_fallback/hellaswag_val_olmes1000.jsonl"}
-DEFAULT_BATCH_TOKENS = 8192  # padded tokens per forward: big enough to amortize per-forward overhead, small logits
+# Padded tokens per forward. A GPU needs many rows per forward to be busy (a d4 example alone is all launch
+# overhead); a CPU is busy with one example, and bigger forwards only add padding and page faults (measured with
+# dev/bench/eval.py on 2 cores: 1024-2048 as fast as one example per forward, 8192 up to 1.4x slower).
+BATCH_TOKENS = {"cuda": 8192, "cpu": 2048, "mps": 2048}
+
+
+def default_batch_tokens(device):
+    return BATCH_TOKENS.get(torch.device(device).type, 2048)
 
 # -----------------------------------------------------------------------------
 # The bundle: find it, or download and unpack it
@@ -332,9 +339,11 @@ def prepare_items(data, indices, task, tokenizer, max_len):
     return items
 
 
-def evaluate_task(model, tokenizer, data, task, device, batch_tokens=DEFAULT_BATCH_TOKENS, share_prefix=True):
+def evaluate_task(model, tokenizer, data, task, device, batch_tokens=None, share_prefix=True):
     """Accuracy of the model on data (this task's examples). Each rank scores examples rank, rank + world_size, ...;
-    the per-example results are summed over ranks, so every rank returns the same accuracy."""
+    the per-example results are summed over ranks, so every rank returns the same accuracy. batch_tokens: padded
+    tokens per forward (None: the device's default, 0: one example per forward)."""
+    batch_tokens = default_batch_tokens(device) if batch_tokens is None else batch_tokens
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = getattr(model, "config", None)
@@ -368,7 +377,7 @@ def core_label(result):
     return label
 
 
-def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=DEFAULT_BATCH_TOKENS,
+def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=None,
                    use_fallback=True, share_prefix=True):
     """CORE of a base model. Returns {"results": {task: accuracy}, "centered_results": {task: centred},
     "core_metric": mean centred accuracy, "num_tasks": tasks evaluated, "total_tasks": 22, "skipped": {task: why},

@@ -17,10 +17,10 @@ Usage:
 import os
 import time
 
+from nanochat import core_eval
 from nanochat.checkpoint_manager import checkpoints_root, find_largest_model, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, write_atomic
 from nanochat.configurator import configure
-from nanochat import core_eval
 from nanochat.report import get_report
 
 # Settings
@@ -29,7 +29,7 @@ model_tag = ""  # checkpoint directory; "" = the largest d<N>
 model_step = -1  # checkpoint step; -1 = the last complete one
 max_per_task = -1  # examples per task (a random sample, the same every run); -1 = all
 bundle_dir = ""  # eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/); "" = <base>/eval_bundle, downloaded
-batch_tokens = core_eval.DEFAULT_BATCH_TOKENS  # padded tokens per forward; 0 = one example per forward
+batch_tokens = -1  # padded tokens per forward; -1 = the device's default (core_eval.BATCH_TOKENS), 0 = one example
 hellaswag_fallback = True  # without hellaswag.jsonl, run HellaSwag on eval_data_fallback/ when present (labelled)
 user_config = configure(globals())
 
@@ -45,7 +45,7 @@ print0(f"Model: {model_tag} step {step} | sequence_len {model.config.sequence_le
 
 t0 = time.time()
 result = core_eval.evaluate_model(model, tokenizer, device, max_per_task=max_per_task, bundle_dir=bundle_dir or None,
-                                  batch_tokens=batch_tokens, use_fallback=hellaswag_fallback)
+                                  batch_tokens=None if batch_tokens < 0 else batch_tokens, use_fallback=hellaswag_fallback)
 eval_seconds = time.time() - t0
 
 # -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ max_per_task = 12  # examples per CORE task
 depth = 4
 sequence_len = 1024  # the model's context: longer prompts are left-cropped to it
 vocab_size = 4096
-batch_tokens = 8192  # the batched run's padded-token budget per forward
+batch_tokens = -1  # the batched run's padded-token budget per forward; -1 = core_eval's default for the device
 threads = 0  # torch threads for the CORE half; 0 = torch's default (one per core)
 humaneval_path = "../shared/data/humaneval/HumanEval.jsonl.gz"
 workers = 2  # programs run at once (threads, each waiting on its own subprocess)
@@ -79,6 +79,7 @@ if "core" in parts:
 
     if threads > 0:
         torch.set_num_threads(threads)
+    batch_tokens = core_eval.default_batch_tokens("cpu") if batch_tokens < 0 else batch_tokens
     modes = {"one_example_full_rows": dict(batch_tokens=0, share_prefix=False),
              "one_example_shared_prefix": dict(batch_tokens=0, share_prefix=True),
              "batched": dict(batch_tokens=batch_tokens, share_prefix=True)}
@@ -98,6 +99,7 @@ if "core" in parts:
         log(f"CORE {name}: {examples} examples of {len(tasks)} tasks in {seconds:.1f}s")
     rate = {name: run["examples_per_s"] for name, run in runs.items()}
     result["core"] = {"bundle": bundle_dir, "tasks": len(tasks), "torch_threads": torch.get_num_threads(),
+                      "batch_tokens": batch_tokens,
                       "model": f"d{depth} {config.n_embd} wide, vocab {config.vocab_size}, sequence_len {sequence_len}",
                       **runs,
                       "speedup_batched_vs_one_example_full_rows": round(rate["batched"] / rate["one_example_full_rows"], 2),
