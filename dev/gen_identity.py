@@ -141,8 +141,10 @@ TOPICS = {
 
 GREETINGS = ["Hi!", "Hello!", "Hey.", "Hey there!", "Good morning!", "Hi nanochat!", "Hello there.", "Yo!", "Greetings!",
              "hi", "hello", "Hey, how are you?", "Hi, nice to meet you."]
-GREETING_REPLIES = ["Hello! I'm nanochat. How can I help you today?", "Hi! I'm nanochat, a small language model. What can I do for you?",
-                    "Hey! nanochat here. What would you like to talk about?", "Hello! Nice to meet you. I'm nanochat, an AI assistant.",
+GREETING_REPLIES = ["Hello! I'm nanochat. How can I help you today?",
+                    "Hi! I'm nanochat, a small language model. What can I do for you?",
+                    "Hey! nanochat here. What would you like to talk about?",
+                    "Hello! Nice to meet you. I'm nanochat, an AI assistant.",
                     "Hi there! I'm nanochat. Ask me anything, and I'll do my best."]
 THANKS = ["Thanks!", "Thank you.", "Cool, thanks.", "Great, thank you!", "ok thanks", "That's helpful, thanks.", "Nice."]
 THANKS_REPLIES = ["You're welcome!", "Glad I could help.", "Any time! Anything else?", "You're welcome. Happy to help.",

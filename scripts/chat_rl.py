@@ -257,8 +257,9 @@ if __name__ == "__main__":
             sampled_tokens += sum(sum(mask) for mask in masks)
             forced_tokens += sum(len(mask) - len(prompt) - sum(mask) for mask in masks)  # the calculator's output
             for start in range(0, num_samples, device_batch_size):
-                inputs, targets = rollout_batch(sequences[start:start + device_batch_size], masks[start:start + device_batch_size], pad_id)
-                rollouts.append((inputs.to(device), targets.to(device), advantages[start:start + device_batch_size].to(device)))
+                rows = slice(start, start + device_batch_size)
+                inputs, targets = rollout_batch(sequences[rows], masks[rows], pad_id)
+                rollouts.append((inputs.to(device), targets.to(device), advantages[rows].to(device)))
         model.train()
         rewards_total, step_tokens, step_forced_tokens = all_ranks_sum([rewards_sum, sampled_tokens, forced_tokens])
         mean_reward = rewards_total / (examples_per_step * num_samples)

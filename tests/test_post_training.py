@@ -249,11 +249,9 @@ def make_calculator_model(base_dir, steps=150):
     answer = [{"type": "python", "text": "'ab'.count('a')"}, {"type": "python_output", "text": "1"},
               {"type": "text", "text": "#### 1"}]
     questions = ["How many a in ab?", "count the letter r in strawberry", "How many e are in the word geese?", "hi"]
-    rows = [tokenizer.render_conversation({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
-            for q in questions]
-    length = max(len(ids) for ids, _ in rows)
-    inputs = torch.tensor([ids[:-1] + [0] * (length - len(ids)) for ids, _ in rows])
-    targets = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (length - len(ids)) for ids, mask in rows])
+    rows = [tokenizer.render_conversation({"messages": [{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": answer}]}) for question in questions]
+    inputs, targets = rollout_batch(*zip(*rows), pad_id=0)  # the same layout: the mask picks the answer's tokens
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
