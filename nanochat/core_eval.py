@@ -39,14 +39,15 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # The shared data has a 1000-example random subset of HellaSwag val in the bundle's schema; the bundle's own
 # hellaswag.jsonl (10,042 rows) is used whenever it exists.
 FALLBACK_FILES = {"language_understanding/hellaswag.jsonl": "eval_data_fallback/hellaswag_val_olmes1000.jsonl"}
-# Padded tokens per forward. A GPU needs many rows per forward to be busy (a d4 example alone is all launch
-# overhead); a CPU is busy with one example, and bigger forwards only add padding and page faults (measured with
-# dev/bench/eval.py on 2 cores: 1024-2048 as fast as one example per forward, 8192 up to 1.4x slower).
-BATCH_TOKENS = {"cuda": 8192, "cpu": 2048, "mps": 2048}
+# Padded tokens per forward (0 = one example per forward). A GPU needs many rows per forward to be busy (one d4
+# example is mostly launch overhead); a CPU is already busy with one example, and bigger forwards only add padding
+# and fresh large allocations (dev/bench/eval.py, d4 on 2 loaded cores: 2048 tokens ran at 0.81x the speed of one
+# example at a time, 8192 at 0.76x).
+BATCH_TOKENS = {"cuda": 8192, "mps": 8192, "cpu": 0}
 
 
 def default_batch_tokens(device):
-    return BATCH_TOKENS.get(torch.device(device).type, 2048)
+    return BATCH_TOKENS.get(torch.device(device).type, 0)
 
 # -----------------------------------------------------------------------------
 # The bundle: find it, or download and unpack it

@@ -38,7 +38,7 @@ max_per_task = 12  # examples per CORE task
 depth = 4
 sequence_len = 1024  # the model's context: longer prompts are left-cropped to it
 vocab_size = 4096
-batch_tokens = -1  # the batched run's padded-token budget per forward; -1 = core_eval's default for the device
+batch_tokens = 2048  # the batched run's padded-token budget per forward
 threads = 0  # torch threads for the CORE half; 0 = torch's default (one per core)
 humaneval_path = "../shared/data/humaneval/HumanEval.jsonl.gz"
 workers = 2  # programs run at once (threads, each waiting on its own subprocess)
@@ -79,7 +79,6 @@ if "core" in parts:
 
     if threads > 0:
         torch.set_num_threads(threads)
-    batch_tokens = core_eval.default_batch_tokens("cpu") if batch_tokens < 0 else batch_tokens
     modes = {"one_example_full_rows": dict(batch_tokens=0, share_prefix=False),
              "one_example_shared_prefix": dict(batch_tokens=0, share_prefix=True),
              "batched": dict(batch_tokens=batch_tokens, share_prefix=True)}
