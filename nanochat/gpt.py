@@ -10,7 +10,9 @@ Also here: KVCache, the preallocated key/value store that makes decoding increme
 tools and stopping rules (nanochat/engine.py), the training loop (scripts/base_train.py).
 """
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,23 @@ def dims_for_depth(depth):
         raise ValueError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
                          f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
     return dict(n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim)
+
+
+def keep_freed_cpu_memory():
+    """Have glibc keep freed memory for reuse instead of handing large blocks back to the kernel; for CPU training.
+    A step allocates and frees the same large buffers every time (the logits and their gradient: B*T*vocab values,
+    268 MB in fp32 at 2,048 tokens and vocab 32K); by default glibc maps each block > 32 MB fresh and unmaps it on
+    free, so every step page-faults all of it back in (~170K faults a step at d4, ~20% of its time). The price: the
+    process's resident memory stays at its peak. Returns whether the setting took (False off Linux/glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+        # no mmap'd blocks (glibc still falls back to mmap when the heap cannot grow), and never trim the heap
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
 
 
 def norm(x):
@@ -232,8 +251,12 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # fp32 before the tanh (bf16 tanh is coarse)
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # fp32 before the squashing (bf16 is coarse)
+        # softcap * tanh(logits / softcap), written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to
+        # fp32 rounding, but on CPU a vectorized sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values
+        # in the forward and again in the backward (at vocab 32K, d4: the softcap + cross-entropy went from ~25% to
+        # ~13% of a bf16 training step)
+        logits = (2 * softcap) * torch.sigmoid(logits * (2 / softcap)) - softcap
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

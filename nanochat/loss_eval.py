@@ -8,24 +8,39 @@ Not a training-time loss: this runs the model in no_grad mode over a fixed numbe
 """
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
 
+def _is_rank0():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, progress_every_s=30.0):
     """Bits per byte of `model` over `steps` batches of (inputs, targets) drawn from the iterator `batches`;
-    token_bytes: 1-D int tensor, bytes of text per token id (0 for special tokens). Summed across ranks."""
+    token_bytes: 1-D int tensor, bytes of text per token id (0 for special tokens). Summed across ranks.
+    An evaluation still running after progress_after_s seconds prints one progress line with an ETA (rank 0),
+    then one every progress_every_s seconds; short ones print nothing."""
     total_nats = torch.zeros((), dtype=torch.float32, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
+    t0 = time.time()
+    next_report = t0 + progress_after_s
+    for step in range(steps):
         inputs, targets = next(batches)[:2]  # loaders with state yield a third item
         loss = model(inputs, targets, loss_reduction="none").view(-1).float()  # (B*T,) nats per token
         targets = targets.view(-1)
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)  # (B*T,)
         total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
         total_bytes += num_bytes.sum()
+        now = time.time()
+        if now >= next_report and step + 1 < steps and _is_rank0():
+            elapsed = now - t0
+            eta = elapsed / (step + 1) * (steps - step - 1)
+            print(f"evaluating bpb: batch {step + 1}/{steps} | elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
+            next_report = now + progress_every_s
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)

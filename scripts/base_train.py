@@ -12,6 +12,11 @@ evaluation). --resume_from_step=last (or a step number) resumes exactly: weights
 data position, RNG and loop state, so on CPU in fp32 the losses after the resume equal an uninterrupted run's
 bit for bit. Ctrl+C or SIGTERM saves a checkpoint at the end of the current step and exits cleanly.
 
+Evaluation: val bpb every eval_every steps, and always once at the end (also with --eval_every=-1), over
+eval_tokens tokens of the val split. The default (--eval_tokens=-1) is 20 optimizer steps' worth
+(20 * total_batch_size), but never more tokens than the run trains on: a 40-step demo run is not followed by
+minutes of evaluation. Long evaluations print their progress and an ETA.
+
 Usage:
     python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
@@ -24,6 +29,7 @@ import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation; before CUDA starts
 
 import base64
+import gc
 import math
 import random
 import resource
@@ -39,7 +45,7 @@ from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, compute_cleanup, com
                              print0)
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
-from nanochat.gpt import GPT, GPTConfig, dims_for_depth
+from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -68,7 +74,7 @@ final_lr_frac = 0.0  # ...to this fraction of the initial LR
 resume_from_step = ""  # "" starts afresh; a step number like "200", or "last", resumes from that checkpoint
 # Evaluation and checkpoints (every <= 0: never, except that the final val bpb is always measured)
 eval_every = 250  # steps between val bpb evaluations
-eval_tokens = 20 * 524288  # tokens per val bpb evaluation
+eval_tokens = -1  # tokens per val bpb evaluation; -1 = min(20 * total_batch_size, the run's training tokens)
 core_metric_every = 2000  # steps between CORE evaluations
 core_metric_max_per_task = 500  # examples per CORE task
 sample_every = 2000  # steps between printing greedy samples
@@ -87,6 +93,8 @@ master_process = rank == 0
 random.seed(seed)
 torch.manual_seed(seed)  # the same on every rank: without a DDP wrapper, identical init is what keeps replicas equal
 synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+if device.type == "cpu":
+    keep_freed_cpu_memory()  # no page faults for the large per-step buffers (see its docstring)
 wandb_run = init_wandb(run, user_config, master_process)
 # for MFU; on CPU this measures matmuls on random numbers, so it runs here, in the same place on a resume
 peak_flops = get_peak_flops(device, COMPUTE_DTYPE)
@@ -184,7 +192,10 @@ if resume_step is not None:
 loader_resume_state = meta["dataloader_state_dicts"][rank] if resume_step is not None else None
 train_loader = tokenizing_distributed_data_loader_with_state(device_batch_size, max_seq_len, "train", device=device,
                                                              resume_state_dict=loader_resume_state, bos_aligned=bos_aligned)
+if eval_tokens <= 0:  # the default: never evaluate on more tokens than the run trains on
+    eval_tokens = min(20 * total_batch_size, total_tokens)
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
+print0(f"Val bpb evaluations: {eval_steps * world_tokens_per_fwdbwd:,} tokens each")
 
 
 def build_val_loader():
@@ -324,6 +335,7 @@ except ImportError:
 # Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
 
 loader_state = loader_resume_state  # position of the batch in (x, y), the next one to train on
+first_step = step  # this process's first step
 x, y, next_loader_state = next(train_loader)  # prefetch; next_loader_state is the position after (x, y)
 core_metric = None
 timed_steps, timed_seconds = 0, 0.0  # this process's steps after warm-up, for the ETA
@@ -357,7 +369,10 @@ while True:
             core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
             orig_model.train()
             core_metric = core_results["core_metric"]
-            print0(f"step {step:05d} | CORE metric {core_metric:.4f}")
+            num_tasks, total_tasks = core_results.get("num_tasks"), core_results.get("total_tasks")
+            partial = f" (CORE over {num_tasks} of {total_tasks} tasks)" if num_tasks is not None and total_tasks and \
+                num_tasks < total_tasks else ""
+            print0(f"step {step:05d} | CORE metric {core_metric:.4f}{partial}")
             wandb_run.log({"step": step, "core_metric": core_metric})
 
     if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
@@ -398,6 +413,15 @@ while True:
     stop_now = stop_votes > 0
     synchronize()
     dt = time.time() - t0
+
+    # The garbage collector: after the first step (compilation made most of the long-lived objects) freeze what
+    # exists and collect only every 1000 steps, instead of full collections scanning it all at random steps
+    if step == first_step:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 1000 == 0:
+        gc.collect()
 
     # Logging
     total_training_time += dt
