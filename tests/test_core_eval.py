@@ -351,7 +351,7 @@ def test_base_eval_writes_csv_and_report_and_two_ranks_match_one(isolated_base_d
     csv_path = isolated_base_dir / "base_eval" / "d2_7.csv"
     one_rank = csv_path.read_text()
     csv_path.unlink()
-    output = run_base_eval(isolated_base_dir, *args, "--batch_tokens=0", nproc=2)
+    output = run_base_eval(isolated_base_dir, *args, "--batch_tokens=4096", nproc=2)  # batched; one rank: not
     assert csv_path.read_text() == one_rank
     assert "CORE over 20 of 22 tasks" in output
 
