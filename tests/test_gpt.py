@@ -175,6 +175,19 @@ def test_softcap_bounds_logits_to_15():
     assert logits.abs().max().item() > 14.9  # saturated, not merely small
 
 
+def test_softcap_is_15_tanh_of_the_raw_logits():
+    # written with sigmoid for speed (tanh(z) = 2 sigmoid(2z) - 1); it must stay the same function
+    model = build(small_config(), perturb=0.02)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 2.0)  # raw logits spread over the soft and the saturated range
+    raw = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: raw.append(output.float()))
+    logits = model(torch.randint(0, 300, (2, 16)))
+    expected = 15 * torch.tanh(raw[0][..., :300] / 15)
+    assert raw[0].abs().max().item() > 30
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
 def test_ignored_targets_add_no_loss_and_no_gradient():
     model = build(small_config(), perturb=0.02)
     idx = torch.randint(0, 300, (2, 12))
@@ -240,6 +253,31 @@ def test_tiny_model_overfits_a_fixed_batch_with_the_real_optimizers():
         losses.append(loss.item())
     assert abs(losses[0] - math.log(256)) < 0.05
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+FREED_MEMORY_IS_REUSED = """
+import resource, torch
+from nanochat.gpt import keep_freed_cpu_memory
+assert keep_freed_cpu_memory()
+def faults_of_a_step():  # two 64 MB buffers made, used and freed, like a step's logits and their gradient
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)
+    y = x * 2
+    del x, y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print([faults_of_a_step() for _ in range(8)])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_training_memory_is_reused_without_page_faults():
+    # By default glibc maps every block > 32 MB fresh and unmaps it on free: 32K page faults for these two buffers at
+    # every step. Kept, the heap settles within a few steps and the buffers are reused as they are.
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_IS_REUSED], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    faults = eval(result.stdout.strip().splitlines()[-1])
+    assert max(faults[-3:]) < 1000, faults
 
 
 BF16_TRAINING = """

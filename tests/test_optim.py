@@ -54,6 +54,75 @@ def test_first_muon_step_is_lr_times_an_orthogonal_matrix_scaled_for_tall_shapes
         assert singular_values.min().item() > 0.6 and singular_values.max().item() < 1.2
 
 
+def test_newton_schulz_of_a_stack_equals_one_matrix_at_a_time():
+    torch.manual_seed(0)
+    for shape in [(3, 32, 64), (2, 96, 32)]:
+        stack = torch.randn(shape)
+        each = torch.stack([newton_schulz5(G, steps=5, dtype=torch.float32) for G in stack])
+        torch.testing.assert_close(newton_schulz5(stack, steps=5, dtype=torch.float32), each, atol=1e-6, rtol=0)
+
+
+def reference_muon(params, grads_per_step, lrs, momentums):
+    """Muon as the formula reads, one matrix at a time with plain ops: what the batched update must compute."""
+    params = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for grads, lr, momentum in zip(grads_per_step, lrs, momentums):
+        for p, g, buf in zip(params, grads, buffers):
+            buf.mul_(momentum).add_((1 - momentum) * g)
+            X = momentum * buf + (1 - momentum) * g  # Nesterov
+            tall = X.size(0) > X.size(1)
+            X = X.T if tall else X
+            X = X / (X.norm() + 1e-7)
+            for _ in range(5):
+                A = X @ X.T
+                X = a * X + (b * A + c * A @ A) @ X
+            X = X.T if tall else X
+            p -= lr * max(1.0, p.size(0) / p.size(1)) ** 0.5 * X
+    return params
+
+
+def run_muon(optimizer, params, grads_per_step, lrs, momentums):
+    for grads, lr, momentum in zip(grads_per_step, lrs, momentums):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        for group in optimizer.param_groups:
+            group["lr"], group["momentum"] = lr, momentum
+        optimizer.step()
+
+
+def muon_problem():
+    torch.manual_seed(0)
+    shapes = [(32, 64), (128, 32), (32, 64), (32, 64), (128, 32)]  # two shape groups, matrices interleaved
+    params = [torch.nn.Parameter(0.1 * torch.randn(shape)) for shape in shapes]
+    grads_per_step = [[torch.randn(shape) for shape in shapes] for _ in range(5)]
+    lrs, momentums = [0.02, 0.02, 0.015, 0.01, 0.005], [0.85, 0.87, 0.9, 0.92, 0.95]  # the schedules change both
+    return params, grads_per_step, lrs, momentums
+
+
+def test_muon_updates_each_shape_group_as_one_stack_with_the_one_matrix_result():
+    params, grads_per_step, lrs, momentums = muon_problem()
+    expected = reference_muon(params, grads_per_step, lrs, momentums)
+    run_muon(Muon(params, ns_dtype=torch.float32, compile=False), params, grads_per_step, lrs, momentums)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_muon_equals_eager_and_new_lr_or_momentum_values_do_not_recompile():
+    import torch._dynamo
+
+    params, grads_per_step, lrs, momentums = muon_problem()
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    run_muon(Muon(eager, ns_dtype=torch.float32, compile=False), eager, grads_per_step, lrs, momentums)
+    optimizer = Muon(params, ns_dtype=torch.float32, compile=True)
+    run_muon(optimizer, params, grads_per_step[:1], lrs[:1], momentums[:1])  # compiles (once per shape group)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # every later step has other LR and momentum values
+        run_muon(optimizer, params, grads_per_step[1:], lrs[1:], momentums[1:])
+    for p, e in zip(params, eager):
+        torch.testing.assert_close(p.detach(), e.detach(), atol=1e-5, rtol=0)
+
+
 def test_muon_groups_params_by_shape_and_rejects_vectors():
     a, b, c = torch.zeros(4, 8), torch.zeros(8, 4), torch.zeros(4, 8)
     optimizer = Muon([a, b, c])

@@ -1,12 +1,17 @@
 """
 Pretraining throughput on this machine: base_train's whole loop against the model's bare forward+backward.
-Prints one JSON object with, for eager and torch.compile'd execution:
+Prints one JSON object with, per execution mode (eager / torch.compile'd) and compute dtype (NANOCHAT_DTYPE):
   - loop: steady-state tokens/s and MFU of `python -m scripts.base_train` itself (data loading, micro-steps, optimizer
     step, logging: everything in its per-step dt), read from its step lines after warm_up_steps steps;
-  - model: tokens/s and MFU of forward+backward alone on one fixed batch, same model, same shapes (the peer);
-  - loop_overhead: 1 - loop tokens/s / model tokens/s, i.e. the share of a step spent outside forward+backward
-    (target: < 10%), split into optimizer_share_of_loop_step (the optimizer step, timed alone on the peer model)
-    and overhead_besides_optimizer (data, logging, the loop itself); compile_s: first-step time minus a steady step.
+  - model: tokens/s and MFU of forward+backward alone on one fixed batch, same model, same shapes (the peer), in a
+    process set up like base_train's (on CPU: keep_freed_cpu_memory);
+  - loop_overhead: 1 - loop tokens/s / model tokens/s, i.e. the share of a step spent outside forward+backward,
+    split into optimizer_share_of_loop_step (the optimizer step, timed alone on the peer model) and
+    overhead_besides_optimizer (data, logging, the loop itself); compile_s: first-step time minus a steady step,
+    with an empty inductor cache (cold_compile) unless told otherwise.
+With --compare_repo=<another checkout> (e.g. an older commit: `git worktree add /tmp/old <commit>`), every loop runs
+there too, alternating with ours round by round (rounds), so that both see the same machine load; the JSON then
+carries compare_loop and loop_speedup (ours / theirs, median tokens/s over the rounds).
 MFU is against get_peak_flops (on CPU: the measured matmul peak for the compute dtype).
 
 The loop runs in a throwaway base dir: the data of <base>/base_data (or the embedded corpus when there is none)
@@ -14,7 +19,9 @@ and a tokenizer of vocab_size tokens: <base>/tokenizer when it has that size, el
 train split and cached in <base>/bench/tokenizer_<vocab_size>/.
 
 Usage:
-    python -m dev.bench.train                                   # d4, vocab 32768, seq 512, batch 4 x 512 = 2048 tokens
+    python -m dev.bench.train          # d4, vocab 32768, seq 512, batch 4 x 512 = 2048 tokens, compiled, bf16 and fp32
+    python -m dev.bench.train --compare_repo=/tmp/old --rounds=3
+    python -m dev.bench.train --vocab_size=4096 --device_batch_size=8 --total_batch_size=8192 --dtypes=bfloat16  # demo
     python -m dev.bench.train --depth=2 --max_seq_len=64 --vocab_size=512 --steps=8 --warm_up_steps=3 --modes=eager
 """
 
@@ -44,7 +51,12 @@ vocab_size = 32768
 steps = 20  # base_train steps per mode
 warm_up_steps = 5  # left out of the steady state (the first one compiles)
 model_steps = 10  # timed forward+backward calls per mode, after one warm-up call
-modes = "eager,compiled"
+modes = "compiled"  # comma-separated: eager, compiled
+dtypes = "bfloat16,float32"  # compute dtypes (NANOCHAT_DTYPE), each in its own processes
+compare_repo = ""  # another checkout whose base_train runs alternately with ours
+rounds = 1  # loop runs per configuration (and per repo), alternating
+cold_compile = True  # each run gets an empty inductor cache, so that compile_s is the real compile time
+worker = ""  # internal: "model" measures the peer in this process and prints its JSON
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
 if steps <= warm_up_steps:
@@ -53,6 +65,47 @@ if steps <= warm_up_steps:
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# -----------------------------------------------------------------------------
+# Worker: the peer, forward+backward alone, same model and shapes, one fixed batch (own process: the compute dtype
+# is fixed at import)
+
+if worker == "model":
+    from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # as base_train does on CPU
+    compiled = modes == "compiled"
+    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, **dims_for_depth(depth))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    forward = torch.compile(model, dynamic=False) if compiled else model
+    optimizers = model.setup_optimizers()
+    inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
+    targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
+    times, optimizer_times = [], []
+    for _ in range(model_steps + 1):
+        t0 = time.perf_counter()
+        forward(inputs, targets).backward()
+        t1 = time.perf_counter()
+        for optimizer in optimizers:  # timed apart: the peer is forward+backward alone
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        times.append(t1 - t0)
+        optimizer_times.append(time.perf_counter() - t1)
+    step_s = statistics.median(times[1:])
+    tokens = device_batch_size * max_seq_len
+    peak = get_peak_flops("cpu", COMPUTE_DTYPE)
+    print(json.dumps({"step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
+                      "mfu_percent": round(100 * model.estimate_flops() * tokens / step_s / peak, 2),
+                      "compile_s": round(times[0] - step_s, 2) if compiled else None, "first_step_s": round(times[0], 3),
+                      "steps": model_steps, "optimizer_step_s": round(statistics.median(optimizer_times[1:]), 4)}))
+    sys.exit(0)
 
 
 # -----------------------------------------------------------------------------
@@ -103,23 +156,31 @@ if tokenizer_vocab(tokenizer_dir) != vocab_size:
 shutil.copytree(tokenizer_dir, os.path.join(bench_base, "tokenizer"))
 
 # -----------------------------------------------------------------------------
-# base_train's loop, per mode
+# base_train's loop, and the peer, per mode and dtype
 
 STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| dt (\d+)ms \| tok/s [\d,]+ \| mfu ([\d.]+)%", re.M)
 
 
-def run_loop(compiled):
+def run_env(dtype):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": bench_base, "NANOCHAT_DTYPE": dtype}
+    if cold_compile:
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanochat_bench_inductor_")
+    return env
+
+
+def run_loop(repo, compiled, dtype):
     args = [f"--depth={depth}", f"--max_seq_len={max_seq_len}", f"--device_batch_size={device_batch_size}",
             f"--total_batch_size={total_batch_size}", f"--num_iterations={steps}", "--eval_every=-1",
             f"--eval_tokens={device_batch_size * max_seq_len}", "--core_metric_every=-1", "--sample_every=-1",
             f"--compile={compiled}", "--model_tag=bench"]
-    env = {**os.environ, "NANOCHAT_BASE_DIR": bench_base}
+    env = run_env(dtype)
     t0 = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                            cwd=repo)
     wall_s = time.perf_counter() - t0
+    shutil.rmtree(env.get("TORCHINDUCTOR_CACHE_DIR", ""), ignore_errors=True)
     if result.returncode != 0:
-        raise SystemExit(f"base_train failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise SystemExit(f"base_train in {repo} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     rows = [(int(s), int(dt) / 1000, float(mfu)) for s, dt, mfu in STEP_LINE.findall(result.stdout)]
     assert len(rows) == steps, f"expected {steps} step lines, got {len(rows)}"
     steady = [dt for s, dt, _ in rows if s > warm_up_steps]
@@ -130,41 +191,21 @@ def run_loop(compiled):
             "wall_s_incl_startup_and_eval": round(wall_s, 1)}
 
 
-# -----------------------------------------------------------------------------
-# The peer: forward+backward alone, same model and shapes, one fixed batch
+def run_model(compiled, dtype):
+    args = [f"--{name}={value}" for name, value in user_config.items() if name not in ("worker", "modes", "dtypes")]
+    env = run_env(dtype)
+    result = subprocess.run([sys.executable, "-m", "dev.bench.train", *args, f"--modes={'compiled' if compiled else 'eager'}",
+                             f"--dtypes={dtype}", "--worker=model"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    shutil.rmtree(env.get("TORCHINDUCTOR_CACHE_DIR", ""), ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"the peer ({dtype}) failed (exit {result.returncode}); its log is above")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_model(compiled):
-    from nanochat.gpt import GPT, GPTConfig, dims_for_depth
-
-    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, **dims_for_depth(depth))
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    forward = torch.compile(model, dynamic=False) if compiled else model
-    optimizers = model.setup_optimizers()
-    inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
-    targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
-    times, optimizer_times = [], []
-    for _ in range(model_steps + 1):
-        t0 = time.perf_counter()
-        forward(inputs, targets).backward()
-        t1 = time.perf_counter()
-        for optimizer in optimizers:  # timed apart: the peer is forward+backward alone
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        times.append(t1 - t0)
-        optimizer_times.append(time.perf_counter() - t1)
-    step_s = statistics.median(times[1:])
-    tokens = device_batch_size * max_seq_len
-    peak = get_peak_flops("cpu", COMPUTE_DTYPE)
-    return {"step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
-            "mfu_percent": round(100 * model.estimate_flops() * tokens / step_s / peak, 2),
-            "compile_s": round(times[0] - step_s, 2) if compiled else None, "first_step_s": round(times[0], 3),
-            "steps": model_steps,
-            "optimizer_step_s": round(statistics.median(optimizer_times[1:]), 4)}
+def median_run(runs):
+    """The run with the median tokens/s, plus every run's tokens/s."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[len(ranked) // 2], "tokens_per_s_all_rounds": [r["tokens_per_s"] for r in runs]}
 
 
 results = {}
@@ -172,24 +213,37 @@ for mode in modes.split(","):
     if mode not in ("eager", "compiled"):
         raise SystemExit(f"--modes: {mode!r} is not eager or compiled")
     compiled = mode == "compiled"
-    loop = run_loop(compiled)
-    log(f"{mode} loop: {loop['tokens_per_s']:,} tok/s, MFU {loop['mfu_percent']}%")
-    model = run_model(compiled)
-    log(f"{mode} model fwd+bwd: {model['tokens_per_s']:,} tok/s, MFU {model['mfu_percent']}%")
-    overhead = 1 - loop["tokens_per_s"] / model["tokens_per_s"]
-    # what is left once the optimizer step is counted as model work too: data loading, logging, the loop itself
-    overhead_besides_optimizer = 1 - (model["step_s"] + model["optimizer_step_s"]) / loop["step_s"]
-    results[mode] = {"loop": loop, "model": model, "loop_overhead": round(overhead, 4), "overhead_below_10pct": overhead < 0.10,
-                     "optimizer_share_of_loop_step": round(model["optimizer_step_s"] / loop["step_s"], 4),
-                     "overhead_besides_optimizer": round(overhead_besides_optimizer, 4)}
+    for dtype in dtypes.split(","):
+        ours, theirs = [], []
+        for round_index in range(rounds):
+            ours.append(run_loop(REPO_ROOT, compiled, dtype))
+            log(f"{mode} {dtype} loop, round {round_index + 1}: {ours[-1]['tokens_per_s']:,} tok/s, "
+                f"MFU {ours[-1]['mfu_percent']}%, compile {ours[-1]['compile_s']} s")
+            if compare_repo:
+                theirs.append(run_loop(os.path.abspath(compare_repo), compiled, dtype))
+                log(f"{mode} {dtype} loop of {compare_repo}, round {round_index + 1}: "
+                    f"{theirs[-1]['tokens_per_s']:,} tok/s, compile {theirs[-1]['compile_s']} s")
+        loop = median_run(ours)
+        model = run_model(compiled, dtype)
+        log(f"{mode} {dtype} model fwd+bwd: {model['tokens_per_s']:,} tok/s, MFU {model['mfu_percent']}%")
+        overhead = 1 - loop["tokens_per_s"] / model["tokens_per_s"]
+        # what is left once the optimizer step is counted as model work too: data loading, logging, the loop itself
+        overhead_besides_optimizer = 1 - (model["step_s"] + model["optimizer_step_s"]) / loop["step_s"]
+        row = {"loop": loop, "model": model, "loop_overhead": round(overhead, 4),
+               "optimizer_share_of_loop_step": round(model["optimizer_step_s"] / loop["step_s"], 4),
+               "overhead_besides_optimizer": round(overhead_besides_optimizer, 4)}
+        if compare_repo:
+            row["compare_loop"] = median_run(theirs)
+            row["loop_speedup"] = round(loop["tokens_per_s"] / row["compare_loop"]["tokens_per_s"], 3)
+            row["loop_speedup_per_round"] = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(ours, theirs)]
+        results[f"{mode}/{dtype}"] = row
 shutil.rmtree(bench_base, ignore_errors=True)
 
 print(json.dumps({
     "benchmark": "train",
     "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-    "compute_dtype": str(COMPUTE_DTYPE),
-    "peak_flops_cpu": get_peak_flops("cpu", COMPUTE_DTYPE),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "load_average_at_end": os.getloadavg()},
     "settings": user_config,
     "tokenizer_train_s": tokenizer_train_s,
     "results": results,
