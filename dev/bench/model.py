@@ -2,7 +2,8 @@
 Model throughput: forward+backward tokens/s and MFU of the GPT alone (no data, no optimizer), per depth, compute
 dtype and execution mode (eager / torch.compile). Prints one JSON object.
 
-MFU = estimate_flops() * tokens/s / peak. On CPU the peak is this machine's own best square matmul in the layout
+MFU = estimate_flops() * tokens/s / peak. On CPU the process keeps freed memory (gpt.keep_freed_cpu_memory), as
+base_train does. On CPU the peak is this machine's own best square matmul in the layout
 F.linear uses (x @ W^T), timed in the same run for each dtype (a CPU without native bf16, AVX2 only, multiplies
 bf16 far slower than fp32: its bf16 MFU is against its bf16 peak); on CUDA it is the datasheet table in
 nanochat.common. Each dtype runs in its own subprocess: the compute dtype is fixed at import (NANOCHAT_DTYPE).
@@ -78,11 +79,13 @@ if not worker_dtype:
 # Worker: every depth and mode in one compute dtype
 
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, measure_cpu_matmul_flops  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig, dims_for_depth  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory  # noqa: E402
 
 
 assert str(COMPUTE_DTYPE) == f"torch.{worker_dtype}", (COMPUTE_DTYPE, worker_dtype)
 device = torch.device(device_type or autodetect_device_type())
+if device.type == "cpu":
+    keep_freed_cpu_memory()  # as base_train does: the per-step buffers are reused instead of page-faulted in again
 synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 if device.type == "cpu":  # the same measurement as get_peak_flops, at a size that can be set
     peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)
