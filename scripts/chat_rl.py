@@ -56,7 +56,8 @@ unembedding_lr = 0.004
 matrix_lr = 0.02
 init_lr_frac = 0.05
 weight_decay = 0.0
-# Evaluation and checkpoints (every <= 0: never; the last step always evaluates and saves)
+# Evaluation and checkpoints (every <= 0: never in between; pass@k is always measured before the first step and
+# after the last, for the report's before/after, and the last step is always saved)
 eval_every = 60  # steps between pass@k evaluations
 eval_examples = 400  # test questions per evaluation
 eval_num_samples = 8  # answers per test question: pass@1 .. pass@eval_num_samples
@@ -228,7 +229,7 @@ if __name__ == "__main__":
     step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
     while True:
         last_step = step == num_iterations
-        if last_step or (eval_every > 0 and step % eval_every == 0):
+        if step == 0 or last_step or (eval_every > 0 and step % eval_every == 0):
             pass_at_k = evaluate_pass_at_k()
             first_pass_at_k = first_pass_at_k or pass_at_k
             print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
