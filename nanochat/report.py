@@ -74,6 +74,11 @@ def _format_duration(seconds):
     return f"{hours}h{minutes}m"
 
 
+def _format_stage_duration(seconds):
+    """Like _format_duration, with seconds under an hour: most stages of a small run take minutes."""
+    return _format_duration(seconds) if seconds >= 3600 else f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
 # -----------------------------------------------------------------------------
 # What the header records about the run's environment
 
@@ -252,7 +257,7 @@ class Report:
             previous = start = datetime.datetime.strptime(started.group(1).strip(), TIME_FORMAT)
             lines += ["| Stage (section) | Finished | Took |", "|---|---|---|"]
             for when, slug in stamps:
-                lines.append(f"| {slug} | {when.strftime('%H:%M:%S')} | {_format_duration((when - previous).total_seconds())} |")
+                lines.append(f"| {slug} | {when.strftime('%H:%M:%S')} | {_format_stage_duration((when - previous).total_seconds())} |")
                 previous = when
             elapsed = (stamps[-1][0] - start).total_seconds()
             lines += ["", f"Total wall clock time: {_format_duration(elapsed)}"]

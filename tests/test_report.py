@@ -152,9 +152,9 @@ def test_wall_clock_runs_to_the_last_section_and_each_stage_gets_its_time(report
         path = report.log(section, [{"x": 1}])
         Path(path).write_text(re.sub(r"timestamp: .*", f"timestamp: 2026-01-01 {stamp}", Path(path).read_text()))
     text = open(report.generate(), encoding="utf-8").read()
-    assert "| tokenizer-training | 10:05:00 | 0h5m |" in text
+    assert "| tokenizer-training | 10:05:00 | 5m00s |" in text
     assert "| base-model-training | 13:05:00 | 3h0m |" in text
-    assert "| chat-sft | 13:50:00 | 0h45m |" in text
+    assert "| chat-sft | 13:50:00 | 45m00s |" in text
     assert "Total wall clock time: 3h50m" in text
     assert "Estimated cost: $92.00 (8 x NVIDIA H100 at $3.00/h, for 3h50m)" in text
 
