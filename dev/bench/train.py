@@ -168,25 +168,51 @@ def run_env(dtype):
     return env
 
 
+def process_cpu_s(pid):
+    """CPU seconds (user + system, all threads) that process pid has used so far, from /proc (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_loop(repo, compiled, dtype):
+    """One base_train run. Besides each step's wall time (its dt) the process's CPU time is sampled at every step line:
+    on a machine shared with other work, CPU seconds per step (cpu_step_s) hardly move with the load when the run has
+    one thread (OMP_NUM_THREADS=1), while wall times do; with several threads it also counts their spin-waiting."""
     args = [f"--depth={depth}", f"--max_seq_len={max_seq_len}", f"--device_batch_size={device_batch_size}",
             f"--total_batch_size={total_batch_size}", f"--num_iterations={steps}", "--eval_every=-1",
             f"--eval_tokens={device_batch_size * max_seq_len}", "--core_metric_every=-1", "--sample_every=-1",
             f"--compile={compiled}", "--model_tag=bench"]
-    env = run_env(dtype)
+    env = {**run_env(dtype), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], env=env, capture_output=True, text=True,
-                            cwd=repo)
+    process = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=repo)
+    output, cpu_at_step = [], {}
+    for line in process.stdout:
+        output.append(line)
+        match = STEP_LINE.match(line)
+        if match:
+            cpu_at_step[int(match.group(1))] = process_cpu_s(process.pid)
+    process.wait()
     wall_s = time.perf_counter() - t0
     shutil.rmtree(env.get("TORCHINDUCTOR_CACHE_DIR", ""), ignore_errors=True)
-    if result.returncode != 0:
-        raise SystemExit(f"base_train in {repo} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    rows = [(int(s), int(dt) / 1000, float(mfu)) for s, dt, mfu in STEP_LINE.findall(result.stdout)]
+    stdout = "".join(output)
+    if process.returncode != 0:
+        raise SystemExit(f"base_train in {repo} failed:\n{stdout[-5000:]}")
+    rows = [(int(s), int(dt) / 1000, float(mfu)) for s, dt, mfu in STEP_LINE.findall(stdout)]
     assert len(rows) == steps, f"expected {steps} step lines, got {len(rows)}"
     steady = [dt for s, dt, _ in rows if s > warm_up_steps]
     step_s = statistics.median(steady)
+    cpu_steps = [cpu_at_step[s] - cpu_at_step[s - 1] for s, _, _ in rows
+                 if s > warm_up_steps and cpu_at_step.get(s) is not None and cpu_at_step.get(s - 1) is not None]
+    cpu_step_s = statistics.median(cpu_steps) if cpu_steps else None
     return {"step_s": round(step_s, 4), "tokens_per_s": round(total_batch_size / step_s),
             "mfu_percent": round(statistics.median(mfu for s, _, mfu in rows if s > warm_up_steps), 2),
+            "cpu_step_s": round(cpu_step_s, 3) if cpu_step_s else None,
+            "tokens_per_cpu_s": round(total_batch_size / cpu_step_s) if cpu_step_s else None,
             "compile_s": round(rows[0][1] - step_s, 2) if compiled else None, "first_step_s": rows[0][1], "steps": steps,
             "wall_s_incl_startup_and_eval": round(wall_s, 1)}
 
@@ -218,11 +244,12 @@ for mode in modes.split(","):
         for round_index in range(rounds):
             ours.append(run_loop(REPO_ROOT, compiled, dtype))
             log(f"{mode} {dtype} loop, round {round_index + 1}: {ours[-1]['tokens_per_s']:,} tok/s, "
-                f"MFU {ours[-1]['mfu_percent']}%, compile {ours[-1]['compile_s']} s")
+                f"MFU {ours[-1]['mfu_percent']}%, CPU s/step {ours[-1]['cpu_step_s']}, compile {ours[-1]['compile_s']} s")
             if compare_repo:
                 theirs.append(run_loop(os.path.abspath(compare_repo), compiled, dtype))
                 log(f"{mode} {dtype} loop of {compare_repo}, round {round_index + 1}: "
-                    f"{theirs[-1]['tokens_per_s']:,} tok/s, compile {theirs[-1]['compile_s']} s")
+                    f"{theirs[-1]['tokens_per_s']:,} tok/s, CPU s/step {theirs[-1]['cpu_step_s']}, "
+                    f"compile {theirs[-1]['compile_s']} s")
         loop = median_run(ours)
         model = run_model(compiled, dtype)
         log(f"{mode} {dtype} model fwd+bwd: {model['tokens_per_s']:,} tok/s, MFU {model['mfu_percent']}%")
@@ -236,6 +263,10 @@ for mode in modes.split(","):
             row["compare_loop"] = median_run(theirs)
             row["loop_speedup"] = round(loop["tokens_per_s"] / row["compare_loop"]["tokens_per_s"], 3)
             row["loop_speedup_per_round"] = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(ours, theirs)]
+            if all(r["cpu_step_s"] for r in ours + theirs):  # CPU seconds per step: theirs / ours
+                row["cpu_time_speedup_per_round"] = [round(b["cpu_step_s"] / a["cpu_step_s"], 3) for a, b in zip(ours, theirs)]
+                row["cpu_time_speedup"] = round(statistics.median(r["cpu_step_s"] for r in theirs)
+                                                / statistics.median(r["cpu_step_s"] for r in ours), 3)
         results[f"{mode}/{dtype}"] = row
 shutil.rmtree(bench_base, ignore_errors=True)
 
