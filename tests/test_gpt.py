@@ -175,6 +175,18 @@ def test_softcap_bounds_logits_to_15():
     assert logits.abs().max().item() > 14.9  # saturated, not merely small
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_explicit_causal_attention_equals_sdpa(n_kv_head):
+    # the CPU bf16 training path (faster there) must compute what SDPA computes, grouped-query included
+    from nanochat.gpt import causal_attention_explicit
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    k, v = torch.randn(2, n_kv_head, 16, 8, dtype=torch.float64), torch.randn(2, n_kv_head, 16, 8, dtype=torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(causal_attention_explicit(q, k, v).double(), expected, atol=1e-6, rtol=0)
+
+
 def test_softcap_is_15_tanh_of_the_raw_logits():
     # written with sigmoid for speed (tanh(z) = 2 sigmoid(2z) - 1); it must stay the same function
     model = build(small_config(), perturb=0.02)
