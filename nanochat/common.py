@@ -187,6 +187,18 @@ def compute_init(device_type=""):
     return is_ddp, rank, local_rank, world_size, device
 
 
+def check_same_on_all_ranks(values, what):
+    """Raise if `values` (a picklable list, e.g. each step's LR multiplier) differs between ranks: a mismatch would
+    silently desynchronize the replicas, which no DDP wrapper re-averages here. A no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    if any(other != gathered[0] for other in gathered):
+        raise RuntimeError(f"ranks used different {what}: {gathered}")
+    print0(f"{what} identical on all {len(gathered)} ranks ({len(values)} steps)")
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         # all ranks leave together: gloo aborts a process ("terminate called without an active exception") when

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
-from nanochat.common import UserError, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.common import UserError, check_same_on_all_ranks, compute_cleanup, compute_init, init_wandb, print0
 from nanochat.configurator import configure
 from nanochat.report import get_report
 
@@ -301,12 +301,7 @@ while True:
     curve["lrm"].append(lrm)
     curve["tokens"].append(int(step_tokens))
 
-if is_ddp:  # every rank used the same LR at every step (a mismatch would silently desynchronize the replicas)
-    histories = [None] * world_size
-    dist.all_gather_object(histories, lrm_history)
-    if any(history != histories[0] for history in histories):
-        raise RuntimeError(f"ranks used different LR multipliers: {histories}")
-    print0(f"LR multipliers identical on all {world_size} ranks ({len(lrm_history)} steps)")
+check_same_on_all_ranks(lrm_history, "LR multipliers")  # every rank used the same LR at every step
 
 # -----------------------------------------------------------------------------
 # Save and report
