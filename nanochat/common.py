@@ -201,9 +201,15 @@ def check_same_on_all_ranks(values, what):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
-        # all ranks leave together: gloo aborts a process ("terminate called without an active exception") when
-        # it tears down its connections while another rank is still finishing (rank 0 writes the report last)
+        # All ranks leave together. gloo aborts a process ("terminate called without an active exception") when a
+        # peer closes its connections while that process is still inside a collective, and a barrier alone does
+        # not prevent it: the first rank out of the barrier can close while the last one still waits for its final
+        # message. So each rank also says "done" through the rendezvous store (which outlives the process group)
+        # and waits for everyone's, and only then are the gloo connections torn down.
         dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"nanochat_cleanup_{dist.get_rank()}", "done")
+        store.wait([f"nanochat_cleanup_{rank}" for rank in range(dist.get_world_size())])
         dist.destroy_process_group()
 
 
