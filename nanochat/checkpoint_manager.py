@@ -21,7 +21,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import MissingFileError, UserError, get_base_dir, logger, write_atomic
+from nanochat.common import COMPUTE_DTYPE, MissingFileError, UserError, get_base_dir, logger, write_atomic
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
@@ -110,6 +110,11 @@ def build_model(checkpoint_dir, step, device, phase):
     # saved on a GPU become fp32 on CPU/MPS.
     model.load_state_dict(model_data, strict=True)
     model.train(phase == "train")
+    if phase == "eval":
+        # Inference only: cast the weights to the compute dtype once, the same values Linear would cast them to at
+        # every use. Decoding reads every weight per token, so the per-use casts cost more than the matmuls they feed
+        # (d4, vocab 32K, bf16 on CPU: a one-token forward 6.6 -> 4.1 ms).
+        model.to(COMPUTE_DTYPE)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(f"the tokenizer in {get_base_dir()}/tokenizer has {tokenizer.get_vocab_size():,} tokens but the "

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth
+from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth, norm, unembed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # logits of a cached and a full forward agree to float rounding in fp32; bf16 compute rounds much more coarsely
@@ -187,16 +188,33 @@ def test_explicit_causal_attention_equals_sdpa(n_kv_head):
     torch.testing.assert_close(causal_attention_explicit(q, k, v).double(), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (3, 5), (4, 16), (5, 13)])
+def test_unembed_is_the_plain_lm_head_product(shape):
+    # the few-row fp32 CPU path (transposed, a lone row doubled) must give what F.linear gives, gradients included
+    torch.manual_seed(0)
+    x = torch.randn(*shape, 32, requires_grad=True)
+    weight = torch.randn(640, 32, requires_grad=True)
+    out = unembed(x, weight)
+    assert out.shape == (*shape, 640)
+    torch.testing.assert_close(out, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    F.linear(x, weight).square().sum().backward()
+    torch.testing.assert_close(grads, (x.grad, weight.grad), atol=1e-4, rtol=1e-5)
+
+
 def test_softcap_is_15_tanh_of_the_raw_logits():
     # written with sigmoid for speed (tanh(z) = 2 sigmoid(2z) - 1); it must stay the same function
     model = build(small_config(), perturb=0.02)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 2.0)  # raw logits spread over the soft and the saturated range
-    raw = []
-    model.lm_head.register_forward_hook(lambda module, inputs, output: raw.append(output.float()))
+    last_block_out = []
+    model.transformer.h[-1].register_forward_hook(lambda module, inputs, output: last_block_out.append(output))
     logits = model(torch.randint(0, 300, (2, 16)))
-    expected = 15 * torch.tanh(raw[0][..., :300] / 15)
-    assert raw[0].abs().max().item() > 30
+    raw = F.linear(norm(last_block_out[0]), model.lm_head.weight.to(last_block_out[0].dtype)).float()
+    expected = 15 * torch.tanh(raw[..., :300] / 15)
+    assert raw.abs().max().item() > 30
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 

@@ -139,7 +139,7 @@ for depth in [int(d) for d in depths.split(",")]:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    model.eval()
+    model.eval().to(COMPUTE_DTYPE)  # as load_model(phase="eval") serves it: weights cast once, not at every use
     engine = Engine(model, SyntheticTokenizer())
     prompt = torch.randint(0, vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     row = {"depth": depth, "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "threads": torch.get_num_threads()}
