@@ -48,3 +48,44 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, prog
     if total_bytes == 0:
         return float("inf")
     return total_nats / (math.log(2) * total_bytes)
+
+
+class UnigramBaseline:
+    """The bits per byte of a model without context, which predicts every token by how often it occurs: the
+    yardstick a trained model's bpb should land well below. Token frequencies are counted on the batches passed
+    through count() (add-one smoothed, summed across ranks) and scored on those passed through score(); both hand
+    their batches on, so the baseline rides along with the model's own evaluation without reading the data again.
+    Special tokens and ignored targets are left out, as in evaluate_bpb."""
+
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self.counts = torch.ones(token_bytes.numel(), dtype=torch.float64, device=token_bytes.device)
+        self.nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+        self.bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+
+    def count(self, batches):
+        for batch in batches:
+            targets = batch[1].reshape(-1)
+            self.counts += torch.bincount(targets[targets >= 0], minlength=self.counts.numel())
+            yield batch
+
+    def score(self, batches):
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return self._scored(batches, (counts / counts.sum()).log())
+
+    def _scored(self, batches, log_probs):
+        for batch in batches:
+            targets = batch[1].reshape(-1)
+            num_bytes = torch.where(targets >= 0, self.token_bytes[targets.clamp(min=0)], 0)
+            self.nats -= torch.where(num_bytes > 0, log_probs[targets.clamp(min=0)], 0.0).sum()
+            self.bytes += num_bytes.sum()
+            yield batch
+
+    def bpb(self):
+        nats, num_bytes = self.nats.clone(), self.bytes.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(nats, op=dist.ReduceOp.SUM)
+            dist.all_reduce(num_bytes, op=dist.ReduceOp.SUM)
+        return nats.item() / (math.log(2) * num_bytes.item()) if num_bytes.item() else float("inf")

@@ -248,6 +248,10 @@ class Report:
         if bloat:
             lines += [bloat.group(1), ""]
         lines += summary_table(sections) + [""]
+        base_loss = sections.get(slugify("Base model loss"), "")
+        val_bpb, unigram_bpb = read_metric(base_loss, "val bpb"), read_metric(base_loss, "unigram bpb")
+        if val_bpb and unigram_bpb:  # did pretraining learn more than token frequencies?
+            lines += [f"Base model val bpb: {val_bpb} (unigram baseline: {unigram_bpb})", ""]
         # Wall clock: from "Run started" in the header to the last section written (so regenerating later does
         # not stretch it); each stage's time is the gap between its section's timestamp and the one before it.
         stamps = [(slug, _section_time(text)) for slug, text in sections.items()]

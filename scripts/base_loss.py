@@ -1,5 +1,7 @@
 """
-Bits per byte of a trained base model on the train and val splits, plus greedy samples from a few prompts.
+Bits per byte of a trained base model on the train and val splits, next to the unigram baseline (token
+frequencies counted on the train tokens, scored on the val tokens: what a model without context would get), plus
+greedy samples from a few prompts.
 
 Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model_step), evaluates split_tokens
 tokens of each split with the sequence length and packing the model was trained with, and logs the
@@ -15,7 +17,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, print0
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import UnigramBaseline, evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -43,11 +45,15 @@ if steps == 0:
     raise UserError(f"split_tokens={split_tokens:,} is less than one batch of device_batch_size * sequence_len * world_size = "
                     f"{tokens_per_step:,} tokens; raise split_tokens or lower device_batch_size")
 token_bytes = get_token_bytes(device=device)
+unigram = UnigramBaseline(token_bytes)  # token frequencies from the train tokens below, scored on the val tokens
 bpb = {}
 for split in ("train", "val"):
     batches = tokenizing_distributed_data_loader(device_batch_size, sequence_len, split, device=device, bos_aligned=bos_aligned)
+    batches = unigram.count(batches) if split == "train" else unigram.score(batches)
     bpb[split] = evaluate_bpb(model, batches, steps, token_bytes)
     print0(f"{split} bpb: {bpb[split]:.4f} ({steps * tokens_per_step:,} tokens)")
+bpb["unigram"] = unigram.bpb()
+print0(f"val bpb {bpb['val']:.4f} vs {bpb['unigram']:.4f} for the unigram baseline (token frequencies alone)")
 
 # -----------------------------------------------------------------------------
 # Greedy samples (rank 0)
@@ -62,7 +68,7 @@ if rank == 0:
 
 get_report().log(section="Base model loss", data=[
     user_config,
-    {"model step": meta["step"], "train bpb": bpb["train"], "val bpb": bpb["val"]},
+    {"model step": meta["step"], "train bpb": bpb["train"], "val bpb": bpb["val"], "unigram bpb": bpb["unigram"]},
     "", "Samples:", "",
     *[f"    {sample!r}" for sample in samples],  # indented: a code block, so model output is never taken for markdown
 ])

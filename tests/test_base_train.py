@@ -99,12 +99,16 @@ def test_base_loss_and_report_after_a_tiny_run(tmp_path):
     val_bpb = float(result.stdout.split("val bpb: ")[1].split()[0])
     assert val_bpb == pytest.approx(read_curve(base_dir)["val_bpb"][-1], abs=1e-4)  # same data, same model
     assert result.stdout.count("'The capital of France is") == 1
+    unigram_bpb = float(result.stdout.split(" for the unigram baseline")[0].split(" vs ")[-1])
+    assert 3 < unigram_bpb < 12  # a BPE vocab of 512: ~9 bits per token, a few bytes per token
 
     subprocess.run([sys.executable, "-m", "nanochat.report", "generate"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
     report = (base_dir / "report" / "report.md").read_text(encoding="utf-8")
     for heading in ["## Base model training", "## Base model loss", "## Summary"]:
         assert heading in report
     assert "- Calculated number of iterations: 6" in report and "- Final validation bpb: " in report
+    assert f"- unigram bpb: {unigram_bpb:.4f}" in report
+    assert f"Base model val bpb: {val_bpb:.4f} (unigram baseline: {unigram_bpb:.4f})" in report.split("## Summary")[1]
     assert "![base model training curve](base_train_curve.png)" in report
     assert (base_dir / "report" / "base_train_curve.png").stat().st_size > 1000
 
@@ -138,6 +142,19 @@ def test_default_val_bpb_size_is_the_run_size_at_most_and_the_final_one_is_alway
     assert "Val bpb evaluations: 1,024 tokens each" in result.stdout  # 2 steps x 512 tokens, not 20 x 512
     curve = read_curve(base_dir)
     assert curve["val_step"] == [2] and len(curve["val_bpb"]) == 1
+
+
+def test_unigram_baseline_counts_on_one_stream_and_scores_on_another():
+    from nanochat.loss_eval import UnigramBaseline
+
+    token_bytes = torch.tensor([0, 1, 2])  # token 0 is special: no bytes, never scored
+    unigram = UnigramBaseline(token_bytes)
+    train = [(None, torch.tensor([[1, 1], [1, 2]])), (None, torch.tensor([[0, -1]]))]
+    assert list(unigram.count(iter(train))) == train  # the batches pass through unchanged
+    val = [(None, torch.tensor([[1, 2, 0, -1]]))]
+    assert list(unigram.score(iter(val))) == val
+    # add-one smoothed counts over the 3 ids: [1+1, 1+3, 1+1] -> p(1) = 4/8, p(2) = 2/8; val scores 1 and 2 (3 bytes)
+    assert unigram.bpb() == pytest.approx((-math.log(4 / 8) - math.log(2 / 8)) / (math.log(2) * 3))
 
 
 def test_long_evaluations_print_progress_with_an_eta(capsys):
