@@ -137,7 +137,7 @@ def _default_compute_dtype():
     override = os.environ.get("NANOCHAT_DTYPE")
     if override:
         if override not in choices:
-            raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(choices)}")
+            raise UserError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(choices)}")
         return choices[override]
     if torch.cuda.is_available():
         # bf16 tensor cores from Ampere (SM 80) on; older GPUs stay in fp32 (fp16 would need a grad scaler)
@@ -158,11 +158,11 @@ def compute_init(device_type=""):
     device_type = device_type or autodetect_device_type()
     allowed = ("cuda", "mps", "cpu")
     if device_type not in allowed:
-        raise ValueError(f"device_type={device_type!r} is not one of {allowed}")
+        raise UserError(f"device_type={device_type!r} is not one of {allowed}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device_type='cuda' but torch sees no CUDA GPU; use --device_type=cpu")
+        raise UserError("device_type='cuda' but torch sees no CUDA GPU; use --device_type=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device_type='mps' but MPS is not available; use --device_type=cpu")
+        raise UserError("device_type='mps' but MPS is not available; use --device_type=cpu")
 
     random.seed(42)
     torch.manual_seed(42)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.adamw import AdamW, DistAdamW
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import COMPUTE_DTYPE, UserError
 from nanochat.muon import DistMuon, Muon
 
 
@@ -40,11 +40,11 @@ def dims_for_depth(depth):
     is a multiple of 128), as many key/value heads as query heads. The GPTConfig fields besides sequence_len and
     vocab_size, for base_train, the tests and the benchmarks alike."""
     if depth < 1:
-        raise ValueError(f"depth={depth}: expected a positive number of layers")
+        raise UserError(f"depth={depth}: expected a positive number of layers")
     model_dim = 64 * depth
     num_heads = max(1, (model_dim + 127) // 128)
     if model_dim % num_heads != 0:
-        raise ValueError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
+        raise UserError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
                          f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
     return dict(n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim)
 

@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, compute_cleanup, compute_init, get_peak_flops, init_wandb,
-                             print0)
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, get_peak_flops,
+                             init_wandb, print0)
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
@@ -106,7 +106,7 @@ print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model
 tokens_per_fwdbwd = device_batch_size * max_seq_len  # one micro-step of one process
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens_per_fwdbwd != 0:
-    raise ValueError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
+    raise UserError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
                      f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}; "
                      f"pick a total_batch_size that is, or change device_batch_size")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
@@ -115,7 +115,7 @@ print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {gra
 
 compile_choices = {"auto": device.type == "cuda", "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 if compile.lower() not in compile_choices:
-    raise ValueError(f"compile={compile!r}: expected one of auto, true, false")
+    raise UserError(f"compile={compile!r}: expected one of auto, true, false")
 use_compile = compile_choices[compile.lower()]
 
 tokenizer = get_tokenizer()
@@ -136,13 +136,13 @@ if resume_from_step:
     elif resume_from_step.isdigit():
         resume_step = int(resume_from_step)
     else:
-        raise ValueError(f"resume_from_step={resume_from_step!r}: expected '' (start afresh), a step number, or 'last'")
+        raise UserError(f"resume_from_step={resume_from_step!r}: expected '' (start afresh), a step number, or 'last'")
     model_data, optimizer_data, meta = load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
     if meta["model_config"] != model_config:
-        raise ValueError(f"the checkpoint {ckpt_dir} step {resume_step} has model_config {meta['model_config']}, but these "
+        raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} has model_config {meta['model_config']}, but these "
                          f"settings give {model_config}: resume with the settings of the run that saved it")
     if meta["world_size"] != world_size:
-        raise ValueError(f"the checkpoint {ckpt_dir} step {resume_step} was saved by {meta['world_size']} process(es); "
+        raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} was saved by {meta['world_size']} process(es); "
                          f"an exact resume needs the same number (this run has {world_size})")
     print0(f"Resuming from {ckpt_dir} step {resume_step}")
 
@@ -173,7 +173,7 @@ elif target_param_data_ratio > 0:
     num_iterations = target_param_data_ratio * num_scaling_params // total_batch_size
     horizon = f"target_param_data_ratio={target_param_data_ratio}"
 else:
-    raise ValueError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive value")
+    raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive value")
 total_tokens = total_batch_size * num_iterations
 print0(f"Iterations: {num_iterations:,} (from {horizon}) | tokens: {total_tokens:,} | tokens per scaling parameter: "
        f"{total_tokens / num_scaling_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
