@@ -258,7 +258,7 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
         # 1) each item's shared prefix, once (an item without one gets an empty prefix: its rows start at 0)
         prefixes = _pad([item["rows"][0][:item["shared"]] or [pad_id] for item in items], pad_id).to(device)  # (E, Q)
         prefix_cache = new_cache(len(items), prefixes.size(1))
-        model(prefixes, kv_cache=prefix_cache)
+        model(prefixes, kv_cache=prefix_cache, last_only=True)  # only the cache is wanted
         # 2) every row continues from its item's prefix
         suffixes = _pad([row[q:] for row, q in zip(rows, row_shared)], pad_id).to(device)  # (R, S)
         cache = new_cache(len(rows), prefixes.size(1) + suffixes.size(1))

@@ -103,10 +103,11 @@ def apply_rotary_emb(x, cos, sin):
 
 def causal_attention_explicit(q, k, v):
     """Causal attention written out (scores, mask, softmax, weighted sum) for q, k, v (B, H, T, D), grouped-query
-    k, v allowed. The training forward uses it for bf16 on CPU at T <= 1024, where it measured 1.6x faster than
+    k, v allowed. The full forward uses it for bf16 on CPU at T <= 512, where it measured 1.2-3x faster than
     SDPA's CPU flash kernel (fwd+bwd 57 vs 90 ms a layer at B 8, T 512, one thread: ~13% of a demo step) at the
-    same accuracy (scores and softmax in fp32); in fp32 the two are equally fast, so fp32 keeps SDPA. The T x T
-    scores it keeps for the backward are why it stops at T 1024."""
+    same accuracy (scores and softmax in fp32); in fp32 the two are equally fast, so fp32 keeps SDPA. Past T 512
+    the T x T fp32 scores cost more than they save (B 4, T 1000, one thread: forward 87 vs 35 ms, fwd+bwd 113 vs
+    101 ms), which long CORE prompts hit."""
     if k.size(1) != q.size(1):  # grouped-query: each key/value head serves n_head / n_kv_head query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
@@ -139,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             # the new keys/values go into the cache; attend to everything cached so far, as far as attn_mask allows
             k, v = kv_cache.insert(self.layer_idx, k, v, positions, attn_mask.size(-1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if kv_cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 1024:
+        if kv_cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
             y = causal_attention_explicit(q, k, v)  # faster there (see its docstring)
         elif kv_cache is None:  # training / full forward: keys == queries, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -254,9 +255,13 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # the scripts' LR schedules multiply this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are
-        given, else fp32 logits (B, T, vocab_size). With kv_cache, idx continues each row's cached tokens."""
+        given, else fp32 logits (B, T, vocab_size). With kv_cache, idx continues each row's cached tokens.
+        last_only: logits of the last position only, (B, 1, vocab_size). A prefill needs no others, and the lm_head
+        over every prompt position costs as much as the rest of the forward (d4, vocab 32K: 8.4M multiply-adds a
+        position against 3.1M for the four blocks)."""
+        assert not (last_only and targets is not None), "last_only gives logits; the loss needs every position"
         B, T = idx.size()
         if kv_cache is None:
             assert T <= self.rotary_seq_len, f"{T} tokens: longer than the rotary table ({self.rotary_seq_len})"
@@ -277,9 +282,9 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, positions, attn_mask)
-        x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        x = norm(x[:, -1:] if last_only else x)
 
         softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
         logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size].float()  # fp32 before the squashing

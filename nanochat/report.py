@@ -32,7 +32,8 @@ SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model train
                  "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
                  "Chat RL", "Chat evaluation rl"]
 # The summary table: metric rows x stage columns, each column read from that stage's evaluation section.
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SimpleSpelling",
+                   "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "Base model evaluation", "MID": "Chat evaluation mid", "SFT": "Chat evaluation sft",
                    "RL": "Chat evaluation rl"}
 # The training curves (report.log_curve name) plotted after a section, and the plot's title

@@ -52,6 +52,7 @@ def test_every_stage_runs_and_the_report_summary_holds_numbers(demo):
     assert re.fullmatch(r"CORE \(over \d+ of 22 tasks\)", core) and re.fullmatch(NUMBER, rows[core][0]), rows[core]
     spelling = rows["SpellingBee"]
     assert all(re.fullmatch(NUMBER, cell) for cell in spelling[1:]), spelling  # evaluated after mid, SFT and RL
+    assert all(re.fullmatch(NUMBER, cell) for cell in rows["SimpleSpelling"][1:]), rows["SimpleSpelling"]
     bpb = re.search(rf"Base model val bpb: ({NUMBER}) \(unigram baseline: ({NUMBER})\)", summary)
     assert bpb and 0 < float(bpb.group(1)) and 0 < float(bpb.group(2)), summary
     assert re.search(r"Total wall clock time: \d+h\d+m", summary)

@@ -100,10 +100,10 @@ class ChainModel:
     def get_device(self):
         return torch.device("cpu")
 
-    def __call__(self, idx, kv_cache):
+    def __call__(self, idx, kv_cache, last_only=False):
         B, T = idx.shape
         kv_cache.advance(T)
-        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        logits = torch.full((B, 1 if last_only else T, self.config.vocab_size), -1e9)
         if T > 1:  # the prompt
             logits[:, -1, 10:18] = 0.0
             return logits
@@ -186,10 +186,10 @@ class ScriptedModel:
     def get_device(self):
         return torch.device("cpu")
 
-    def __call__(self, idx, kv_cache):
+    def __call__(self, idx, kv_cache, last_only=False):
         B, T = idx.shape
         kv_cache.advance(T)
-        logits = torch.zeros(B, T, self.config.vocab_size)
+        logits = torch.zeros(B, 1 if last_only else T, self.config.vocab_size)
         for row, position in enumerate(kv_cache.pos.tolist()):  # position = tokens seen, incl. this one
             index = position - self.prompt_len
             logits[row, -1, self.script[index] if 0 <= index < len(self.script) else self.end] = 10.0

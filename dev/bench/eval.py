@@ -75,7 +75,7 @@ if "core" in parts:
         model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    model.eval()
+    model.eval().to(COMPUTE_DTYPE)  # as load_model(phase="eval") serves it: weights cast once
 
     if threads > 0:
         torch.set_num_threads(threads)
