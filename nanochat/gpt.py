@@ -45,7 +45,7 @@ def dims_for_depth(depth):
     num_heads = max(1, (model_dim + 127) // 128)
     if model_dim % num_heads != 0:
         raise UserError(f"depth={depth} gives model_dim={model_dim}, which does not split into {num_heads} heads of equal "
-                         f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
+                        f"size (heads are ~128 wide); use an even depth (or 1, 3, 7)")
     return dict(n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim)
 
 
@@ -287,7 +287,8 @@ class GPT(nn.Module):
         x = norm(x[:, -1:] if last_only else x)
 
         softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
-        logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size].float()  # fp32 before the squashing
+        logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size]
+        logits = logits.float()  # fp32 before the squashing (bf16 is coarse)
         # softcap * tanh(logits / softcap), written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to
         # fp32 rounding, but on CPU a vectorized sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values
         # in the forward and again in the backward (d4, vocab 32K, bf16, CPU: softcap + cross-entropy went from 28%

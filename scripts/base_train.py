@@ -107,8 +107,8 @@ tokens_per_fwdbwd = device_batch_size * max_seq_len  # one micro-step of one pro
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens_per_fwdbwd != 0:
     raise UserError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
-                     f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}; "
-                     f"pick a total_batch_size that is, or change device_batch_size")
+                    f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}; "
+                    f"pick a total_batch_size that is, or change device_batch_size")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {grad_accum_steps} micro-step(s) x "
        f"{device_batch_size} rows x {max_seq_len} tokens")
@@ -140,10 +140,10 @@ if resume_from_step:
     model_data, optimizer_data, meta = load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
     if meta["model_config"] != model_config:
         raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} has model_config {meta['model_config']}, but these "
-                         f"settings give {model_config}: resume with the settings of the run that saved it")
+                        f"settings give {model_config}: resume with the settings of the run that saved it")
     if meta["world_size"] != world_size:
         raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} was saved by {meta['world_size']} process(es); "
-                         f"an exact resume needs the same number (this run has {world_size})")
+                        f"an exact resume needs the same number (this run has {world_size})")
     print0(f"Resuming from {ckpt_dir} step {resume_step}")
 
 # -----------------------------------------------------------------------------
