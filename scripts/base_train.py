@@ -98,6 +98,9 @@ if device.type == "cpu":
 wandb_run = init_wandb(run, user_config, master_process)
 # for MFU; on CPU this measures matmuls on random numbers, so it runs here, in the same place on a resume
 peak_flops = get_peak_flops(device, COMPUTE_DTYPE)
+if device.type == "cpu":  # a busy machine measures a low peak, and MFU then reads high: say what it divides by
+    print0(f"MFU is against this CPU's measured {str(COMPUTE_DTYPE).removeprefix('torch.')} matmul peak: "
+           f"{peak_flops / 1e9:,.0f} GFLOP/s")
 
 model_dims = dims_for_depth(depth)  # errors early, before any data or tokenizer is read
 print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model_dims['n_head']} heads of "
