@@ -40,10 +40,10 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # hellaswag.jsonl (10,042 rows) is used whenever it exists.
 FALLBACK_FILES = {"language_understanding/hellaswag.jsonl": "eval_data_fallback/hellaswag_val_olmes1000.jsonl"}
 # Padded tokens per forward (0 = one example per forward). A GPU needs many rows per forward to be busy (one d4
-# example is mostly launch overhead); a CPU is already busy with one example, and bigger forwards only add padding
-# and fresh large allocations (dev/bench/eval.py, d4 on 2 loaded cores: 2048 tokens ran at 0.81x the speed of one
-# example at a time, 8192 at 0.76x).
-BATCH_TOKENS = {"cuda": 8192, "mps": 8192, "cpu": 0}
+# example is mostly launch overhead); a CPU gains a little from a few examples together and loses again to the
+# padding of bigger forwards (dev/bench/eval.py, d4 on 2 quiet cores: 2048 tokens ran at 1.18x the speed of one
+# example at a time, 8192 at 1.01x).
+BATCH_TOKENS = {"cuda": 8192, "mps": 8192, "cpu": 2048}
 
 
 def default_batch_tokens(device):
@@ -251,6 +251,9 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
     rows = [row for item in items for row in item["rows"]]
     spans = [span for item in items for span in item["spans"]]
     row_shared = [item["shared"] if share_prefix else 0 for item in items for _ in item["rows"]]
+    # Logits are wanted only from the first position that predicts a scored token (the lm_head and softcap over
+    # a few-shot prompt's every position would cost as much as the blocks; on a GPU, a 65K vocab makes them GBs)
+    first = min(start - 1 - q for (start, _), q in zip(spans, row_shared))
     if any(row_shared):
         config = model.config
         def new_cache(batch_size, seq_len):
@@ -258,7 +261,7 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
         # 1) each item's shared prefix, once (an item without one gets an empty prefix: its rows start at 0)
         prefixes = _pad([item["rows"][0][:item["shared"]] or [pad_id] for item in items], pad_id).to(device)  # (E, Q)
         prefix_cache = new_cache(len(items), prefixes.size(1))
-        model(prefixes, kv_cache=prefix_cache, last_only=True)  # only the cache is wanted
+        model(prefixes, kv_cache=prefix_cache, logits_from=-1)  # only the cache is wanted
         # 2) every row continues from its item's prefix
         suffixes = _pad([row[q:] for row, q in zip(rows, row_shared)], pad_id).to(device)  # (R, S)
         cache = new_cache(len(rows), prefixes.size(1) + suffixes.size(1))
@@ -266,15 +269,16 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
         cache.k[:, :, :prefixes.size(1)] = prefix_cache.k[:, item_of_row]
         cache.v[:, :, :prefixes.size(1)] = prefix_cache.v[:, item_of_row]
         cache.pos.copy_(torch.tensor(row_shared, device=device))
-        logits = model(suffixes, kv_cache=cache)  # (R, S, V): position j of row r is token row_shared[r] + j
+        # (R, S - first, V): logits position j of row r is token row_shared[r] + first + j
+        logits = model(suffixes, kv_cache=cache, logits_from=first)
     else:
-        logits = model(_pad(rows, pad_id).to(device))  # (R, T, V)
+        logits = model(_pad(rows, pad_id).to(device), logits_from=first)  # (R, T - first, V)
 
     # span tokens start..end-1 are predicted at positions start-1..end-2 (never inside the shared prefix)
     row_index, position, targets = [], [], []
     for r, ((start, end), q, row) in enumerate(zip(spans, row_shared, rows)):
         row_index += [r] * (end - start)
-        position += range(start - 1 - q, end - 1 - q)
+        position += range(start - 1 - q - first, end - 1 - q - first)
         targets += row[start:end]
     row_index, position, targets = (torch.tensor(x, device=device) for x in (row_index, position, targets))
     span_logits = logits[row_index, position]  # (N, V): only the scored positions

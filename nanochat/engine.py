@@ -250,7 +250,7 @@ class Engine:
         # The prompt once, batch 1; every sample row starts from a copy of its cache and samples its own first token
         prefill_cache = _new_cache(model, 1, len(tokens))
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = model(prompt, kv_cache=prefill_cache, last_only=True)[:, -1, :]  # (1, V)
+        logits = model(prompt, kv_cache=prefill_cache, logits_from=-1)[:, -1, :]  # (1, V)
         cache = _new_cache(model, num_samples, len(tokens) + max_tokens)
         cache.prefill(prefill_cache)
         del prefill_cache
@@ -401,7 +401,7 @@ class BatchDecoder:
         if len(tokens) > 1:
             view = _rows_view(self.cache, slot, slot + 1)
             view.pos.zero_()
-            self.model(torch.tensor([tokens[:-1]], dtype=torch.long, device=self.device), kv_cache=view, last_only=True)
+            self.model(torch.tensor([tokens[:-1]], dtype=torch.long, device=self.device), kv_cache=view, logits_from=-1)
         if max_tokens == 0:
             raise ValueError("max_tokens=0: a request must be allowed at least one token")
         max_tokens = self.max_seq_len if max_tokens is None else max_tokens

@@ -255,13 +255,14 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # the scripts' LR schedules multiply this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_from=0):
         """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are
         given, else fp32 logits (B, T, vocab_size). With kv_cache, idx continues each row's cached tokens.
-        last_only: logits of the last position only, (B, 1, vocab_size). A prefill needs no others, and the lm_head
-        over every prompt position costs as much as the rest of the forward (d4, vocab 32K: 8.4M multiply-adds a
-        position against 3.1M for the four blocks)."""
-        assert not (last_only and targets is not None), "last_only gives logits; the loss needs every position"
+        logits_from: logits of positions logits_from.. only, (B, T - logits_from, vocab_size); -1 = the last one.
+        A prefill needs only the last, a scorer only its answer spans, and the lm_head over every position costs as
+        much as the rest of the forward (d4, vocab 32K: 8.4M multiply-adds a position against 3.1M for the four
+        blocks)."""
+        assert not (logits_from and targets is not None), "logits_from gives logits; the loss needs every position"
         B, T = idx.size()
         if kv_cache is None:
             assert T <= self.rotary_seq_len, f"{T} tokens: longer than the rotary table ({self.rotary_seq_len})"
@@ -284,7 +285,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, positions, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x[:, -1:] if last_only else x)
+        x = norm(x[:, logits_from:])
 
         softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
         logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size]

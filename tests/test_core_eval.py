@@ -175,8 +175,8 @@ class SuccessorModel(torch.nn.Module):
             self.successor[a] = b
         self.vocab_size = vocab_size
 
-    def forward(self, idx):
-        return torch.nn.functional.one_hot(self.successor[idx], self.vocab_size).float() * 10  # (B, T, V)
+    def forward(self, idx, logits_from=0):
+        return torch.nn.functional.one_hot(self.successor[idx[:, logits_from:]], self.vocab_size).float() * 10
 
 
 def test_language_modeling_is_right_only_when_greedy_decoding_reproduces_the_continuation(isolated_base_dir):

@@ -120,15 +120,16 @@ def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
 
 
-def test_last_only_logits_are_the_last_position_of_the_full_ones():
+def test_logits_from_gives_the_tail_of_the_full_logits():
     config = small_config(n_head=4, n_kv_head=2)
     model = build(config, perturb=0.02)
     idx = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
         full = model(idx)
-        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(idx, logits_from=-1), full[:, -1:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(idx, logits_from=5), full[:, 5:], atol=ATOL, rtol=0)
         cache = KVCache(2, 2, 12, 16, config.n_layer)
-        prefill = model(idx[:, :9], kv_cache=cache, last_only=True)  # the cache still gets every position
+        prefill = model(idx[:, :9], kv_cache=cache, logits_from=-1)  # the cache still gets every position
         torch.testing.assert_close(prefill, full[:, 8:9], atol=ATOL, rtol=0)
         torch.testing.assert_close(model(idx[:, 9:], kv_cache=cache), full[:, 9:], atol=ATOL, rtol=0)
 

@@ -218,8 +218,8 @@ def test_engine_rollouts_mask_the_calculator_output(tmp_path):
         def get_device(self):
             return torch.device("cpu")
 
-        def forward(self, idx, kv_cache=None, last_only=False):
-            logits = self.inner(idx, kv_cache=kv_cache, last_only=last_only)
+        def forward(self, idx, kv_cache=None, logits_from=0):
+            logits = self.inner(idx, kv_cache=kv_cache, logits_from=logits_from)
             if self.calls < len(script):
                 logits[:, -1, :] = -1e9
                 logits[:, -1, script[self.calls]] = 1e9

@@ -148,7 +148,7 @@ for depth in [int(d) for d in depths.split(",")]:
         cache = KVCache(1, config.n_kv_head, prompt_tokens, config.n_embd // config.n_head, config.n_layer,
                         device=device)
         with torch.inference_mode():
-            model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)  # as the engine prefills
+            model(torch.tensor([prompt], device=device), kv_cache=cache, logits_from=-1)  # as the engine prefills
 
     def generate(samples):
         steps = sum(1 for _ in engine.generate(prompt, samples, num_tokens, temperature, top_k, seed=0))
