@@ -93,10 +93,11 @@ def categorical_predictions(model, tokenizer, conversations, batch_size):
         max_len = max(len(prompt) for prompt in prompts)
         ids = torch.tensor([prompt + [pad_id] * (max_len - len(prompt)) for prompt in prompts],
                            dtype=torch.long, device=device)  # (B, T)
-        logits = model(ids)  # (B, T, V)
+        first = min(len(prompt) for prompt in prompts) - 1  # the earliest position read: no logits before it
+        logits = model(ids, logits_from=first)  # (B, T - first, V)
         for row, (conversation, prompt) in enumerate(zip(batch, prompts)):
             letters = conversation["letters"]
-            letter_logits = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]  # (num_letters,)
+            letter_logits = logits[row, len(prompt) - 1 - first, letter_token_ids(tokenizer, letters)]  # (num_letters,)
             predictions.append(letters[letter_logits.argmax().item()])
     return predictions
 
