@@ -54,7 +54,7 @@ stage "pretraining: base_train d4"
 python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192 \
     --num_iterations="$BASE_STEPS" --eval_every=100 --eval_tokens="$EVAL_TOKENS" --sample_every=-1 \
     --core_metric_every=-1 --save_every=100 --compile=true
-stage "pretraining: base_loss (train/val bpb, samples)"
+stage "pretraining: base_loss (train/val bpb vs the unigram baseline, samples)"
 python -m scripts.base_loss --device_batch_size=8 --split_tokens="$EVAL_TOKENS"
 stage "pretraining: base_eval (CORE on the bundle subset in data/core_eval)"
 python -m scripts.base_eval --bundle_dir="$REPO/data/core_eval" --max_per_task="$CORE_PER_TASK"

@@ -18,6 +18,25 @@ def _is_rank0():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _target_bytes(targets, token_bytes):
+    """Bytes of text each of the (flat) targets stands for: 0 for special tokens and for ignored targets (-1)."""
+    return torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
+
+
+def _sum_over_ranks(*tensors):
+    """All-reduce (sum) each tensor in place when several processes run; a no-op in a single one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _bits_per_byte_over_ranks(nats, num_bytes):
+    """nats / (ln 2 * bytes), both 0-D tensors summed across ranks first; inf when there were no bytes."""
+    _sum_over_ranks(nats, num_bytes)
+    nats, num_bytes = nats.item(), num_bytes.item()
+    return nats / (math.log(2) * num_bytes) if num_bytes else float("inf")
+
+
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, progress_every_s=30.0):
     """Bits per byte of `model` over `steps` batches of (inputs, targets) drawn from the iterator `batches`;
@@ -32,7 +51,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, prog
         inputs, targets = next(batches)[:2]  # loaders with state yield a third item
         loss = model(inputs, targets, loss_reduction="none").view(-1).float()  # (B*T,) nats per token
         targets = targets.view(-1)
-        num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)  # (B*T,)
+        num_bytes = _target_bytes(targets, token_bytes)  # (B*T,)
         total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
         total_bytes += num_bytes.sum()
         now = time.time()
@@ -41,13 +60,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, prog
             eta = elapsed / (step + 1) * (steps - step - 1)
             print(f"evaluating bpb: batch {step + 1}/{steps} | elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
             next_report = now + progress_every_s
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_nats, total_bytes = total_nats.item(), total_bytes.item()
-    if total_bytes == 0:
-        return float("inf")
-    return total_nats / (math.log(2) * total_bytes)
+    return _bits_per_byte_over_ranks(total_nats, total_bytes)
 
 
 class UnigramBaseline:
@@ -59,7 +72,7 @@ class UnigramBaseline:
 
     def __init__(self, token_bytes):
         self.token_bytes = token_bytes
-        self.counts = torch.ones(token_bytes.numel(), dtype=torch.float64, device=token_bytes.device)
+        self.counts = torch.zeros(token_bytes.numel(), dtype=torch.float64, device=token_bytes.device)
         self.nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
         self.bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
 
@@ -71,21 +84,17 @@ class UnigramBaseline:
 
     def score(self, batches):
         counts = self.counts.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        _sum_over_ranks(counts)
+        counts += 1  # add-one smoothing, once (not once per rank): no token is impossible
         return self._scored(batches, (counts / counts.sum()).log())
 
     def _scored(self, batches, log_probs):
         for batch in batches:
             targets = batch[1].reshape(-1)
-            num_bytes = torch.where(targets >= 0, self.token_bytes[targets.clamp(min=0)], 0)
+            num_bytes = _target_bytes(targets, self.token_bytes)
             self.nats -= torch.where(num_bytes > 0, log_probs[targets.clamp(min=0)], 0.0).sum()
             self.bytes += num_bytes.sum()
             yield batch
 
     def bpb(self):
-        nats, num_bytes = self.nats.clone(), self.bytes.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(nats, op=dist.ReduceOp.SUM)
-            dist.all_reduce(num_bytes, op=dist.ReduceOp.SUM)
-        return nats.item() / (math.log(2) * num_bytes.item()) if num_bytes.item() else float("inf")
+        return _bits_per_byte_over_ranks(self.nats.clone(), self.bytes.clone())

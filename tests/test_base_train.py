@@ -157,6 +157,40 @@ def test_unigram_baseline_counts_on_one_stream_and_scores_on_another():
     assert unigram.bpb() == pytest.approx((-math.log(4 / 8) - math.log(2 / 8)) / (math.log(2) * 3))
 
 
+UNIGRAM_ON_TWO_RANKS = """
+import os, torch, torch.distributed as dist
+from nanochat.loss_eval import UnigramBaseline
+token_bytes = torch.tensor([0, 1, 2, 3])
+train, val = [torch.tensor([[1, 1, 2, 3]]), torch.tensor([[1, 0, -1, 2]])], [torch.tensor([[1, 2]]), torch.tensor([[3, 0]])]
+def bpb(train, val):
+    unigram = UnigramBaseline(token_bytes)
+    list(unigram.count(iter([(None, t) for t in train])))
+    list(unigram.score(iter([(None, v) for v in val])))
+    return unigram.bpb()
+alone = bpb(train, val)  # before the process group exists: this process sees all the data
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+os.write(1, f"rank {rank}: {alone!r} {bpb(train[rank:rank + 1], val[rank:rank + 1])!r}\\n".encode())  # one write: lines never interleave
+dist.destroy_process_group()
+"""
+
+
+def test_unigram_baseline_over_two_ranks_is_the_one_over_all_their_data(tmp_path):
+    # each rank sees half the batches; summed across ranks (and smoothed once, not once per rank) it must be the
+    # baseline of one process that saw them all
+    script = tmp_path / "unigram_two_ranks.py"
+    script.write_text(UNIGRAM_ON_TWO_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2
+    for line in lines:
+        alone, split = (float(value) for value in line.split(": ")[1].split())
+        assert split == pytest.approx(alone, rel=1e-12)
+
+
 def test_long_evaluations_print_progress_with_an_eta(capsys):
     from nanochat.loss_eval import evaluate_bpb
 
