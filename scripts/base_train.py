@@ -159,9 +159,9 @@ model.init_weights()
 if resume_step is not None:
     model.load_state_dict(model_data, strict=True)
     del model_data
-orig_model = model  # uncompiled: for evaluation, sampling and state_dict
+orig_model = model  # uncompiled: for sampling, CORE and state_dict
 if use_compile:
-    model = torch.compile(model, dynamic=False)
+    model = orig_model.compile_regions()  # each block and the head compiled: see GPT.compile_regions
 num_params = sum(p.numel() for p in orig_model.parameters())
 num_scaling_params = orig_model.num_scaling_params()
 flops_per_token = orig_model.estimate_flops()
@@ -354,9 +354,9 @@ while True:
         break
 
     if last_step or (eval_every > 0 and step % eval_every == 0):
-        model.eval()
+        orig_model.eval()
         val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
-        model.train()
+        orig_model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "total_training_time": total_training_time, "val/bpb": val_bpb})
@@ -407,7 +407,7 @@ while True:
         group["momentum"] = get_muon_momentum(step)
     for optimizer in optimizers:
         optimizer.step()
-    model.zero_grad(set_to_none=True)
+    orig_model.zero_grad(set_to_none=True)
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
     stats = torch.stack([loss_sum / grad_accum_steps, torch.tensor(float(stop_requested), device=device)])
     if is_ddp:

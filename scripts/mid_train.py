@@ -117,9 +117,9 @@ if max_seq_len > model_config["sequence_len"]:
 compile_choices = {"auto": device.type == "cuda", "true": True, "false": False}
 if compile.lower() not in compile_choices:
     raise UserError(f"--compile={compile}: expected one of auto, true, false")
-orig_model = model  # uncompiled: for evaluation and state_dict
+orig_model = model  # uncompiled: for state_dict
 if compile_choices[compile.lower()]:
-    model = torch.compile(model, dynamic=False)
+    model = orig_model.compile_regions()  # each block and the head compiled: see GPT.compile_regions
 token_bytes = get_token_bytes(device=device)
 
 optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
@@ -226,10 +226,10 @@ eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 
 
 def evaluate_val_bpb():
-    model.eval()
+    orig_model.eval()
     batches = packed_batches(val_dataset, loop=True)
     val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
-    model.train()
+    orig_model.train()
     return val_bpb
 
 
@@ -285,7 +285,7 @@ while True:
         group["momentum"] = get_muon_momentum(step - 1)
     for optimizer in optimizers:
         optimizer.step()
-    model.zero_grad(set_to_none=True)
+    orig_model.zero_grad(set_to_none=True)
     synchronize()
     dt = time.time() - t0
 

@@ -250,6 +250,24 @@ def test_ignored_targets_add_no_loss_and_no_gradient():
         torch.testing.assert_close(with_ignored, p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_compiled_regions_equal_the_eager_model_and_compile_one_graph_for_all_blocks():
+    from torch._dynamo.utils import counters
+    model = build(small_config(n_layer=3), perturb=0.02)
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    model(idx, targets).backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    counters.clear()
+    forward = model.compile_regions()
+    loss = forward(idx, targets)
+    loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2  # one graph serves all three blocks, one the head
+    torch.testing.assert_close(loss, model(idx, targets), atol=ATOL, rtol=0)
+    for eager, p in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, eager, atol=ATOL / 10, rtol=1e-2)
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 

@@ -84,7 +84,7 @@ if worker == "model":
         model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    forward = torch.compile(model, dynamic=False) if compiled else model
+    forward = model.compile_regions() if compiled else model  # as base_train compiles it
     optimizers = model.setup_optimizers()
     inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
     targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len))
