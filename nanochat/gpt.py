@@ -138,11 +138,12 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)  # QK-norm (after rotary): bounded attention logits, stabler training
         if kv_cache is not None:
             # the new keys/values go into the cache; attend to everything cached so far, as far as attn_mask allows
-            k, v = kv_cache.insert(self.layer_idx, k, v, positions, attn_mask.size(-1))
+            # (no mask: the cache was empty, so the T new keys are all there is)
+            k, v = kv_cache.insert(self.layer_idx, k, v, positions, T if attn_mask is None else attn_mask.size(-1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) for SDPA
-        if kv_cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
+        if attn_mask is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
             y = causal_attention_explicit(q, k, v)  # faster there (see its docstring)
-        elif kv_cache is None:  # training / full forward: keys == queries, plain causal attention
+        elif attn_mask is None:  # keys == queries (training, a full forward, a prefill from empty): plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # prefill chunk or single-token decode on top of a cache: the mask says who sees whom
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -281,6 +282,8 @@ class GPT(nn.Module):
             # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
             key_positions = torch.arange(attend_len, device=idx.device)
             attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
+            if attend_len == T:  # every row starts at 0 (a prompt into an empty cache): the mask is plain causal,
+                attn_mask = None  # which SDPA computes at half the cost (it skips the masked half, a mask it can't)
         blocks, head = compiled or (self.transformer.h, self.head)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
         for block in blocks:
