@@ -282,8 +282,8 @@ class GPT(nn.Module):
             # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
             key_positions = torch.arange(attend_len, device=idx.device)
             attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
-            if attend_len == T:  # every row starts at 0 (a prompt into an empty cache): the mask is plain causal,
-                attn_mask = None  # which SDPA computes at half the cost (it skips the masked half, a mask it can't)
+            if attend_len == T:  # every row starts at 0 (a prompt into an empty cache): the mask is plain causal, and
+                attn_mask = None  # SDPA's causal kernel skips the masked half, which an explicit mask makes it compute
         blocks, head = compiled or (self.transformer.h, self.head)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
         for block in blocks:
@@ -314,8 +314,8 @@ class GPT(nn.Module):
         """A callable like this model's forward for full sequences (idx, targets=None, loss_reduction="mean"), with
         every block and the head torch.compile'd as separate regions; the model itself stays uncompiled (for
         sampling, the KV cache path and state_dict). Blocks of one shape share one compiled graph, so compile time
-        does not grow with depth: cold, d4 on 2 CPU cores, 21.5-22 s against 27-29 s for torch.compile of the whole
-        model, at the same step time (within run-to-run noise)."""
+        does not grow with depth: cold, d4 on 2 CPU cores, 17-24 s against 22-30 s for torch.compile of the whole
+        model, at the same step time (within run-to-run noise; dev/BENCHMARKS.md)."""
         blocks = [torch.compile(block, dynamic=False) for block in self.transformer.h]
         head = torch.compile(self.head, dynamic=False)
 
