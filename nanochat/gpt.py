@@ -280,10 +280,11 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
             # query at position p sees keys 0..p: the whole prefix plus causal within the chunk; for one token,
             # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
-            key_positions = torch.arange(attend_len, device=idx.device)
-            attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
-            if attend_len == T:  # every row starts at 0 (a prompt into an empty cache): the mask is plain causal, and
+            if attend_len == T:  # every row starts at 0 (a prompt into an empty cache): plain causal, no mask, and
                 attn_mask = None  # SDPA's causal kernel skips the masked half, which an explicit mask makes it compute
+            else:
+                key_positions = torch.arange(attend_len, device=idx.device)
+                attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
         blocks, head = compiled or (self.transformer.h, self.head)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
         for block in blocks:
