@@ -102,10 +102,7 @@ def build_model(checkpoint_dir, step, device, phase):
     # strips characters, and would eat the start of names like "o...").
     model_data = {name.removeprefix("_orig_mod."): tensor for name, tensor in model_data.items()}
     config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # fills the non-persistent buffers (rotary tables); the weights come next
+    model = GPT.create(config, device)  # init_weights fills the rotary tables; the weights come next
     # Copying into the parameters (not assign=True) keeps the dtypes this device's model uses: bf16 weights
     # saved on a GPU become fp32 on CPU/MPS.
     model.load_state_dict(model_data, strict=True)
@@ -148,7 +145,8 @@ def find_last_step(checkpoint_dir):
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of source "base" | "mid" | "sft" | "rl", by default the largest model at its last step."""
+    """(model, tokenizer, meta) of source "base" | "mid" | "sft" | "rl", by default the largest model at its last step;
+    meta["model_tag"] says which model that was."""
     root = checkpoints_root(source)
     try:
         model_tag = model_tag or find_largest_model(root)
@@ -157,7 +155,8 @@ def load_model(source, device, phase, model_tag=None, step=None):
             tags = sorted(os.listdir(root)) if os.path.isdir(root) else []
             raise MissingFileError(f"no checkpoints for model_tag={model_tag!r} in {root}; tags there: {tags or 'none'}")
         step = find_last_step(directory) if step is None else step
-        return build_model(directory, step, device, phase)
+        model, tokenizer, meta = build_model(directory, step, device, phase)
+        return model, tokenizer, {**meta, "model_tag": model_tag}
     except MissingFileError as e:
         if "tok_train" in str(e) or "Train a" in str(e):  # the message already names the fix
             raise

@@ -199,6 +199,51 @@ def check_same_on_all_ranks(values, what):
     print0(f"{what} identical on all {len(gathered)} ranks ({len(values)} steps)")
 
 
+def dist_rank_and_size():
+    """(rank, world_size) of the default process group, or (0, 1) when none is up."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ranks_sum(values, device):
+    """The element-wise sum over all ranks of a number or a list of numbers (float64; the value itself in a single
+    process): token counts, rewards, losses and pass counts that each rank measured on its share."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist_rank_and_size()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def grad_accum_steps(total, per_micro_step, total_name, per_micro_step_name):
+    """Micro-steps per optimizer step: total / per_micro_step, which must divide exactly, so that every optimizer
+    step sees the same amount of data whatever the hardware. The names say how each number is made up, for the
+    error, e.g. ("total_batch_size", "device_batch_size * max_seq_len * world_size = 8 * 512 * 2")."""
+    if total % per_micro_step != 0:
+        raise UserError(f"{total_name}={total:,} is not a multiple of {per_micro_step_name} = {per_micro_step:,}; "
+                        f"change one of these settings")
+    return total // per_micro_step
+
+
+def should_compile(setting, device):
+    """The --compile setting of the training scripts: auto (on CUDA only: on CPU compiling pays off only for long
+    runs) | true | false."""
+    choices = {"auto": device.type == "cuda", "true": True, "false": False}
+    if str(setting).lower() not in choices:
+        raise UserError(f"--compile={setting}: expected one of auto, true, false")
+    return choices[str(setting).lower()]
+
+
+def format_duration(seconds):
+    """12s, 3m04s or 2h05m: durations in logs and reports."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         # All ranks leave together. gloo aborts a process ("terminate called without an active exception") when a

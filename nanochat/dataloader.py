@@ -14,6 +14,9 @@ already served), and that is the state. Resuming re-reads and re-tokenizes that 
 the same deterministic way and skips the rows already served, so the following batches are bit-identical to
 an uninterrupted run. Each rank has its own position: save every rank's state to resume N ranks exactly.
 The batch size B is not part of the position and may change across a resume; T and the packing may not.
+
+Also here, for the chat stages: masked_batch, rows of token ids with the masks that say which to learn (SFT's
+conversations, RL's rollouts) -> padded (inputs, targets).
 """
 
 import bisect
@@ -137,3 +140,18 @@ def tokenizing_distributed_data_loader_with_state(B, T, split, tokenizer_threads
 def tokenizing_distributed_data_loader(*args, **kwargs):
     """The same batches without the state: iterator of (inputs, targets)."""
     return ((inputs, targets) for inputs, targets, _ in tokenizing_distributed_data_loader_with_state(*args, **kwargs))
+
+
+def masked_batch(sequences, masks, pad_id):
+    """(inputs, targets) (B, T) long CPU tensors, one row per sequence of token ids, T = the longest length - 1.
+    masks[i][t] is 1 where token t of row i is to be learned (the assistant wrote it, the model sampled it), so
+    targets[i, t] is sequences[i][t + 1] where masks[i][t + 1] is 1, else -1 (ignored by the loss); shorter rows are
+    padded with pad_id inputs and -1 targets."""
+    length = max(len(sequence) for sequence in sequences) - 1
+    inputs = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), length), -1, dtype=torch.long)
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        ids, learned = torch.tensor(sequence, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, :len(sequence) - 1] = ids[:-1]
+        targets[row, :len(sequence) - 1] = torch.where(learned[1:], ids[1:], -1)
+    return inputs, targets

@@ -16,13 +16,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.adamw import AdamW, DistAdamW
 from nanochat.common import COMPUTE_DTYPE, UserError
-from nanochat.muon import DistMuon, Muon
+from nanochat.optim import MuonAdamW, muon_groups
 
 
 @dataclass
@@ -194,6 +192,16 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # (rotary_seq_len, head_dim / 2)
         self.register_buffer("sin", sin, persistent=False)
 
+    @classmethod
+    def create(cls, config, device):
+        """A GPT of this config with freshly initialized weights on device: built on the meta device (shapes only),
+        then allocated on device and initialized there, so a large model is never first made on the CPU."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
     @torch.no_grad()
     def init_weights(self):
         """All real initialization (the model is built on the meta device, where __init__'s values are fake).
@@ -236,25 +244,17 @@ class GPT(nn.Module):
         return 6 * (num_params - num_embedding) + 12 * L * H * D * T
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW for the embedding and lm_head, Muon for every matrix in the blocks]; the distributed versions when
-        a process group of more than one rank is up (they also average the gradients: there is no DDP wrapper).
-        weight_decay applies to the AdamW groups, as in the original."""
+        """One MuonAdamW (nanochat/optim.py): AdamW for the lm_head and the embedding, Muon for every matrix in the
+        blocks; across the ranks of a process group when one is up (it also averages the gradients: there is no DDP
+        wrapper). weight_decay applies to the AdamW groups, as in the original."""
         matrix_params = list(self.transformer.h.parameters())
-        embedding_params = [self.transformer.wte.weight]
-        lm_head_params = [self.lm_head.weight]
         assert len(list(self.parameters())) == len(matrix_params) + 2
         # AdamW LRs were tuned at n_embd 768; scale them as 1/sqrt(width) for other widths
         lr_scale = (self.config.n_embd / 768) ** -0.5
-        adam_groups = [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
-                       dict(params=embedding_params, lr=embedding_lr * lr_scale)]
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        adamw = (DistAdamW if distributed else AdamW)(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        muon = (DistMuon if distributed else Muon)(matrix_params, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group["lr"]  # the scripts' LR schedules multiply this
-        return optimizers
+        adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        return MuonAdamW([dict(params=[self.lm_head.weight], lr=unembedding_lr * lr_scale, **adamw),
+                          dict(params=[self.transformer.wte.weight], lr=embedding_lr * lr_scale, **adamw),
+                          *muon_groups(matrix_params, lr=matrix_lr, momentum=0.95)])
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_from=0, compiled=None):
         """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are

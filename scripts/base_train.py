@@ -4,8 +4,8 @@ Pretrain the base model on the parquet shards in <base>/base_data with the token
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
 training horizon (target_param_data_ratio tokens per parameter) follow from it. The batch is total_batch_size
 tokens per optimizer step whatever the hardware: each process runs device_batch_size rows a micro-step and
-accumulates gradients over as many micro-steps as needed. There is no DDP wrapper: the distributed optimizers
-synchronize the gradients.
+accumulates gradients over as many micro-steps as needed. There is no DDP wrapper: the optimizer
+averages the gradients.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
@@ -41,12 +41,14 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, get_peak_flops,
-                             init_wandb, print0)
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, format_duration,
+                             get_peak_flops, grad_accum_steps, init_wandb, print0, should_compile)
+from nanochat.core_eval import evaluate_model as evaluate_core
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -106,20 +108,12 @@ model_dims = dims_for_depth(depth)  # errors early, before any data or tokenizer
 print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model_dims['n_head']} heads of "
        f"{model_dims['n_embd'] // model_dims['n_head']}")
 
-tokens_per_fwdbwd = device_batch_size * max_seq_len  # one micro-step of one process
-world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-if total_batch_size % world_tokens_per_fwdbwd != 0:
-    raise UserError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
-                    f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}; "
-                    f"pick a total_batch_size that is, or change device_batch_size")
-grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
-print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {grad_accum_steps} micro-step(s) x "
+world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size  # one micro-step of every process
+accum_steps = grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size", "device_batch_size * "
+                               f"max_seq_len * world_size = {device_batch_size} * {max_seq_len} * {world_size}")
+print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {accum_steps} micro-step(s) x "
        f"{device_batch_size} rows x {max_seq_len} tokens")
-
-compile_choices = {"auto": device.type == "cuda", "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-if compile.lower() not in compile_choices:
-    raise UserError(f"compile={compile!r}: expected one of auto, true, false")
-use_compile = compile_choices[compile.lower()]
+use_compile = should_compile(compile, device)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
@@ -152,10 +146,7 @@ if resume_from_step:
 # -----------------------------------------------------------------------------
 # Model and optimizers
 
-with torch.device("meta"):  # shapes only; the weights are allocated and initialized on the device below
-    model = GPT(GPTConfig(**model_config))
-model.to_empty(device=device)
-model.init_weights()
+model = GPT.create(GPTConfig(**model_config), device)
 if resume_step is not None:
     model.load_state_dict(model_data, strict=True)
     del model_data
@@ -181,12 +172,10 @@ total_tokens = total_batch_size * num_iterations
 print0(f"Iterations: {num_iterations:,} (from {horizon}) | tokens: {total_tokens:,} | tokens per scaling parameter: "
        f"{total_tokens / num_scaling_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
 
-optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
-                                         weight_decay=weight_decay)
-adamw_optimizer, muon_optimizer = optimizers
+optimizer = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                        weight_decay=weight_decay)
 if resume_step is not None:
-    for optimizer, state in zip(optimizers, optimizer_data):
-        optimizer.load_state_dict(state)
+    optimizer.load_state_dict(optimizer_data)
     del optimizer_data
 
 # -----------------------------------------------------------------------------
@@ -215,12 +204,6 @@ def get_lr_multiplier(step):
         return 1.0
     progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 over the warmdown
     return progress + (1 - progress) * final_lr_frac
-
-
-def get_muon_momentum(step):
-    """0.85 -> 0.95 over the first 300 steps: less momentum while the gradients change fast."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def encode_bytes(tensor):
@@ -316,23 +299,9 @@ def save(step):
         "dataloader_state_dicts": gather(loader_state),
         "rng_states": gather(get_rng_state()),
     }
-    save_checkpoint(ckpt_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta_data, rank=rank)
+    save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_data, rank=rank)
     report.log_curve("base_train", curve)
 
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-try:
-    from nanochat.core_eval import evaluate_model as evaluate_core
-except ImportError:
-    evaluate_core = None
 
 # -----------------------------------------------------------------------------
 # Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
@@ -365,18 +334,12 @@ while True:
         report.log_curve("base_train", curve)
 
     if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
-        if evaluate_core is None:
-            print0("CORE metric: skipped, nanochat.core_eval not available yet")
-        else:
-            orig_model.eval()
-            core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
-            orig_model.train()
-            core_metric = core_results["core_metric"]
-            num_tasks, total_tasks = core_results.get("num_tasks"), core_results.get("total_tasks")
-            partial = f" (CORE over {num_tasks} of {total_tasks} tasks)" if num_tasks is not None and total_tasks and \
-                num_tasks < total_tasks else ""
-            print0(f"step {step:05d} | CORE metric {core_metric:.4f}{partial}")
-            wandb_run.log({"step": step, "core_metric": core_metric})
+        orig_model.eval()
+        core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
+        orig_model.train()
+        core_metric = core_results["core_metric"]
+        print0(f"step {step:05d} | {core_results['label']} {core_metric:.4f}")
+        wandb_run.log({"step": step, "core_metric": core_metric})
 
     if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
         orig_model.eval()
@@ -389,27 +352,20 @@ while True:
     if last_step:
         break
 
-    # One optimizer step: grad_accum_steps micro-steps, then the update with this step's LR and momentum
+    # One optimizer step: accum_steps micro-steps, then the update with this step's LR and momentum
     synchronize()
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
+    for micro_step in range(accum_steps):
         loss = model(x, y)
         loss_sum += loss.detach()
-        (loss / grad_accum_steps).backward()  # the mean over micro-steps, like one big batch
+        (loss / accum_steps).backward()  # the mean over micro-steps, like one big batch
         loader_state = next_loader_state
         x, y, next_loader_state = next(train_loader)  # fetch the next batch while the device is busy
     lrm = get_lr_multiplier(step)
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon_optimizer.param_groups:
-        group["momentum"] = get_muon_momentum(step)
-    for optimizer in optimizers:
-        optimizer.step()
-    orig_model.zero_grad(set_to_none=True)
+    optimizer.update(lrm, muon_momentum(step))
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
-    stats = torch.stack([loss_sum / grad_accum_steps, torch.tensor(float(stop_requested), device=device)])
+    stats = torch.stack([loss_sum / accum_steps, torch.tensor(float(stop_requested), device=device)])
     if is_ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     train_loss, stop_votes = (stats / world_size).tolist()

@@ -12,7 +12,6 @@ whole step (token-level normalisation); the prompt and the calculator's forced o
 answer that ended by itself also trains on its <|assistant_end|> (stopping is part of a good answer). The LR falls
 linearly to 0. Periodically: pass@k on the task's test split.
 
-The helper functions come first (the tests check them on hand-made rollouts); the recipe runs under __main__.
 Checkpoints go to <base>/chatrl_checkpoints/<model_tag>/.
 
 Usage:
@@ -25,12 +24,15 @@ Usage:
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
-from nanochat.common import UserError, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
+from nanochat.common import UserError, all_ranks_sum, compute_cleanup, compute_init, init_wandb, print0
 from nanochat.configurator import configure
+from nanochat.dataloader import masked_batch
+from nanochat.engine import BatchDecoder
 from nanochat.report import get_report
+from tasks.gsm8k import GSM8K
+from tasks.spellingbee import SpellingBee
 
 # Settings
 run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
@@ -64,254 +66,204 @@ eval_num_samples = 8  # answers per test question: pass@1 .. pass@eval_num_sampl
 save_every = 60
 dry_run = False  # train and evaluate, but save no checkpoint and write no report
 
+user_config = configure(globals())
+
 # -----------------------------------------------------------------------------
-# The math of one step, on plain lists and tensors
+# Settings check, processes, model, task
+
+if task not in ("GSM8K", "SpellingBee"):
+    raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
+if source not in ("sft", "mid"):
+    raise UserError(f"--source={source}: expected sft or mid")
+for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens",
+             "num_epochs", "eval_examples", "eval_num_samples", "spelling_bee_size"):
+    if globals()[name] < 1:
+        raise UserError(f"--{name}={globals()[name]}: must be positive")
+if num_samples % device_batch_size != 0:
+    raise UserError(f"--num_samples={num_samples} is not a multiple of --device_batch_size={device_batch_size}")
+if num_samples < 2:
+    raise UserError(f"--num_samples={num_samples}: the per-question baseline needs at least 2 answers")
+if temperature <= 0:
+    raise UserError(f"--temperature={temperature}: RL needs sampling, use a temperature > 0")
+if num_iterations == 0 or num_iterations < -1:
+    raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for num_epochs")
+
+is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+master_process = rank == 0
+wandb_run = init_wandb(run, user_config, master_process, project="nanochat-rl")
+if examples_per_step % world_size != 0:
+    raise UserError(f"--examples_per_step={examples_per_step} is not a multiple of the {world_size} processes")
+examples_per_rank = examples_per_step // world_size
+
+model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
+                                    step=None if model_step < 0 else model_step)
+model_tag, model_config = meta["model_tag"], meta["model_config"]
+optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                   matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
+pad_id = assistant_end = tokenizer.encode_special("<|assistant_end|>")
+
+if task == "GSM8K":
+    train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test", stop=eval_examples)
+else:
+    train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="test")
+if num_iterations < 0:
+    num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
+print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "
+       f"| {num_iterations:,} steps")
 
 
-def question_advantages(rewards):
-    """Advantages of one question's answers: reward minus the mean reward of the question (they sum to 0)."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
-    return rewards - rewards.mean()
+def get_lr_multiplier(step):
+    return max(0.0, 1.0 - step / num_iterations)
 
 
-def rollout_batch(sequences, masks, pad_id):
-    """(inputs, targets) (B, T) for rollouts, one per row: sequences are prompt + answer token ids, masks are 1 on
-    the tokens the model sampled and 0 on the prompt and the calculator's forced output. targets[i, t] is
-    sequences[i][t + 1] where that token was sampled, else -1; rows are padded to the longest with targets -1."""
-    length = max(len(sequence) for sequence in sequences) - 1
-    inputs = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(sequences), length), -1, dtype=torch.long)
-    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
-        ids, sampled = torch.tensor(sequence, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
-        inputs[row, :len(sequence) - 1] = ids[:-1]
-        targets[row, :len(sequence) - 1] = torch.where(sampled[1:], ids[1:], -1)
-    return inputs, targets
+def sample_answers(prompts, count, seed):
+    """count answers to each prompt, all decoded together in rows of one BatchDecoder (generation_batch_size at
+    a time; a finished row takes the next answer). Returns, per prompt, (sequences, masks, texts): prompt +
+    answer ids, their masks (0 on the prompt and on the calculator's output) and the answer texts. An answer that
+    ended by itself gets its <|assistant_end|> back (sampled, mask 1), so that stopping is trained too. Answer j
+    of prompt i is seeded by (seed, i, j): it does not depend on the batching."""
+    longest = max(len(prompt) for prompt in prompts) + max_new_tokens
+    decoder = BatchDecoder(model, tokenizer, max_batch=min(generation_batch_size, len(prompts) * count),
+                           max_seq_len=min(longest, model.rotary_seq_len))
+    waiting = [(i, j) for i in range(len(prompts)) for j in range(count)]
+    waiting.reverse()  # popped from the end: prompt 0 first
+    owner, answers, stopped = {}, {key: ([], []) for key in waiting}, set()
+    while waiting or decoder.num_active:
+        while waiting and decoder.num_free:
+            i, j = key = waiting.pop()
+            row_id = decoder.add(prompts[i], max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 seed=hash((seed, i, j)) & 0x7FFFFFFF)
+            owner[row_id] = key
+        for event in decoder.step():
+            key = owner[event.row_id]
+            if event.finish_reason == "stop":  # the stop token ends the row; it is not part of the answer text
+                stopped.add(key)
+                continue
+            answers[key][0].append(event.token)
+            answers[key][1].append(event.mask)
+    results = []
+    for i, prompt in enumerate(prompts):
+        sequences, masks, texts = [], [], []
+        for j in range(count):
+            tokens, token_masks = answers[(i, j)]
+            texts.append(tokenizer.decode(tokens))
+            if (i, j) in stopped:
+                tokens, token_masks = tokens + [assistant_end], token_masks + [1]
+            sequences.append(prompt + tokens)
+            masks.append([0] * len(prompt) + token_masks)
+        results.append((sequences, masks, texts))
+    return results
 
 
-def policy_gradient_loss(model, inputs, targets, advantages, num_tokens):
-    """-sum over sampled tokens of advantage(row) * log p(token), divided by num_tokens (the sampled tokens of the
-    whole step): its gradient is the token-level REINFORCE gradient. Masked targets (-1) contribute nothing."""
-    nll = model(inputs, targets, loss_reduction="none")  # (B, T); 0 where targets == -1
-    log_probs = -nll
-    return -(log_probs * advantages[:, None]).sum() / num_tokens
+@torch.no_grad()
+def evaluate_pass_at_k():
+    """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
+    model.eval()
+    conversations = [test_task[index] for index in range(rank, len(test_task), world_size)]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    passed = [0] * eval_num_samples
+    if prompts:
+        for conversation, (_, _, texts) in zip(conversations, sample_answers(prompts, eval_num_samples, seed=-1)):
+            correct = [bool(test_task.evaluate(conversation, text)) for text in texts]
+            for k in range(eval_num_samples):
+                passed[k] += any(correct[:k + 1])
+    model.train()
+    *passed, total = all_ranks_sum(passed + [len(prompts)], device)
+    return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}
 
 
-if __name__ == "__main__":
-    user_config = configure(globals())
+# -----------------------------------------------------------------------------
+# Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
 
-    # -------------------------------------------------------------------------
-    # Settings check, processes, model, task
-
-    if task not in ("GSM8K", "SpellingBee"):
-        raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
-    if source not in ("sft", "mid"):
-        raise UserError(f"--source={source}: expected sft or mid")
-    for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens",
-                 "num_epochs", "eval_examples", "eval_num_samples", "spelling_bee_size"):
-        if globals()[name] < 1:
-            raise UserError(f"--{name}={globals()[name]}: must be positive")
-    if num_samples % device_batch_size != 0:
-        raise UserError(f"--num_samples={num_samples} is not a multiple of --device_batch_size={device_batch_size}")
-    if num_samples < 2:
-        raise UserError(f"--num_samples={num_samples}: the per-question baseline needs at least 2 answers")
-    if temperature <= 0:
-        raise UserError(f"--temperature={temperature}: RL needs sampling, use a temperature > 0")
-    if num_iterations == 0 or num_iterations < -1:
-        raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for num_epochs")
-
-    is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master_process = rank == 0
-    wandb_run = init_wandb(run, user_config, master_process, project="nanochat-rl")
-    if examples_per_step % world_size != 0:
-        raise UserError(f"--examples_per_step={examples_per_step} is not a multiple of the {world_size} processes")
-    examples_per_rank = examples_per_step // world_size
-
-    model_tag = model_tag or find_largest_model(checkpoints_root(source))
-    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag,
-                                        step=None if model_step < 0 else model_step)
-    model_config = meta["model_config"]
-    optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
-                                        matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
-    from nanochat.engine import BatchDecoder
-    pad_id = assistant_end = tokenizer.encode_special("<|assistant_end|>")
-
-    from tasks.gsm8k import GSM8K
-    from tasks.spellingbee import SpellingBee
-    if task == "GSM8K":
-        train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test", stop=eval_examples)
-    else:
-        train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="test")
-    if num_iterations < 0:
-        num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
-    print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "
-           f"| {num_iterations:,} steps")
-
-    def get_lr_multiplier(step):
-        return max(0.0, 1.0 - step / num_iterations)
-
-    def all_ranks_sum(values):
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        if is_ddp:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.tolist()
-
-    def sample_answers(prompts, count, seed):
-        """count answers to each prompt, all decoded together in rows of one BatchDecoder (generation_batch_size at
-        a time; a finished row takes the next answer). Returns, per prompt, (sequences, masks, texts): prompt +
-        answer ids, their masks (0 on the prompt and on the calculator's output) and the answer texts. An answer that
-        ended by itself gets its <|assistant_end|> back (sampled, mask 1), so that stopping is trained too. Answer j
-        of prompt i is seeded by (seed, i, j): it does not depend on the batching."""
-        longest = max(len(prompt) for prompt in prompts) + max_new_tokens
-        decoder = BatchDecoder(model, tokenizer, max_batch=min(generation_batch_size, len(prompts) * count),
-                               max_seq_len=min(longest, model.rotary_seq_len))
-        waiting = [(i, j) for i in range(len(prompts)) for j in range(count)]
-        waiting.reverse()  # popped from the end: prompt 0 first
-        owner, answers, stopped = {}, {key: ([], []) for key in waiting}, set()
-        while waiting or decoder.num_active:
-            while waiting and decoder.num_free:
-                i, j = key = waiting.pop()
-                row_id = decoder.add(prompts[i], max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                     seed=hash((seed, i, j)) & 0x7FFFFFFF)
-                owner[row_id] = key
-            for event in decoder.step():
-                key = owner[event.row_id]
-                if event.finish_reason == "stop":  # the stop token ends the row; it is not part of the answer text
-                    stopped.add(key)
-                    continue
-                answers[key][0].append(event.token)
-                answers[key][1].append(event.mask)
-        results = []
-        for i, prompt in enumerate(prompts):
-            sequences, masks, texts = [], [], []
-            for j in range(count):
-                tokens, token_masks = answers[(i, j)]
-                texts.append(tokenizer.decode(tokens))
-                if (i, j) in stopped:
-                    tokens, token_masks = tokens + [assistant_end], token_masks + [1]
-                sequences.append(prompt + tokens)
-                masks.append([0] * len(prompt) + token_masks)
-            results.append((sequences, masks, texts))
-        return results
-
-    @torch.no_grad()
-    def evaluate_pass_at_k():
-        """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
-        model.eval()
-        conversations = [test_task[index] for index in range(rank, len(test_task), world_size)]
-        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
-        passed = [0] * eval_num_samples
-        if prompts:
-            for conversation, (_, _, texts) in zip(conversations, sample_answers(prompts, eval_num_samples, seed=-1)):
-                correct = [bool(test_task.evaluate(conversation, text)) for text in texts]
-                for k in range(eval_num_samples):
-                    passed[k] += any(correct[:k + 1])
-        model.train()
-        *passed, total = all_ranks_sum(passed + [len(prompts)])
-        return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}
-
-    def save(step):
+report = get_report()
+curve = {"model_tag": model_tag, "task": task, "step": [], "reward": [], "lrm": [], "answer_tokens": [],
+         "calculator_tokens": [], "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
+step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
+while True:
+    last_step = step == num_iterations
+    if step == 0 or last_step or (eval_every > 0 and step % eval_every == 0):
+        pass_at_k = evaluate_pass_at_k()
+        first_pass_at_k = first_pass_at_k or pass_at_k
+        print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
+        wandb_run.log({"step": step, **{f"eval/{name}": value for name, value in pass_at_k.items()}})
+        curve["eval_step"].append(step)
+        curve["pass@1"].append(pass_at_k["pass@1"])
+        curve[f"pass@{eval_num_samples}"].append(pass_at_k[f"pass@{eval_num_samples}"])
+    if not dry_run and step > 0 and (last_step or (save_every > 0 and step % save_every == 0)):
         save_checkpoint(checkpoint_dir("rl", model_tag), step, model.state_dict(), None, {
-            "step": step,
-            "task": task,
-            "mean_reward": curve["reward"][-1] if curve["reward"] else None,
-            **pass_at_k,
-            "model_config": model_config,
-            "user_config": user_config,
-            "world_size": world_size,
-        }, rank=rank)
+            "step": step, "task": task, "mean_reward": curve["reward"][-1], **pass_at_k, "model_config": model_config,
+            "user_config": user_config, "world_size": world_size}, rank=rank)
+    if last_step:
+        break
 
-    # -------------------------------------------------------------------------
-    # Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
+    t0 = time.time()
+    # Rollouts: this rank's questions, num_samples answers each, their rewards and advantages (reward minus the
+    # question's mean reward: a question's advantages sum to 0)
+    model.eval()
+    rollouts = []  # (inputs, targets, advantages) per pass
+    rewards_sum, sampled_tokens, forced_tokens = 0.0, 0, 0
+    indices = [(step * examples_per_step + k * world_size + rank) % len(train_task) for k in range(examples_per_rank)]
+    conversations = [train_task[index] for index in indices]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    for conversation, prompt, (sequences, masks, texts) in zip(conversations, prompts,
+                                                                 sample_answers(prompts, num_samples, seed=step)):
+        rewards = [train_task.reward(conversation, text) for text in texts]
+        advantages = torch.tensor(rewards) - sum(rewards) / len(rewards)
+        rewards_sum += sum(rewards)
+        sampled_tokens += sum(sum(mask) for mask in masks)
+        forced_tokens += sum(len(mask) - len(prompt) - sum(mask) for mask in masks)  # the calculator's output
+        for start in range(0, num_samples, device_batch_size):
+            rows = slice(start, start + device_batch_size)
+            inputs, targets = masked_batch(sequences[rows], masks[rows], pad_id)
+            rollouts.append((inputs.to(device), targets.to(device), advantages[rows].to(device)))
+    model.train()
+    rewards_total, step_tokens, step_forced_tokens = all_ranks_sum([rewards_sum, sampled_tokens, forced_tokens], device)
+    mean_reward = rewards_total / (examples_per_step * num_samples)
 
-    report = get_report()
-    curve = {"model_tag": model_tag, "task": task, "step": [], "reward": [], "lrm": [], "answer_tokens": [],
-             "calculator_tokens": [], "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
-    step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
-    while True:
-        last_step = step == num_iterations
-        if step == 0 or last_step or (eval_every > 0 and step % eval_every == 0):
-            pass_at_k = evaluate_pass_at_k()
-            first_pass_at_k = first_pass_at_k or pass_at_k
-            print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
-            wandb_run.log({"step": step, **{f"eval/{name}": value for name, value in pass_at_k.items()}})
-            curve["eval_step"].append(step)
-            curve["pass@1"].append(pass_at_k["pass@1"])
-            curve[f"pass@{eval_num_samples}"].append(pass_at_k[f"pass@{eval_num_samples}"])
-        if not dry_run and step > 0 and (last_step or (save_every > 0 and step % save_every == 0)):
-            save(step)
-        if last_step:
-            break
+    # One update: loss = -sum over sampled tokens of advantage * log p(token), over every sampled token of the step
+    # (times world_size: the optimizer averages the ranks); masked targets (-1) have zero loss, so zero gradient
+    for inputs, targets, advantages in rollouts:
+        log_probs = -model(inputs, targets, loss_reduction="none")  # (B, T)
+        loss = -(log_probs * advantages[:, None]).sum() / (max(1.0, step_tokens) / world_size)
+        loss.backward()
+    lrm = get_lr_multiplier(step)
+    optimizer.update(lrm)
+    dt = time.time() - t0
+    step += 1
 
-        t0 = time.time()
-        # Rollouts: this rank's questions, num_samples answers each, their rewards and advantages
-        model.eval()
-        rollouts = []  # (inputs, targets, advantages) per pass
-        rewards_sum, sampled_tokens, forced_tokens = 0.0, 0, 0
-        indices = [(step * examples_per_step + k * world_size + rank) % len(train_task) for k in range(examples_per_rank)]
-        conversations = [train_task[index] for index in indices]
-        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
-        for conversation, prompt, (sequences, masks, texts) in zip(conversations, prompts,
-                                                                     sample_answers(prompts, num_samples, seed=step)):
-            rewards = [train_task.reward(conversation, text) for text in texts]
-            advantages = question_advantages(rewards)
-            rewards_sum += sum(rewards)
-            sampled_tokens += sum(sum(mask) for mask in masks)
-            forced_tokens += sum(len(mask) - len(prompt) - sum(mask) for mask in masks)  # the calculator's output
-            for start in range(0, num_samples, device_batch_size):
-                rows = slice(start, start + device_batch_size)
-                inputs, targets = rollout_batch(sequences[rows], masks[rows], pad_id)
-                rollouts.append((inputs.to(device), targets.to(device), advantages[rows].to(device)))
-        model.train()
-        rewards_total, step_tokens, step_forced_tokens = all_ranks_sum([rewards_sum, sampled_tokens, forced_tokens])
-        mean_reward = rewards_total / (examples_per_step * num_samples)
+    total_training_time += dt
+    mean_answer_tokens = step_tokens / (examples_per_step * num_samples)
+    print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | answer tokens "
+           f"{mean_answer_tokens:.1f} | calculator tokens {int(step_forced_tokens)} | lrm {lrm:.4f} | dt {dt * 1000:.0f}ms",
+           flush=True)
+    wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_tokens": mean_answer_tokens, "train/lrm": lrm})
+    curve["step"].append(step)
+    curve["reward"].append(mean_reward)
+    curve["lrm"].append(lrm)
+    curve["answer_tokens"].append(mean_answer_tokens)
+    curve["calculator_tokens"].append(int(step_forced_tokens))
 
-        # One update: the mean over every sampled token of the step (times world_size: the optimizers average ranks)
-        for inputs, targets, advantages in rollouts:
-            loss = policy_gradient_loss(model, inputs, targets, advantages, max(1.0, step_tokens) / world_size)
-            loss.backward()
-        lrm = get_lr_multiplier(step)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        dt = time.time() - t0
-        step += 1
+# -----------------------------------------------------------------------------
+# Report
 
-        total_training_time += dt
-        mean_answer_tokens = step_tokens / (examples_per_step * num_samples)
-        print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | answer tokens "
-               f"{mean_answer_tokens:.1f} | calculator tokens {int(step_forced_tokens)} | lrm {lrm:.4f} | dt {dt * 1000:.0f}ms",
-               flush=True)
-        wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_tokens": mean_answer_tokens, "train/lrm": lrm})
-        curve["step"].append(step)
-        curve["reward"].append(mean_reward)
-        curve["lrm"].append(lrm)
-        curve["answer_tokens"].append(mean_answer_tokens)
-        curve["calculator_tokens"].append(int(step_forced_tokens))
-
-    # -------------------------------------------------------------------------
-    # Report
-
-    if not dry_run:
-        report.log_curve("chat_rl", curve)
-        rewards = curve["reward"]
-        first, last = rewards[:max(1, len(rewards) // 5)], rewards[-max(1, len(rewards) // 5):]
-        report.log(section="Chat RL", data=[
-            user_config,
-            {
-                "Task": task,
-                "Source": f"{source} ({model_tag})",
-                "Number of iterations": step,
-                "DDP world size": world_size,
-                "Mean reward, first fifth of the steps": sum(first) / len(first) if rewards else "-",
-                "Mean reward, last fifth of the steps": sum(last) / len(last) if rewards else "-",
-                **{f"{name} before": value for name, value in (first_pass_at_k or {}).items()},
-                **{f"{name} after": value for name, value in pass_at_k.items()},
-                "Total training time": f"{total_training_time:.0f}s",
-            },
-            "Mean reward per step: " + ", ".join(f"{reward:.3f}" for reward in rewards),
-        ])
-    wandb_run.finish()
-    compute_cleanup()
+if not dry_run:
+    report.log_curve("chat_rl", curve)
+    rewards = curve["reward"]
+    first, last = rewards[:max(1, len(rewards) // 5)], rewards[-max(1, len(rewards) // 5):]
+    report.log(section="Chat RL", data=[
+        user_config,
+        {
+            "Task": task,
+            "Source": f"{source} ({model_tag})",
+            "Number of iterations": step,
+            "DDP world size": world_size,
+            "Mean reward, first fifth of the steps": sum(first) / len(first) if rewards else "-",
+            "Mean reward, last fifth of the steps": sum(last) / len(last) if rewards else "-",
+            **{f"{name} before": value for name, value in (first_pass_at_k or {}).items()},
+            **{f"{name} after": value for name, value in pass_at_k.items()},
+            "Total training time": f"{total_training_time:.0f}s",
+        },
+        "Mean reward per step: " + ", ".join(f"{reward:.3f}" for reward in rewards),
+    ])
+wandb_run.finish()
+compute_cleanup()

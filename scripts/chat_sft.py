@@ -29,11 +29,12 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
-from nanochat.common import UserError, check_same_on_all_ranks, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
+from nanochat.common import (UserError, all_ranks_sum, check_same_on_all_ranks, compute_cleanup, compute_init,
+                             grad_accum_steps, init_wandb, print0)
 from nanochat.configurator import configure
+from nanochat.dataloader import masked_batch
 from nanochat.report import get_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,11 +78,6 @@ user_config = configure(globals())
 # -----------------------------------------------------------------------------
 # Settings check, processes, model
 
-SOURCES = ("arc_easy", "arc_challenge", "gsm8k", "smoltalk", "identity", "simple_spelling", "spelling_bee")
-skipped = [name.strip() for name in skip.split(",") if name.strip()]
-for name in skipped:
-    if name not in SOURCES:
-        raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(SOURCES)}")
 if source not in ("mid", "base"):
     raise UserError(f"--source={source}: expected mid or base")
 for name in ("device_batch_size", "target_examples_per_step", "max_seq_len", "num_epochs", "smoltalk_size",
@@ -95,20 +91,16 @@ is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master_process = rank == 0
 wandb_run = init_wandb(run, user_config, master_process, project="nanochat-sft")
 
-examples_per_micro_step = device_batch_size * world_size
-if target_examples_per_step % examples_per_micro_step != 0:
-    raise UserError(f"target_examples_per_step={target_examples_per_step} is not a multiple of device_batch_size * "
-                    f"world_size = {device_batch_size} * {world_size} = {examples_per_micro_step}")
-grad_accum_steps = target_examples_per_step // examples_per_micro_step
-print0(f"Conversations per step: {target_examples_per_step} = {world_size} process(es) x {grad_accum_steps} "
+accum_steps = grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
+                               f"device_batch_size * world_size = {device_batch_size} * {world_size}")
+print0(f"Conversations per step: {target_examples_per_step} = {world_size} process(es) x {accum_steps} "
        f"micro-step(s) x {device_batch_size} rows")
 
-model_tag = model_tag or find_largest_model(checkpoints_root(source))
-model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag,
+model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                     step=None if model_step < 0 else model_step)
-model_config = meta["model_config"]
-optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
-                                    matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
+model_tag, model_config = meta["model_tag"], meta["model_config"]
+optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                   matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
 # not compiled: every micro-batch has its own length
 
 # -----------------------------------------------------------------------------
@@ -116,44 +108,25 @@ optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac
 
 from scripts.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.arc import ARC  # noqa: E402
-from tasks.common import TaskMixture  # noqa: E402
+from tasks.common import TaskMixture, build_mixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
 from tasks.gsm8k import GSM8K  # noqa: E402
 from tasks.smoltalk import SmolTalk  # noqa: E402
 from tasks.spellingbee import SimpleSpelling, SpellingBee  # noqa: E402
 
 
-def load_source(name, build):
-    try:
-        return build()
-    except (FileNotFoundError, UserError, ConnectionError) as e:
-        raise UserError(f"SFT source {name!r} is not available: {e}. Leave it out with --skip={name} "
-                        f"(a comma list: --skip={','.join(skipped + [name])})") from e
-
-
-def smoltalk(split, **kwargs):
-    return SmolTalk(split, filepath=smoltalk_file, **kwargs) if smoltalk_file else SmolTalk(split, **kwargs)
-
-
-train_builders = {
+train_tasks, source_sizes, skipped = build_mixture({
     "arc_easy": lambda: [ARC("ARC-Easy", "train")],
     "arc_challenge": lambda: [ARC("ARC-Challenge", "train")],
     "gsm8k": lambda: [GSM8K("main", "train")],
-    "smoltalk": lambda: [smoltalk("train", stop=smoltalk_size)],
+    "smoltalk": lambda: [SmolTalk("train", filepath=smoltalk_file or None, stop=smoltalk_size)],
     "identity": lambda: [CustomJSON(identity_file)] * identity_copies,
     "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
     "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
-}
-train_tasks, source_sizes = [], {}
-for name in SOURCES:
-    if name not in skipped:
-        tasks = load_source(name, train_builders[name])
-        train_tasks += tasks
-        source_sizes[name] = sum(len(task) for task in tasks)
-if not train_tasks:
-    raise UserError(f"--skip={skip} leaves no SFT data")
+}, skip, "SFT")
 train_dataset = TaskMixture(train_tasks)
-val_dataset = smoltalk("test") if "smoltalk" not in skipped else SpellingBee(size=1000, split="test")
+val_dataset = SmolTalk("test", filepath=smoltalk_file or None) if "smoltalk" in source_sizes else \
+    SpellingBee(size=1000, split="test")
 print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
        f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 
@@ -161,18 +134,10 @@ pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id will do: padded
 
 
 def collate(conversations):
-    """(inputs, targets) (B, T) for a list of conversations, one per row, T = the longest rendered length - 1.
-    targets[i, t] = ids[t + 1] where mask[t + 1] is 1 (the assistant wrote that token), else -1 (ignored): the
-    user's turns, tool outputs, the BOS and the padding are never trained on."""
+    """(inputs, targets) (B, T) for a list of conversations, one per row: only what the assistant wrote is a target
+    (the render mask), never the user's turns, tool outputs, the BOS or the padding."""
     rendered = [tokenizer.render_conversation(conversation, max_tokens=max_seq_len + 1) for conversation in conversations]
-    length = max(len(ids) for ids, _ in rendered) - 1
-    inputs = torch.full((len(rendered), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(rendered), length), -1, dtype=torch.long)
-    for row, (ids, mask) in enumerate(rendered):
-        ids_tensor, mask_tensor = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
-        n = len(ids) - 1
-        inputs[row, :n] = ids_tensor[:-1]
-        targets[row, :n] = torch.where(mask_tensor[1:], ids_tensor[1:], -1)
+    inputs, targets = masked_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], pad_id)
     return inputs.to(device), targets.to(device)
 
 
@@ -198,13 +163,6 @@ def get_lr_multiplier(step):
     return max(0.0, 1.0 - step / num_iterations)
 
 
-def all_ranks_sum(value):
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
-    if is_ddp:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.item()
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, and task metrics with chat_eval's functions
 
@@ -220,7 +178,8 @@ def evaluate_val_loss():
         total_loss += model(inputs, targets, loss_reduction="sum").item()
         total_tokens += (targets >= 0).sum().item()
     model.train()
-    return all_ranks_sum(total_loss) / max(1.0, all_ranks_sum(total_tokens))
+    total_loss, total_tokens = all_ranks_sum([total_loss, total_tokens], device)
+    return total_loss / max(1.0, total_tokens)
 
 
 engine = load_engine(model, tokenizer)
@@ -270,9 +229,9 @@ while True:
         break
 
     t0 = time.time()
-    batches = [next(train_batches) for _ in range(grad_accum_steps)]
+    batches = [next(train_batches) for _ in range(accum_steps)]
     rank_tokens = sum(int((targets >= 0).sum()) for _, targets in batches)
-    step_tokens = all_ranks_sum(rank_tokens)  # supervised tokens of the whole step, every rank
+    step_tokens = all_ranks_sum(rank_tokens, device)  # supervised tokens of the whole step, every rank
     # sum of this rank's token losses / all tokens of the step, times world_size because the optimizers average the
     # ranks' gradients: the gradient of the mean loss over every supervised token of the step
     loss_sum = 0.0
@@ -280,14 +239,9 @@ while True:
         loss = model(inputs, targets, loss_reduction="sum") * (world_size / max(1.0, step_tokens))
         loss.backward()
         loss_sum += loss.item() / world_size
-    train_loss = all_ranks_sum(loss_sum)
+    train_loss = all_ranks_sum(loss_sum, device)
     lrm = get_lr_multiplier(step)
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for optimizer in optimizers:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
+    optimizer.update(lrm)
     dt = time.time() - t0
     step += 1
 

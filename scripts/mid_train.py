@@ -32,10 +32,12 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import checkpoint_dir, checkpoints_root, find_largest_model, load_model, save_checkpoint
-from nanochat.common import UserError, check_same_on_all_ranks, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
+from nanochat.common import (UserError, check_same_on_all_ranks, compute_cleanup, compute_init, grad_accum_steps,
+                             init_wandb, print0, should_compile)
 from nanochat.configurator import configure
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -75,11 +77,6 @@ user_config = configure(globals())
 # -----------------------------------------------------------------------------
 # Settings check, processes, model
 
-SOURCES = ("smoltalk", "mmlu_aux", "gsm8k", "identity", "simple_spelling", "spelling_bee")
-skipped = [name.strip() for name in skip.split(",") if name.strip()]
-for name in skipped:
-    if name not in SOURCES:
-        raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(SOURCES)}")
 for name in ("max_seq_len", "device_batch_size", "total_batch_size", "simple_spelling_size", "spelling_bee_size"):
     if globals()[name] < 1:
         raise UserError(f"--{name}={globals()[name]}: must be positive")
@@ -95,41 +92,34 @@ master_process = rank == 0
 synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 wandb_run = init_wandb(run, user_config, master_process, project="nanochat-mid")
 
-tokens_per_fwdbwd = device_batch_size * max_seq_len
-world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-if total_batch_size % world_tokens_per_fwdbwd != 0:
-    raise UserError(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size * max_seq_len * "
-                    f"world_size = {device_batch_size} * {max_seq_len} * {world_size} = {world_tokens_per_fwdbwd:,}")
-grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
-print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {grad_accum_steps} micro-step(s) x "
+world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size  # one micro-step of every process
+accum_steps = grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size", "device_batch_size * "
+                               f"max_seq_len * world_size = {device_batch_size} * {max_seq_len} * {world_size}")
+print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {accum_steps} micro-step(s) x "
        f"{device_batch_size} rows x {max_seq_len} tokens")
+use_compile = should_compile(compile, device)
 
-model_tag = model_tag or find_largest_model(checkpoints_root("base"))
-model, tokenizer, meta = load_model("base", device, phase="train", model_tag=model_tag,
+model, tokenizer, meta = load_model("base", device, phase="train", model_tag=model_tag or None,
                                     step=None if model_step < 0 else model_step)
-model_config = meta["model_config"]
+model_tag, model_config = meta["model_tag"], meta["model_config"]
 pretrain_batch = meta.get("device_batch_size")
 if pretrain_batch is not None and device_batch_size > pretrain_batch:
     print0(f"Warning: device_batch_size={device_batch_size} is larger than pretraining's ({pretrain_batch}); "
            f"lower it if memory runs out")
 if max_seq_len > model_config["sequence_len"]:
     print0(f"Warning: max_seq_len={max_seq_len} is longer than the model was pretrained on ({model_config['sequence_len']})")
-compile_choices = {"auto": device.type == "cuda", "true": True, "false": False}
-if compile.lower() not in compile_choices:
-    raise UserError(f"--compile={compile}: expected one of auto, true, false")
 orig_model = model  # uncompiled: for state_dict
-if compile_choices[compile.lower()]:
+if use_compile:
     model = orig_model.compile_regions()  # each block and the head compiled: see GPT.compile_regions
 token_bytes = get_token_bytes(device=device)
 
-optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
-                                         matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
-adamw_optimizer, muon_optimizer = optimizers
+optimizer = orig_model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac, embedding_lr=embedding_lr * init_lr_frac,
+                                        matrix_lr=matrix_lr * init_lr_frac, weight_decay=weight_decay)
 
 # -----------------------------------------------------------------------------
 # Data: the mixture, and conversations packed into a token stream
 
-from tasks.common import TaskMixture  # noqa: E402  (after the settings: importing tasks is not free)
+from tasks.common import TaskMixture, build_mixture  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.customjson import CustomJSON  # noqa: E402
 from tasks.gsm8k import GSM8K  # noqa: E402
 from tasks.mmlu import MMLU  # noqa: E402
@@ -137,43 +127,20 @@ from tasks.smoltalk import SmolTalk  # noqa: E402
 from tasks.spellingbee import SimpleSpelling, SpellingBee  # noqa: E402
 
 
-def load_source(name, build):
-    """The task(s) of one source, or a UserError that says how to leave it out."""
-    try:
-        return build()
-    except (FileNotFoundError, UserError, ConnectionError) as e:
-        raise UserError(f"midtraining source {name!r} is not available: {e}. Leave it out with --skip={name} "
-                        f"(a comma list: --skip={','.join(skipped + [name])})") from e
-
-
-def smoltalk(split):
-    return SmolTalk(split, filepath=smoltalk_file) if smoltalk_file else SmolTalk(split)
-
-
-train_builders = {
-    "smoltalk": lambda: [smoltalk("train")],
+train_tasks, source_sizes, skipped = build_mixture({
+    "smoltalk": lambda: [SmolTalk("train", filepath=smoltalk_file or None)],
     "mmlu_aux": lambda: [MMLU("auxiliary_train", "train")],
     "gsm8k": lambda: [GSM8K("main", "train")],
     "identity": lambda: [CustomJSON(identity_file)] * identity_copies,
     "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
     "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
-}
+}, skip, "midtraining")
 val_builders = {  # held-out conversations of the same kinds (the original's val set)
-    "smoltalk": lambda: [smoltalk("test")],
+    "smoltalk": lambda: [SmolTalk("test", filepath=smoltalk_file or None)],
     "mmlu_aux": lambda: [MMLU("all", "test", stop=5200)],
     "gsm8k": lambda: [GSM8K("main", "test", stop=420)],
 }
-train_tasks, val_tasks, source_sizes = [], [], {}
-for name in SOURCES:
-    if name in skipped:
-        continue
-    tasks = load_source(name, train_builders[name])
-    train_tasks += tasks
-    source_sizes[name] = sum(len(task) for task in tasks)
-    if name in val_builders:
-        val_tasks += load_source(name, val_builders[name])
-if not train_tasks:
-    raise UserError(f"--skip={skip} leaves no midtraining data")
+val_tasks = [task for name in source_sizes if name in val_builders for task in val_builders[name]()]
 if not val_tasks:  # only the synthetic sources are left: validate on their test split
     val_tasks = [SpellingBee(size=1000, split="test"), SimpleSpelling(size=1000, split="test")]
 train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
@@ -216,12 +183,6 @@ def get_lr_multiplier(progress):
     return max(0.0, (1 - progress) / warmdown_ratio)
 
 
-def get_muon_momentum(step):
-    """0.85 -> 0.95 over the first 300 steps, as in pretraining."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 
 
@@ -258,10 +219,10 @@ while True:
     synchronize()
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
+    for micro_step in range(accum_steps):
         loss = model(x, y)
         loss_sum += loss.detach()
-        (loss / grad_accum_steps).backward()
+        (loss / accum_steps).backward()
         rank_progress, rank_epoch_done = data_progress, epoch_done  # how far this rank has read, after this batch
         x, y, data_progress, epoch_done = next(train_batches)  # prefetch while the device is busy
     step += 1
@@ -269,7 +230,7 @@ while True:
     if num_iterations > 0:
         rank_progress = max(rank_progress, step / num_iterations)
         rank_epoch_done = rank_epoch_done or step >= num_iterations
-    agreed = torch.tensor([rank_progress, float(rank_epoch_done), loss_sum.item() / grad_accum_steps], device=device)
+    agreed = torch.tensor([rank_progress, float(rank_epoch_done), loss_sum.item() / accum_steps], device=device)
     if is_ddp:
         dist.all_reduce(agreed[:2], op=dist.ReduceOp.MAX)
         dist.all_reduce(agreed[2:], op=dist.ReduceOp.SUM)
@@ -278,14 +239,7 @@ while True:
     progress = max(progress, agreed[0].item())  # monotone, so the LR never goes back up
     last_step = agreed[1].item() > 0
     train_loss = agreed[2].item()
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon_optimizer.param_groups:
-        group["momentum"] = get_muon_momentum(step - 1)
-    for optimizer in optimizers:
-        optimizer.step()
-    orig_model.zero_grad(set_to_none=True)
+    optimizer.update(lrm, muon_momentum(step - 1))
     synchronize()
     dt = time.time() - t0
 

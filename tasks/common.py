@@ -119,6 +119,31 @@ class TaskSequence(Task):
         raise IndexError(index)
 
 
+def build_mixture(builders, skip, stage):
+    """The training tasks of a stage's mixture. builders: {source name: function returning that source's list of
+    tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,
+    {source: examples}, [skipped sources]). UserError for an unknown name, for a source whose data is missing (saying
+    how to leave it out) and for a mixture left empty."""
+    skipped = [name.strip() for name in skip.split(",") if name.strip()]
+    for name in skipped:
+        if name not in builders:
+            raise UserError(f"--skip={skip}: unknown source {name!r}; the sources are {', '.join(builders)}")
+    tasks, sizes = [], {}
+    for name, build in builders.items():
+        if name in skipped:
+            continue
+        try:
+            source_tasks = build()
+        except (FileNotFoundError, UserError, ConnectionError) as e:
+            raise UserError(f"{stage} source {name!r} is not available: {e}. Leave it out with --skip={name} "
+                            f"(a comma list: --skip={','.join(skipped + [name])})") from e
+        tasks += source_tasks
+        sizes[name] = sum(len(task) for task in source_tasks)
+    if not tasks:
+        raise UserError(f"--skip={skip} leaves no {stage} data")
+    return tasks, sizes, skipped
+
+
 def render_mc(question, letters, choices):
     """The user message of a multiple-choice question. Each choice is followed by "=LETTER" with nothing between:
     the letter then starts a fresh token, like the bare letter the assistant answers with, which helps small

@@ -1,11 +1,11 @@
 """
 Run by tests/test_optim.py under `torchrun --standalone --nproc_per_node=2` (gloo, CPU); not a pytest module.
 
-Checks that the distributed optimizers compute what the single-process ones compute:
-  1. a small GPT trained for a few steps with setup_optimizers() (DistAdamW + DistMuon), each rank computing the
-     gradients of its half of the batch, ends with the same weights as the same GPT trained by AdamW + Muon on the
-     whole batch in one process (in float64, so the two agree to float rounding);
-  2. DistAdamW on params that take each path (sharded by rows, too small, rows not divisible) matches AdamW
+Checks that MuonAdamW across 2 ranks computes what it computes in one process:
+  1. a small GPT trained for a few steps with setup_optimizers(), each rank computing the gradients of its half of
+     the batch, ends with the same weights as the same GPT trained by the same optimizer on the whole batch in one
+     process (in float64, so the two agree to float rounding);
+  2. its AdamW on params that take each path (sharded by rows, too small, rows not divisible) matches one process
      on the averaged gradients;
   3. Muon state lives only on a param's owner, and a saved/reloaded per-rank optimizer state resumes exactly.
 Prints "OK" from every rank on success; any failed assert exits non-zero.
@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 import nanochat.gpt
-from nanochat.adamw import AdamW, DistAdamW
+import nanochat.optim
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.muon import DistMuon, Muon
+from nanochat.optim import MuonAdamW
 
 # Part 1 runs the model in float64: in fp32 the gradients of this tiny random model carry ~1e-3 relative rounding
 # noise (sums that nearly cancel), so half-batch gradients averaged over ranks differ visibly from the full-batch
@@ -38,22 +38,27 @@ def max_diff(params_a, params_b):
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(params_a, params_b))
 
 
-def train(model, optimizers, idx, targets, steps):
+def train(model, optimizer, idx, targets, steps):
     for _ in range(steps):
         model(idx, targets).backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        optimizer.update()
+
+
+def one_process(step):
+    """Run step() as if no process group were up: the single-process code path of the same optimizer."""
+    real = nanochat.optim.dist_rank_and_size
+    nanochat.optim.dist_rank_and_size = lambda: (0, 1)
+    try:
+        return step()
+    finally:
+        nanochat.optim.dist_rank_and_size = real
 
 
 # 1. The real model and optimizer setup. 3 layers and GQA: every Muon shape group has an odd number of
 # matrices, so the last block of each is partial and exercises the padding.
 config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 torch.manual_seed(0)  # the same init, batch and data on every rank
-with torch.device("meta"):
-    model = GPT(config)
-model.to_empty(device="cpu")
-model.init_weights()
+model = GPT.create(config, "cpu")
 model.double()
 with torch.no_grad():
     for p in model.parameters():
@@ -62,18 +67,14 @@ reference = copy.deepcopy(model)
 idx = torch.randint(0, config.vocab_size, (4, 16))
 targets = torch.randint(0, config.vocab_size, (4, 16))
 
-adamw, muon = model.setup_optimizers()  # the process group is up: the distributed versions
-assert type(adamw) is DistAdamW and type(muon) is DistMuon, (type(adamw), type(muon))
-muon.ns_dtype = torch.float64
+optimizer = model.setup_optimizers()  # the process group is up: it communicates
+optimizer.ns_dtype = torch.float64
 half = slice(rank * 2, rank * 2 + 2)  # this rank's half of the batch
-train(model, [adamw, muon], idx[half], targets[half], steps=5)
+train(model, optimizer, idx[half], targets[half], steps=5)
 
-# what setup_optimizers returns without a process group (built by hand: the group is up here)
-lr_scale = (config.n_embd / 768) ** -0.5
-ref_adamw = AdamW([dict(params=[reference.lm_head.weight], lr=0.004 * lr_scale),
-                   dict(params=[reference.transformer.wte.weight], lr=0.2 * lr_scale)], betas=(0.8, 0.95), eps=1e-10)
-ref_muon = Muon(reference.transformer.h.parameters(), lr=0.02, momentum=0.95, ns_dtype=torch.float64)
-train(reference, [ref_adamw, ref_muon], idx, targets, steps=5)
+ref_optimizer = reference.setup_optimizers()
+ref_optimizer.ns_dtype = torch.float64
+one_process(lambda: train(reference, ref_optimizer, idx, targets, steps=5))
 
 model_diff = max_diff(model.parameters(), reference.parameters())
 assert model_diff < RTOL, f"rank {rank}: distributed vs single-process weights differ by (relative) {model_diff:.3g}"
@@ -83,26 +84,28 @@ dist.all_gather(gathered, flat)
 assert torch.equal(gathered[0], gathered[1]), "the ranks' weights diverged"
 
 # 3a. Momentum only on owners: each rank holds the state of the matrices it owns, half of them (rounded up/down).
-owned = sum(len(range(rank, len(group["params"]), world_size)) for group in muon.param_groups)
-assert len(muon.state) == owned and owned > 0, (len(muon.state), owned)
+muon_groups = [group for group in optimizer.param_groups if group["kind"] == "muon"]
+owned = sum(len(range(rank, len(group["params"]), world_size)) for group in muon_groups)
+muon_state = [p for group in muon_groups for p in group["params"] if p in optimizer.state]
+assert len(muon_state) == owned and owned > 0, (len(muon_state), owned)
 # 3b. Per-rank state round trip: a fresh optimizer loaded from state_dict() continues exactly like the original.
 snapshot = copy.deepcopy(model)
-adamw_state, muon_state = copy.deepcopy(adamw.state_dict()), copy.deepcopy(muon.state_dict())
-train(model, [adamw, muon], idx[half], targets[half], steps=2)
-adamw2, muon2 = snapshot.setup_optimizers()
-adamw2.load_state_dict(adamw_state)
-muon2.load_state_dict(muon_state)
-muon2.ns_dtype = torch.float64
-train(snapshot, [adamw2, muon2], idx[half], targets[half], steps=2)
+state = copy.deepcopy(optimizer.state_dict())
+train(model, optimizer, idx[half], targets[half], steps=2)
+optimizer2 = snapshot.setup_optimizers()
+optimizer2.load_state_dict(state)
+optimizer2.ns_dtype = torch.float64
+train(snapshot, optimizer2, idx[half], targets[half], steps=2)
 assert max_diff(model.parameters(), snapshot.parameters()) == 0.0, "resumed optimizer state does not continue exactly"
 
-# 2. DistAdamW's three paths: sharded (64 x 32), too small to shard (3 x 5), rows not divisible by 2 (33 x 64).
+# 2. AdamW's three paths across ranks: sharded (64 x 32), too small to shard (3 x 5), rows not divisible by 2 (33 x 64).
 torch.manual_seed(1)
 shapes = [(64, 32), (3, 5), (33, 64)]
 params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
 ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-dist_opt = DistAdamW(params, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
-ref_opt = AdamW(ref_params, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+settings = dict(kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+dist_opt = MuonAdamW([dict(params=params, **settings)])
+ref_opt = MuonAdamW([dict(params=ref_params, **settings)])
 for step in range(4):
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(world_size)]  # every rank draws all ranks'
     for p, g in zip(params, grads[rank]):
@@ -110,12 +113,12 @@ for step in range(4):
     for p, *per_rank in zip(ref_params, *grads):
         p.grad = sum(per_rank) / world_size
     dist_opt.step()
-    ref_opt.step()
+    one_process(ref_opt.step)
 adamw_diff = max_diff(params, ref_params)
-assert adamw_diff < RTOL, f"rank {rank}: DistAdamW vs AdamW differ by (relative) {adamw_diff:.3g}"
+assert adamw_diff < RTOL, f"rank {rank}: AdamW on 2 ranks vs 1 differs by (relative) {adamw_diff:.3g}"
 assert dist_opt.state[params[0]]["exp_avg"].shape == (32, 32)  # ZeRO-2: this rank keeps moments of its rows only
 assert dist_opt.state[params[1]]["exp_avg"].shape == (3, 5)
 
-print(f"rank {rank} OK: model max diff {model_diff:.2g}, DistAdamW max diff {adamw_diff:.2g}", flush=True)
+print(f"rank {rank} OK: model max diff {model_diff:.2g}, AdamW max diff {adamw_diff:.2g}", flush=True)
 dist.barrier()  # leave together: gloo can abort a rank that tears down while the other still talks
 dist.destroy_process_group()

@@ -21,10 +21,7 @@ def build_tiny_model(config, seed=0, device="cpu"):
     """A GPT with every weight random (the output projections too, which init_weights zeroes), so that its
     outputs depend on the input and differ between tokens, as a trained model's do."""
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = GPT.create(config, device)
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(0, 0.02)

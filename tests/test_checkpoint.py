@@ -164,10 +164,7 @@ def tiny_gpt(vocab_size):
 
     config = dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.create(GPTConfig(**config), "cpu")
     with torch.no_grad():  # some weights start at zero; make every one matter for the comparison
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

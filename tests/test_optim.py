@@ -1,5 +1,5 @@
-"""The optimizers: Newton-Schulz orthogonalization, the Muon update, AdamW math equal to torch's, state that
-resumes exactly, and DistMuon/DistAdamW under torchrun (2 CPU processes) equal to the single-process versions."""
+"""The optimizer (MuonAdamW): Newton-Schulz orthogonalization, the Muon update, AdamW math equal to torch's, state
+that resumes exactly, and the same optimizer under torchrun (2 CPU processes) equal to one process."""
 
 import copy
 import os
@@ -10,11 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.adamw import AdamW
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.muon import Muon, newton_schulz5
+from nanochat.optim import MuonAdamW, muon_groups, muon_momentum, newton_schulz5
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def muon_only(params, ns_dtype=None, compile=None, **settings):
+    """A MuonAdamW of Muon groups only."""
+    return MuonAdamW(muon_groups(params, **{"lr": 0.02, **settings}), ns_dtype=ns_dtype, compile_muon=compile)
+
+
+def adamw_only(params, **settings):
+    """A MuonAdamW of one AdamW group."""
+    return MuonAdamW([dict(kind="adamw", params=params, **settings)])
 
 
 # -----------------------------------------------------------------------------
@@ -46,7 +55,7 @@ def test_newton_schulz_keeps_the_singular_vectors():
 def test_first_muon_step_is_lr_times_an_orthogonal_matrix_scaled_for_tall_shapes():
     torch.manual_seed(0)
     wide, tall = torch.nn.Parameter(torch.zeros(32, 64)), torch.nn.Parameter(torch.zeros(128, 32))
-    optimizer = Muon([wide, tall], lr=0.1, momentum=0.95, ns_dtype=torch.float32)
+    optimizer = muon_only([wide, tall], lr=0.1, momentum=0.95, ns_dtype=torch.float32)
     wide.grad, tall.grad = torch.randn(32, 64), torch.randn(128, 32)
     optimizer.step()
     for p, scale in [(wide, 1.0), (tall, 2.0)]:  # sqrt(max(1, rows/cols)): 128/32 -> 2
@@ -103,7 +112,7 @@ def muon_problem():
 def test_muon_updates_each_shape_group_as_one_stack_with_the_one_matrix_result():
     params, grads_per_step, lrs, momentums = muon_problem()
     expected = reference_muon(params, grads_per_step, lrs, momentums)
-    run_muon(Muon(params, ns_dtype=torch.float32, compile=False), params, grads_per_step, lrs, momentums)
+    run_muon(muon_only(params, ns_dtype=torch.float32, compile=False), params, grads_per_step, lrs, momentums)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=0)
 
@@ -114,8 +123,8 @@ def test_compiled_muon_equals_eager_and_new_lr_or_momentum_values_do_not_recompi
 
     params, grads_per_step, lrs, momentums = muon_problem()
     eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    run_muon(Muon(eager, ns_dtype=torch.float32, compile=False), eager, grads_per_step, lrs, momentums)
-    optimizer = Muon(params, ns_dtype=torch.float32, compile=True)
+    run_muon(muon_only(eager, ns_dtype=torch.float32, compile=False), eager, grads_per_step, lrs, momentums)
+    optimizer = muon_only(params, ns_dtype=torch.float32, compile=True)
     run_muon(optimizer, params, grads_per_step[:1], lrs[:1], momentums[:1])  # compiles (once per shape group)
     with torch._dynamo.config.patch(error_on_recompile=True):  # every later step has other LR and momentum values
         run_muon(optimizer, params, grads_per_step[1:], lrs[1:], momentums[1:])
@@ -125,22 +134,44 @@ def test_compiled_muon_equals_eager_and_new_lr_or_momentum_values_do_not_recompi
 
 def test_muon_groups_params_by_shape_and_rejects_vectors():
     a, b, c = torch.zeros(4, 8), torch.zeros(8, 4), torch.zeros(4, 8)
-    optimizer = Muon([a, b, c])
+    optimizer = muon_only([a, b, c])
     assert [len(group["params"]) for group in optimizer.param_groups] == [2, 1]  # (4, 8) twice, then (8, 4)
     with pytest.raises(ValueError, match="2-D"):
-        Muon([torch.zeros(4)])
+        muon_only([torch.zeros(4)])
+    with pytest.raises(ValueError, match="one shape"):
+        MuonAdamW([dict(kind="muon", params=[a, b], lr=0.02)])
+    with pytest.raises(ValueError, match="kind='sgd'"):
+        MuonAdamW([dict(kind="sgd", params=[a], lr=0.02)])
+
+
+def test_update_scales_every_lr_by_the_multiplier_and_sets_muon_momentum():
+    wte, matrix = torch.nn.Parameter(torch.zeros(8, 4)), torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = MuonAdamW([dict(kind="adamw", params=[wte], lr=0.2), *muon_groups([matrix], lr=0.02)])
+    wte.grad, matrix.grad = torch.ones(8, 4), torch.ones(4, 4)
+    optimizer.update(0.5, muon_momentum=0.9)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.01]
+    assert [group["initial_lr"] for group in optimizer.param_groups] == [0.2, 0.02]
+    assert optimizer.param_groups[1]["momentum"] == 0.9
+    assert wte.grad is None and matrix.grad is None  # cleared for the next step
+    assert (wte != 0).all() and (matrix != 0).all()
+
+
+def test_muon_momentum_warms_up_from_085_to_095_over_300_steps():
+    assert muon_momentum(0) == 0.85
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == muon_momentum(10_000) == pytest.approx(0.95)
 
 
 def test_newton_schulz_runs_in_bf16_only_when_the_model_computes_in_bf16():
     # bf16 matmuls on a CPU without native bf16 are 10-35x slower than fp32
     expected = torch.bfloat16 if COMPUTE_DTYPE == torch.bfloat16 else torch.float32
-    assert Muon([torch.zeros(4, 4)]).ns_dtype == expected
-    assert Muon([torch.zeros(4, 4)], ns_dtype=torch.bfloat16).ns_dtype == torch.bfloat16
+    assert muon_only([torch.zeros(4, 4)]).ns_dtype == expected
+    assert muon_only([torch.zeros(4, 4)], ns_dtype=torch.bfloat16).ns_dtype == torch.bfloat16
 
 
 def test_muon_weight_decay_shrinks_weights_before_the_update():
     p = torch.nn.Parameter(torch.ones(4, 4))
-    optimizer = Muon([p], lr=0.1, weight_decay=0.5, ns_dtype=torch.float32)
+    optimizer = muon_only([p], lr=0.1, weight_decay=0.5, ns_dtype=torch.float32)
     p.grad = torch.zeros(4, 4)  # no gradient: only the decay acts
     optimizer.step()
     torch.testing.assert_close(p.detach(), torch.full((4, 4), 1 - 0.1 * 0.5))
@@ -155,7 +186,7 @@ def test_adamw_equals_torch_adamw():
     ours = [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(5))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     settings = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
-    optimizer = AdamW(ours, **settings)
+    optimizer = adamw_only(ours, **settings)
     reference = torch.optim.AdamW(theirs, foreach=False, **settings)
     for _ in range(10):
         for a, b in zip(ours, theirs):
@@ -167,7 +198,7 @@ def test_adamw_equals_torch_adamw():
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("make_optimizer", [lambda ps: AdamW(ps, lr=0.01), lambda ps: Muon(ps, lr=0.01)],
+@pytest.mark.parametrize("make_optimizer", [lambda ps: adamw_only(ps, lr=0.01), lambda ps: muon_only(ps, lr=0.01)],
                          ids=["AdamW", "Muon"])
 def test_optimizer_state_dict_resumes_exactly(make_optimizer):
     torch.manual_seed(0)
@@ -197,7 +228,7 @@ def test_optimizer_state_dict_resumes_exactly(make_optimizer):
 
 
 @pytest.mark.slow
-def test_distributed_optimizers_match_single_process_under_torchrun():
+def test_the_optimizer_under_torchrun_matches_one_process():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO_ROOT / "tests" / "dist_optim_check.py")]

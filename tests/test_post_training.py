@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from model_setup import make_chat_checkpoint
 
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, save_checkpoint
+from nanochat.dataloader import masked_batch
 from nanochat.engine import Engine
-from scripts.chat_rl import policy_gradient_loss, question_advantages, rollout_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data" / "tasks"
@@ -164,47 +164,40 @@ def test_lr_schedules_are_the_same_on_two_ranks(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# RL: the math of a step on hand-made rollouts
+# SFT and RL batches: what is learned
 
 
-def test_advantages_of_a_question_sum_to_zero():
-    advantages = question_advantages([1.0, 0.0, 0.0, 1.0, 1.0])
-    assert advantages.tolist() == pytest.approx([0.4, -0.6, -0.6, 0.4, 0.4])
-    assert float(advantages.sum()) == pytest.approx(0.0, abs=1e-6)
-    assert question_advantages([0.0, 0.0, 0.0]).tolist() == [0.0, 0.0, 0.0]  # nothing to learn from
-
-
-def test_rollout_targets_leave_out_the_prompt_the_forced_tokens_and_the_padding():
+def test_masked_batch_targets_leave_out_the_prompt_the_forced_tokens_and_the_padding():
     # prompt 10 11 12 | sampled 20 21 | forced 30 31 | sampled 22 ; a shorter second row
     sequences = [[10, 11, 12, 20, 21, 30, 31, 22], [10, 11, 12, 23]]
     masks = [[0, 0, 0, 1, 1, 0, 0, 1], [0, 0, 0, 1]]
-    inputs, targets = rollout_batch(sequences, masks, pad_id=99)
+    inputs, targets = masked_batch(sequences, masks, pad_id=99)
     assert inputs.tolist() == [[10, 11, 12, 20, 21, 30, 31], [10, 11, 12, 99, 99, 99, 99]]
     assert targets.tolist() == [[-1, -1, 20, 21, -1, -1, 22], [-1, -1, 23, -1, -1, -1, -1]]
 
 
-def test_prompt_and_forced_tokens_get_zero_gradient():
+def test_masked_targets_get_zero_loss_and_zero_gradient_in_the_model():
+    """chat_rl's loss is -sum(advantage * log p) over GPT.forward's per-token losses: the prompt, the forced tokens
+    and the padding (targets -1) must contribute nothing, to the value or to the gradient."""
+    from model_setup import build_tiny_model, tiny_config
+    model = build_tiny_model(tiny_config(vocab_size=100)).train()
     sequences = [[10, 11, 12, 20, 21, 30, 31, 22], [10, 11, 12, 23]]
     masks = [[0, 0, 0, 1, 1, 0, 0, 1], [0, 0, 0, 1]]
-    inputs, targets = rollout_batch(sequences, masks, pad_id=99)
-    logits = torch.randn(2, 7, 100, requires_grad=True)
-
-    def model(inputs, targets, loss_reduction):  # stands in for GPT.forward: the same masked cross-entropy
-        return F.cross_entropy(logits.view(-1, 100), targets.view(-1), ignore_index=-1, reduction=loss_reduction).view(2, 7)
-
-    loss = policy_gradient_loss(model, inputs, targets, torch.tensor([0.5, -0.5]), num_tokens=4)
-    loss.backward()
-    trained = targets >= 0  # the positions whose next token the model sampled
-    assert torch.all(logits.grad[~trained] == 0)
-    assert torch.all(logits.grad[trained].abs().sum(-1) > 0)
-    # the value: -(0.5 * (logp(20) + logp(21) + logp(22)) - 0.5 * logp(23)) / 4
-    log_probs = torch.log_softmax(logits.detach(), -1)
-    expected = -(0.5 * (log_probs[0, 2, 20] + log_probs[0, 3, 21] + log_probs[0, 6, 22]) - 0.5 * log_probs[1, 2, 23]) / 4
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    inputs, targets = masked_batch(sequences, masks, pad_id=99)
+    nll = model(inputs, targets, loss_reduction="none")  # (2, 7)
+    trained = targets >= 0
+    assert torch.all(nll[~trained] == 0) and torch.all(nll[trained] > 0)
+    logits = model(inputs).detach()
+    log_probs = torch.log_softmax(logits, -1)
+    expected = [log_probs[0, 2, 20], log_probs[0, 3, 21], log_probs[0, 6, 22], log_probs[1, 2, 23]]
+    torch.testing.assert_close(-nll[trained], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    advantages = torch.tensor([0.5, -0.5])
+    (-(-nll * advantages[:, None]).sum() / 4).backward()  # chat_rl's loss for this batch
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_engine_rollouts_mask_the_calculator_output(tmp_path):
-    """The masks chat_rl trains with come from the engine: the tool's forced tokens are 0, so rollout_batch drops them."""
+    """The masks chat_rl trains with come from the engine: the tool's forced tokens are 0, so masked_batch drops them."""
     model, tokenizer = make_chat_checkpoint(tmp_path, source="sft", model_tag="d2")
     special = tokenizer.encode_special
     script = [special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")]
@@ -233,7 +226,7 @@ def test_engine_rollouts_mask_the_calculator_output(tmp_path):
     answer, answer_mask = results[0][len(prompt):], masks[0][len(prompt):]
     assert answer[:len(script) + len(forced)] == script + forced
     assert answer_mask[:len(script) + len(forced)] == [1] * len(script) + [0] * len(forced)
-    _, targets = rollout_batch(results, masks, pad_id=0)
+    _, targets = masked_batch(results, masks, pad_id=0)
     forced_positions = range(len(prompt) + len(script) - 1, len(prompt) + len(script) + len(forced) - 1)
     assert all(targets[0, t] == -1 for t in forced_positions)
 
@@ -251,7 +244,7 @@ def make_calculator_model(base_dir, steps=150):
     questions = ["How many a in ab?", "count the letter r in strawberry", "How many e are in the word geese?", "hi"]
     rows = [tokenizer.render_conversation({"messages": [{"role": "user", "content": question},
                                                         {"role": "assistant", "content": answer}]}) for question in questions]
-    inputs, targets = rollout_batch(*zip(*rows), pad_id=0)  # the same layout: the mask picks the answer's tokens
+    inputs, targets = masked_batch(*zip(*rows), pad_id=0)  # the same layout: the mask picks the answer's tokens
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):

@@ -136,10 +136,7 @@ if train_steps > 0 and importlib.util.find_spec("nanochat.gpt") is not None:
 
     B, T = 4, 512
     config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), **dims_for_depth(depth))
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.create(config, "cpu")
     loader = tokenizing_distributed_data_loader_with_state(B, T, "train", tokenizer=tokenizer, rank=0, world_size=1)
     batches = [next(loader)[:2] for _ in range(train_steps + 1)]
     for step, (inputs, targets) in enumerate(batches):

@@ -71,10 +71,7 @@ if "core" in parts:
         tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size)
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), **dims_for_depth(depth))
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.create(config, "cpu")
     model.eval().to(COMPUTE_DTYPE)  # as load_model(phase="eval") serves it: weights cast once
 
     if threads > 0:

@@ -100,10 +100,7 @@ for depth in [int(d) for d in depths.split(",")]:
         if mode not in ("eager", "compiled"):
             raise SystemExit(f"--modes: {mode!r} is not eager or compiled")
         torch.manual_seed(0)
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device=device)
-        model.init_weights()
+        model = GPT.create(config, device)
         forward = model.compile_regions() if mode == "compiled" else model  # as base_train compiles it
         inputs = torch.randint(0, vocab_size, (device_batch_size, max_seq_len), device=device)
         targets = torch.randint(0, vocab_size, (device_batch_size, max_seq_len), device=device)
