@@ -11,11 +11,15 @@ written last, after every rank has written its files: a checkpoint counts only o
 killed mid-save therefore never leaves something that looks complete, and the previous checkpoint still loads.
 Weights and optimizer states are read with torch.load(weights_only=True): loading runs no pickled code.
 
-Not a training loop: what goes into the meta and optimizer files is the caller's business.
+Also here, for an exact resume: every rank's RNG state as JSON-able text (rng_state / restore_rng_state) and the
+checks that a checkpoint belongs to the run that resumes it (load_resume_checkpoint). Not a training loop: what
+goes into the meta and optimizer files is the caller's business.
 """
 
+import base64
 import json
 import os
+import random
 import re
 
 import torch
@@ -161,3 +165,51 @@ def load_model(source, device, phase, model_tag=None, step=None):
         if "tok_train" in str(e) or "Train a" in str(e):  # the message already names the fix
             raise
         raise MissingFileError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from None
+
+
+def load_resume_checkpoint(checkpoint_dir, which, device, rank, model_config, world_size):
+    """(step, model_data, optimizer_data, meta) of the checkpoint to resume: which is a step number ("200") or
+    "last". UserError when it does not fit this run: another model_config, or another number of processes (each rank
+    resumes its own optimizer shard, data position and RNG)."""
+    if which == "last":
+        step = find_last_step(checkpoint_dir)
+    elif which.isdigit():
+        step = int(which)
+    else:
+        raise UserError(f"resume_from_step={which!r}: expected '' (start afresh), a step number, or 'last'")
+    model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    if meta["model_config"] != model_config:
+        raise UserError(f"the checkpoint {checkpoint_dir} step {step} has model_config {meta['model_config']}, but "
+                        f"these settings give {model_config}: resume with the settings of the run that saved it")
+    if meta["world_size"] != world_size:
+        raise UserError(f"the checkpoint {checkpoint_dir} step {step} was saved by {meta['world_size']} process(es); "
+                        f"an exact resume needs the same number (this run has {world_size})")
+    return step, model_data, optimizer_data, meta
+
+
+def _encode_bytes(tensor):
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_bytes(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state(device):
+    """This process's random number generators (Python, torch CPU, and the device's), as JSON-able values."""
+    state = {"python": random.getstate(), "torch": _encode_bytes(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode_bytes(torch.cuda.get_rng_state(device))
+    if device.type == "mps":
+        state["mps"] = _encode_bytes(torch.mps.get_rng_state())
+    return state
+
+
+def restore_rng_state(state, device):
+    version, internal, gauss = state["python"]  # JSON turned the tuples into lists
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(_decode_bytes(state["torch"]))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(_decode_bytes(state["cuda"]), device)
+    if "mps" in state:
+        torch.mps.set_rng_state(_decode_bytes(state["mps"]))

@@ -1,6 +1,7 @@
 """
 What every script needs and nothing more: the base directory, rank-0 printing and logging, device and
-process-group set-up, the compute dtype, peak FLOPs for MFU, a no-op wandb, and a safe file download.
+process-group set-up with sums and gathers across ranks, the compute dtype, the training loops' shared settings
+(micro-steps, compile, stop on a signal), peak FLOPs and memory, a no-op wandb, and a safe file download.
 
 Not a utils grab-bag: anything that belongs to one concept (tokenizer, data, model, ...) lives in that
 concept's module.
@@ -10,6 +11,8 @@ import logging
 import os
 import platform
 import random
+import resource
+import signal
 import sys
 import time
 from functools import lru_cache
@@ -206,13 +209,48 @@ def dist_rank_and_size():
     return 0, 1
 
 
-def all_ranks_sum(values, device):
-    """The element-wise sum over all ranks of a number or a list of numbers (float64; the value itself in a single
-    process): token counts, rewards, losses and pass counts that each rank measured on its share."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_ranks_sum(values, device=None):
+    """The sum over all ranks of what each rank measured on its share: a tensor is summed in place and returned; a
+    number or a list of numbers (token counts, rewards, pass counts) goes through a float64 tensor on device (the
+    process group's device: NCCL reduces CUDA tensors only) and comes back as Python floats. A no-op in one process."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64, device=device)
     if dist_rank_and_size()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return values if isinstance(values, torch.Tensor) else tensor.tolist()
+
+
+def all_ranks_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: a data position, an RNG state)."""
+    world_size = dist_rank_and_size()[1]
+    if world_size == 1:
+        return [obj]
+    objects = [None] * world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def peak_memory(device):
+    """The process's peak memory so far, as text: the CUDA allocator's peak on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB (GPU)"
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return f"{max_rss / (2**20 if sys.platform == 'darwin' else 2**10):,.0f} MiB (process RSS)"
+
+
+class StopOnSignal:
+    """Ctrl+C and SIGTERM only raise a flag (.requested) that a training loop checks at the end of each step, to
+    save a checkpoint and exit cleanly. Repeated signals change nothing (torchrun forwards the terminal's Ctrl+C to
+    its workers a second time, which must not abort the save)."""
+
+    def __init__(self, rank, what="saving a checkpoint at the end of this step, then exiting"):
+        self.requested, self.rank, self.what = False, rank, what
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            print(f"[rank {self.rank}] got {signal.Signals(signum).name}: {self.what}", flush=True)
+        self.requested = True
 
 
 def grad_accum_steps(total, per_micro_step, total_name, per_micro_step_name):

@@ -75,3 +75,10 @@ def configure(script_globals, argv=None):
     script_globals.update(overrides)
     settings.update(overrides)
     return settings
+
+
+def check_positive(settings, *names):
+    """A UserError naming the first of these settings whose value is not positive (sizes, counts, batch sizes)."""
+    for name in names:
+        if settings[name] <= 0:
+            raise UserError(f"--{name}={settings[name]}: must be positive")

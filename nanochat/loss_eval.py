@@ -11,11 +11,8 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
-
-def _is_rank0():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+from nanochat.common import all_ranks_sum, dist_rank_and_size
 
 
 def _target_bytes(targets, token_bytes):
@@ -23,17 +20,9 @@ def _target_bytes(targets, token_bytes):
     return torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
 
 
-def _sum_over_ranks(*tensors):
-    """All-reduce (sum) each tensor in place when several processes run; a no-op in a single one."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
 def _bits_per_byte_over_ranks(nats, num_bytes):
     """nats / (ln 2 * bytes), both 0-D tensors summed across ranks first; inf when there were no bytes."""
-    _sum_over_ranks(nats, num_bytes)
-    nats, num_bytes = nats.item(), num_bytes.item()
+    nats, num_bytes = all_ranks_sum(nats).item(), all_ranks_sum(num_bytes).item()
     return nats / (math.log(2) * num_bytes) if num_bytes else float("inf")
 
 
@@ -55,7 +44,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_after_s=10.0, prog
         total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
         total_bytes += num_bytes.sum()
         now = time.time()
-        if now >= next_report and step + 1 < steps and _is_rank0():
+        if now >= next_report and step + 1 < steps and dist_rank_and_size()[0] == 0:
             elapsed = now - t0
             eta = elapsed / (step + 1) * (steps - step - 1)
             print(f"evaluating bpb: batch {step + 1}/{steps} | elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
@@ -83,8 +72,7 @@ class UnigramBaseline:
             yield batch
 
     def score(self, batches):
-        counts = self.counts.clone()
-        _sum_over_ranks(counts)
+        counts = all_ranks_sum(self.counts.clone())
         counts += 1  # add-one smoothing, once (not once per rank): no token is impossible
         return self._scored(batches, (counts / counts.sum()).log())
 

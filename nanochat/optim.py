@@ -1,6 +1,7 @@
 """
 The optimizer: Muon for the 2-D matrices of the Transformer blocks, AdamW for the embedding and the lm_head, in one
-class that runs the same code in one process and across the ranks of a torchrun. There is no DDP wrapper: the
+class that runs the same code in one process and across the ranks of a torchrun; with the schedules and the
+gradient accumulation that every training loop shares. There is no DDP wrapper: the
 optimizer averages the gradients itself, so a fix to the update is a fix for 1 and N processes alike (the original
 kept single- and multi-process versions apart until a fix landed in only one of them).
 
@@ -102,10 +103,37 @@ def muon_groups(params, **settings):
     return [dict(kind="muon", params=[p for p in params if tuple(p.shape) == shape], **settings) for shape in shapes]
 
 
+def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_steps=0, final_frac=0.0):
+    """Every training loop's LR schedule, as the multiplier of the initial LRs: linear warmup over warmup_steps,
+    constant, then linear warmdown to final_frac at num_steps, never below 0 past it. step and num_steps may be
+    fractions (mid-training measures its progress through the data, from 0 to 1)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step <= num_steps - warmdown_steps:
+        return 1.0
+    progress = max(0.0, (num_steps - step) / warmdown_steps)  # 1 -> 0 over the warmdown
+    return progress + (1 - progress) * final_frac
+
+
 def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
     """Muon's momentum schedule: start -> end over the first warmup_steps, less momentum while gradients change fast."""
     frac = min(step / warmup_steps, 1.0)
     return (1 - frac) * start + frac * end
+
+
+def accumulate_gradients(model, batch, batches, accum_steps):
+    """Forward and backward over accum_steps micro-batches, the first being `batch` and the others drawn from the
+    iterator `batches` (of (inputs, targets, *position)); each loss is divided by accum_steps, so the gradients are
+    the mean over all of them, as for one big batch. The next step's first micro-batch is fetched while the device
+    still runs the last backward. Returns (the mean loss: a tensor, read without a host sync, the last micro-batch
+    trained on: its position is where the data continues, the next step's first micro-batch)."""
+    loss_sum = 0
+    for _ in range(accum_steps):
+        loss = model(batch[0], batch[1])
+        (loss / accum_steps).backward()
+        loss_sum = loss_sum + loss.detach()
+        trained, batch = batch, next(batches)
+    return loss_sum / accum_steps, trained, batch
 
 
 class MuonAdamW(torch.optim.Optimizer):

@@ -28,27 +28,25 @@ import os
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation; before CUDA starts
 
-import base64
 import gc
 import math
 import random
-import resource
-import signal
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, UserError, compute_cleanup, compute_init, format_duration,
-                             get_peak_flops, grad_accum_steps, init_wandb, print0, should_compile)
+from nanochat.checkpoint_manager import (checkpoint_dir, load_resume_checkpoint, restore_rng_state, rng_state,
+                                         save_checkpoint)
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, compute_cleanup,
+                             compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb, peak_memory,
+                             print0, should_compile)
 from nanochat.core_eval import evaluate_model as evaluate_core
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import muon_momentum
+from nanochat.optim import accumulate_gradients, lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -128,19 +126,8 @@ ckpt_dir = checkpoint_dir("base", model_tag)
 model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, **model_dims)
 resume_step = None
 if resume_from_step:
-    if resume_from_step == "last":
-        resume_step = find_last_step(ckpt_dir)
-    elif resume_from_step.isdigit():
-        resume_step = int(resume_from_step)
-    else:
-        raise UserError(f"resume_from_step={resume_from_step!r}: expected '' (start afresh), a step number, or 'last'")
-    model_data, optimizer_data, meta = load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
-    if meta["model_config"] != model_config:
-        raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} has model_config {meta['model_config']}, but these "
-                        f"settings give {model_config}: resume with the settings of the run that saved it")
-    if meta["world_size"] != world_size:
-        raise UserError(f"the checkpoint {ckpt_dir} step {resume_step} was saved by {meta['world_size']} process(es); "
-                        f"an exact resume needs the same number (this run has {world_size})")
+    resume_step, model_data, optimizer_data, meta = load_resume_checkpoint(ckpt_dir, resume_from_step, device, rank,
+                                                                           model_config, world_size)
     print0(f"Resuming from {ckpt_dir} step {resume_step}")
 
 # -----------------------------------------------------------------------------
@@ -194,121 +181,30 @@ def build_val_loader():
     return tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device, bos_aligned=bos_aligned)
 
 
-def get_lr_multiplier(step):
-    """Linear warmup, constant, then linear warmdown to final_lr_frac at num_iterations."""
-    warmup_steps = round(warmup_ratio * num_iterations)
-    warmdown_steps = round(warmdown_ratio * num_iterations)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step <= num_iterations - warmdown_steps:
-        return 1.0
-    progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 over the warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def encode_bytes(tensor):
-    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
-
-
-def decode_bytes(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def get_rng_state():
-    state = {"python": random.getstate(), "torch": encode_bytes(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = encode_bytes(torch.cuda.get_rng_state(device))
-    if device.type == "mps":
-        state["mps"] = encode_bytes(torch.mps.get_rng_state())
-    return state
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]  # JSON turned the tuples into lists
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(decode_bytes(state["torch"]))
-    if "cuda" in state:
-        torch.cuda.set_rng_state(decode_bytes(state["cuda"]), device)
-    if "mps" in state:
-        torch.mps.set_rng_state(decode_bytes(state["mps"]))
-
-
-def gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if not is_ddp:
-        return [obj]
-    objects = [None] * world_size
-    dist.all_gather_object(objects, obj)
-    return objects
-
-
 report = get_report()
+curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
+loop_state = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
+step = 0
 if resume_step is not None:
-    step = meta["step"]
-    loop_state = meta["loop_state"]
-    smooth_train_loss = loop_state["smooth_train_loss"]  # the EMA of the loss, before debiasing
-    total_training_time = loop_state["total_training_time"]
-    min_val_bpb = loop_state["min_val_bpb"] if loop_state["min_val_bpb"] is not None else float("inf")
-    val_bpb = loop_state["val_bpb"]
-    set_rng_state(meta["rng_states"][rank])
-    curve = report.read_curve("base_train")
-    if curve is None or curve.get("model_tag") != model_tag:
-        curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
-    keep = sum(1 for s in curve["step"] if s <= step)  # drop what a longer, abandoned run logged after this step
-    keep_val = sum(1 for s in curve["val_step"] if s < step)  # the val bpb at `step` is measured again below
-    curve = {**curve, "step": curve["step"][:keep], "loss": curve["loss"][:keep],
-             "val_step": curve["val_step"][:keep_val], "val_bpb": curve["val_bpb"][:keep_val]}
-else:
-    step = 0
-    smooth_train_loss = 0.0
-    total_training_time = 0.0
-    min_val_bpb = float("inf")
-    val_bpb = None
-    curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
-
-# Ctrl+C / SIGTERM only raise a flag; the loop saves a checkpoint at the end of the current step and exits.
-# Repeated signals do not abort the save (torchrun forwards the terminal's Ctrl+C to the workers a second time).
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    if not stop_requested:
-        print(f"[rank {rank}] got {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then exiting",
-              flush=True)
-    stop_requested = True
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
-
-
-def save(step):
-    """Checkpoint at `step`: the weights after `step` updates and everything needed to continue from there."""
-    meta_data = {
-        "step": step,
-        "model_config": model_config,
-        "user_config": user_config,
-        "device_batch_size": device_batch_size,
-        "max_seq_len": max_seq_len,
-        "world_size": world_size,
-        "val_bpb": val_bpb,
-        "loop_state": {"smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
-                       "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb, "val_bpb": val_bpb},
-        # per rank: where its data stream continues (the batch not yet trained on) and its RNG
-        "dataloader_state_dicts": gather(loader_state),
-        "rng_states": gather(get_rng_state()),
-    }
-    save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_data, rank=rank)
-    report.log_curve("base_train", curve)
-
+    step, loop_state = meta["step"], meta["loop_state"]
+    restore_rng_state(meta["rng_states"][rank], device)
+    saved_curve = report.read_curve("base_train")
+    if saved_curve is not None and saved_curve.get("model_tag") == model_tag:
+        keep = sum(1 for s in saved_curve["step"] if s <= step)  # drop what a longer, abandoned run logged later
+        keep_val = sum(1 for s in saved_curve["val_step"] if s < step)  # the val bpb at `step` is measured again
+        curve = {**saved_curve, "step": saved_curve["step"][:keep], "loss": saved_curve["loss"][:keep],
+                 "val_step": saved_curve["val_step"][:keep_val], "val_bpb": saved_curve["val_bpb"][:keep_val]}
+smooth_train_loss = loop_state["smooth_train_loss"]  # the EMA of the loss, before debiasing
+total_training_time, val_bpb = loop_state["total_training_time"], loop_state["val_bpb"]
+min_val_bpb = loop_state["min_val_bpb"] if loop_state["min_val_bpb"] is not None else float("inf")
+stop_signal = StopOnSignal(rank)  # Ctrl+C / SIGTERM: save a checkpoint at the end of the step, then exit
 
 # -----------------------------------------------------------------------------
 # Training loop: iteration `step` evaluates/saves the model after `step` updates, then (unless last) trains once
 
-loader_state = loader_resume_state  # position of the batch in (x, y), the next one to train on
+loader_state = loader_resume_state  # where the data continues: the position after the last batch trained on
 first_step = step  # this process's first step
-x, y, next_loader_state = next(train_loader)  # prefetch; next_loader_state is the position after (x, y)
+batch = next(train_loader)  # (inputs, targets, the position after them), prefetched
 core_metric = None
 timed_steps, timed_seconds = 0, 0.0  # this process's steps after warm-up, for the ETA
 mfu = 0.0
@@ -316,8 +212,20 @@ stop_now = False  # set after a step when any rank was asked to stop; every rank
 while True:
     last_step = step == num_iterations
 
+    # Checkpoint: the weights after `step` updates and everything needed to continue from there; before the
+    # evaluations, so a crash in them loses no training
     if step != resume_step and (last_step or stop_now or (save_every > 0 and step % save_every == 0 and step > 0)):
-        save(step)  # before the evaluations, so a crash in them loses no training
+        save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), {
+            "step": step, "model_config": model_config, "user_config": user_config,
+            "device_batch_size": device_batch_size, "max_seq_len": max_seq_len, "world_size": world_size,
+            "val_bpb": val_bpb,
+            "loop_state": {"smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
+                           "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb, "val_bpb": val_bpb},
+            # per rank: where its data stream continues (the batch not yet trained on) and its RNG
+            "dataloader_state_dicts": all_ranks_gather(loader_state),
+            "rng_states": all_ranks_gather(rng_state(device)),
+        }, rank=rank)
+        report.log_curve("base_train", curve)
     if stop_now:
         print0(f"Stopped at step {step}. Resume with --resume_from_step={step} (or last)")
         break
@@ -355,17 +263,13 @@ while True:
     # One optimizer step: accum_steps micro-steps, then the update with this step's LR and momentum
     synchronize()
     t0 = time.time()
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(accum_steps):
-        loss = model(x, y)
-        loss_sum += loss.detach()
-        (loss / accum_steps).backward()  # the mean over micro-steps, like one big batch
-        loader_state = next_loader_state
-        x, y, next_loader_state = next(train_loader)  # fetch the next batch while the device is busy
-    lrm = get_lr_multiplier(step)
+    loss, trained, batch = accumulate_gradients(model, batch, train_loader, accum_steps)
+    loader_state = trained[2]
+    lrm = lr_multiplier(step, num_iterations, round(warmup_ratio * num_iterations),
+                        round(warmdown_ratio * num_iterations), final_lr_frac)
     optimizer.update(lrm, muon_momentum(step))
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
-    stats = torch.stack([loss_sum / accum_steps, torch.tensor(float(stop_requested), device=device)])
+    stats = torch.stack([loss, torch.tensor(float(stop_signal.requested), device=device)])
     if is_ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     train_loss, stop_votes = (stats / world_size).tolist()
@@ -407,14 +311,9 @@ while True:
 
 report.log_curve("base_train", curve)
 if not stop_now:
-    if device.type == "cuda":
-        peak_memory = f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB (GPU)"
-    else:
-        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
-        peak_memory = f"{max_rss / (2**20 if sys.platform == 'darwin' else 2**10):,.0f} MiB (process RSS)"
     if timed_steps:  # the steady-state MFU, warm-up steps left out
         mfu = flops_per_token * total_batch_size * timed_steps / timed_seconds / (peak_flops * world_size)
-    print0(f"Peak memory: {peak_memory} | total training time: {format_duration(total_training_time)} | "
+    print0(f"Peak memory: {peak_memory(device)} | total training time: {format_duration(total_training_time)} | "
            f"min val bpb: {min_val_bpb:.4f}")
     report.log(section="Base model training", data=[
         user_config,
@@ -435,7 +334,7 @@ if not stop_now:
             "MFU %": f"{100 * mfu:.2f}%",
             "Total training flops": f"{flops_per_token * total_tokens:e}",
             "Total training time": format_duration(total_training_time),
-            "Peak memory usage": peak_memory,
+            "Peak memory usage": peak_memory(device),
         },
     ])
 wandb_run.finish()

@@ -27,9 +27,10 @@ import torch
 
 from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
 from nanochat.common import UserError, all_ranks_sum, compute_cleanup, compute_init, init_wandb, print0
-from nanochat.configurator import configure
+from nanochat.configurator import check_positive, configure
 from nanochat.dataloader import masked_batch
 from nanochat.engine import BatchDecoder
+from nanochat.optim import lr_multiplier
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
 from tasks.spellingbee import SpellingBee
@@ -75,10 +76,8 @@ if task not in ("GSM8K", "SpellingBee"):
     raise UserError(f"--task={task}: expected GSM8K or SpellingBee")
 if source not in ("sft", "mid"):
     raise UserError(f"--source={source}: expected sft or mid")
-for name in ("examples_per_step", "num_samples", "device_batch_size", "generation_batch_size", "max_new_tokens",
-             "num_epochs", "eval_examples", "eval_num_samples", "spelling_bee_size"):
-    if globals()[name] < 1:
-        raise UserError(f"--{name}={globals()[name]}: must be positive")
+check_positive(user_config, "examples_per_step", "num_samples", "device_batch_size", "generation_batch_size",
+               "max_new_tokens", "num_epochs", "eval_examples", "eval_num_samples", "spelling_bee_size")
 if num_samples % device_batch_size != 0:
     raise UserError(f"--num_samples={num_samples} is not a multiple of --device_batch_size={device_batch_size}")
 if num_samples < 2:
@@ -110,10 +109,6 @@ if num_iterations < 0:
     num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
 print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "
        f"| {num_iterations:,} steps")
-
-
-def get_lr_multiplier(step):
-    return max(0.0, 1.0 - step / num_iterations)
 
 
 def sample_answers(prompts, count, seed):
@@ -226,7 +221,7 @@ while True:
         log_probs = -model(inputs, targets, loss_reduction="none")  # (B, T)
         loss = -(log_probs * advantages[:, None]).sum() / (max(1.0, step_tokens) / world_size)
         loss.backward()
-    lrm = get_lr_multiplier(step)
+    lrm = lr_multiplier(step, num_iterations, warmdown_steps=num_iterations)  # 1 -> 0 linearly
     optimizer.update(lrm)
     dt = time.time() - t0
     step += 1

@@ -33,8 +33,9 @@ import torch
 from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
 from nanochat.common import (UserError, all_ranks_sum, check_same_on_all_ranks, compute_cleanup, compute_init,
                              grad_accum_steps, init_wandb, print0)
-from nanochat.configurator import configure
+from nanochat.configurator import check_positive, configure
 from nanochat.dataloader import masked_batch
+from nanochat.optim import lr_multiplier
 from nanochat.report import get_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +81,8 @@ user_config = configure(globals())
 
 if source not in ("mid", "base"):
     raise UserError(f"--source={source}: expected mid or base")
-for name in ("device_batch_size", "target_examples_per_step", "max_seq_len", "num_epochs", "smoltalk_size",
-             "simple_spelling_size", "spelling_bee_size"):
-    if globals()[name] < 1:
-        raise UserError(f"--{name}={globals()[name]}: must be positive")
+check_positive(user_config, "device_batch_size", "target_examples_per_step", "max_seq_len", "num_epochs",
+               "smoltalk_size", "simple_spelling_size", "spelling_bee_size")
 if num_iterations == 0 or num_iterations < -1:
     raise UserError(f"--num_iterations={num_iterations}: must be a positive number of steps, or -1 for num_epochs")
 
@@ -156,11 +155,6 @@ def micro_batches(dataset):
 if num_iterations < 0:
     num_iterations = max(1, num_epochs * len(train_dataset) // target_examples_per_step)
 print0(f"Iterations: {num_iterations:,} ({num_iterations * target_examples_per_step / len(train_dataset):.2f} epochs)")
-
-
-def get_lr_multiplier(step):
-    """1 -> 0 linearly over num_iterations, never negative (steps past the horizon train at LR 0)."""
-    return max(0.0, 1.0 - step / num_iterations)
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +234,7 @@ while True:
         loss.backward()
         loss_sum += loss.item() / world_size
     train_loss = all_ranks_sum(loss_sum, device)
-    lrm = get_lr_multiplier(step)
+    lrm = lr_multiplier(step, num_iterations, warmdown_steps=num_iterations)  # 1 -> 0 linearly, never below 0
     optimizer.update(lrm)
     dt = time.time() - t0
     step += 1

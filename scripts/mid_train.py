@@ -35,9 +35,9 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
 from nanochat.common import (UserError, check_same_on_all_ranks, compute_cleanup, compute_init, grad_accum_steps,
                              init_wandb, print0, should_compile)
-from nanochat.configurator import configure
+from nanochat.configurator import check_positive, configure
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import muon_momentum
+from nanochat.optim import accumulate_gradients, lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -77,9 +77,8 @@ user_config = configure(globals())
 # -----------------------------------------------------------------------------
 # Settings check, processes, model
 
-for name in ("max_seq_len", "device_batch_size", "total_batch_size", "simple_spelling_size", "spelling_bee_size"):
-    if globals()[name] < 1:
-        raise UserError(f"--{name}={globals()[name]}: must be positive")
+check_positive(user_config, "max_seq_len", "device_batch_size", "total_batch_size", "simple_spelling_size",
+               "spelling_bee_size")
 if identity_copies < 0:
     raise UserError(f"--identity_copies={identity_copies}: must be 0 or more")
 if not 0 <= warmdown_ratio <= 1:
@@ -176,13 +175,6 @@ def packed_batches(dataset, loop):
         yield inputs, targets, 1.0 if epoch_done else cursor / len(dataset), epoch_done
 
 
-def get_lr_multiplier(progress):
-    """1 until 1 - warmdown_ratio of the progress, then linearly down to 0 at progress 1; never below 0."""
-    if warmdown_ratio == 0 or progress < 1 - warmdown_ratio:
-        return 1.0
-    return max(0.0, (1 - progress) / warmdown_ratio)
-
-
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 
 
@@ -200,7 +192,7 @@ def evaluate_val_bpb():
 report = get_report()
 curve = {"model_tag": model_tag, "step": [], "loss": [], "lrm": [], "val_step": [], "val_bpb": []}
 train_batches = packed_batches(train_dataset, loop=True)
-x, y, data_progress, epoch_done = next(train_batches)
+batch = next(train_batches)  # (inputs, targets, progress, epoch_done), prefetched
 step, progress, last_step = 0, 0.0, False
 val_bpb, min_val_bpb = None, float("inf")
 smooth_train_loss, total_training_time = 0.0, 0.0
@@ -218,24 +210,20 @@ while True:
 
     synchronize()
     t0 = time.time()
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(accum_steps):
-        loss = model(x, y)
-        loss_sum += loss.detach()
-        (loss / accum_steps).backward()
-        rank_progress, rank_epoch_done = data_progress, epoch_done  # how far this rank has read, after this batch
-        x, y, data_progress, epoch_done = next(train_batches)  # prefetch while the device is busy
+    loss, (_, _, rank_progress, rank_epoch_done), batch = accumulate_gradients(model, batch, train_batches,
+                                                                             accum_steps)
     step += 1
     # Progress and the end of the epoch are agreed on (max over ranks): the same LR and the same last step everywhere
     if num_iterations > 0:
         rank_progress = max(rank_progress, step / num_iterations)
         rank_epoch_done = rank_epoch_done or step >= num_iterations
-    agreed = torch.tensor([rank_progress, float(rank_epoch_done), loss_sum.item() / accum_steps], device=device)
+    agreed = torch.tensor([rank_progress, float(rank_epoch_done), loss.item()], device=device)
     if is_ddp:
         dist.all_reduce(agreed[:2], op=dist.ReduceOp.MAX)
         dist.all_reduce(agreed[2:], op=dist.ReduceOp.SUM)
         agreed[2] /= world_size
-    lrm = get_lr_multiplier(progress)  # the progress before this step, as every rank agreed at the previous one
+    # 1, then down to 0 over the last warmdown_ratio of the progress before this step (as every rank agreed on it)
+    lrm = lr_multiplier(progress, 1.0, warmdown_steps=warmdown_ratio)
     progress = max(progress, agreed[0].item())  # monotone, so the LR never goes back up
     last_step = agreed[1].item() > 0
     train_loss = agreed[2].item()

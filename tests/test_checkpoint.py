@@ -172,7 +172,6 @@ def tiny_gpt(vocab_size):
 
 
 def test_build_model_restores_a_compiled_models_weights_and_gives_identical_logits(isolated_base_dir):
-    pytest.importorskip("nanochat.gpt")
     tokenizer = install_tokenizer(isolated_base_dir)
     model, config = tiny_gpt(tokenizer.get_vocab_size())
     state = {f"_orig_mod.{name}": tensor for name, tensor in model.state_dict().items()}  # as torch.compile names them
@@ -189,7 +188,6 @@ def test_build_model_restores_a_compiled_models_weights_and_gives_identical_logi
 
 
 def test_build_model_rejects_a_tokenizer_of_another_vocab_size(isolated_base_dir):
-    pytest.importorskip("nanochat.gpt")
     tokenizer = install_tokenizer(isolated_base_dir)
     model, config = tiny_gpt(tokenizer.get_vocab_size() + 64)
     directory = os.path.join(checkpoints_root("base"), "d2")

@@ -126,8 +126,6 @@ def stage_commands(path):
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_the_pipelines_pass_only_settings_the_stage_scripts_know(pipeline):
-    if not (REPO_ROOT / pipeline).exists():
-        pytest.skip(f"{pipeline} does not exist yet")
     commands = stage_commands(pipeline)
     assert commands, f"no `-m scripts.X` stages found in {pipeline}"
     for name, flags in commands:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.optim import MuonAdamW, muon_groups, muon_momentum, newton_schulz5
+from nanochat.optim import MuonAdamW, lr_multiplier, muon_groups, muon_momentum, newton_schulz5
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +156,20 @@ def test_update_scales_every_lr_by_the_multiplier_and_sets_muon_momentum():
     assert (wte != 0).all() and (matrix != 0).all()
 
 
+def test_lr_multiplier_warms_up_holds_then_decays_to_the_final_fraction():
+    schedule = [lr_multiplier(step, 10, warmup_steps=2, warmdown_steps=4, final_frac=0.2) for step in range(11)]
+    assert schedule[:7] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert schedule[7:] == pytest.approx([0.8, 0.6, 0.4, 0.2])  # 0.75, 0.5, 0.25, 0 of the way from final to 1
+
+
+def test_lr_multiplier_of_a_linear_decay_never_goes_below_zero():
+    assert [lr_multiplier(step, 4, warmdown_steps=4) for step in range(6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0])
+    # progress as a fraction (mid-training): 1 until the last 20%, then down to 0
+    assert lr_multiplier(0.5, 1.0, warmdown_steps=0.2) == 1.0
+    assert lr_multiplier(0.9, 1.0, warmdown_steps=0.2) == pytest.approx(0.5)
+    assert lr_multiplier(1.0, 1.0, warmdown_steps=0.0) == 1.0  # no warmdown: constant to the end
+
+
 def test_muon_momentum_warms_up_from_085_to_095_over_300_steps():
     assert muon_momentum(0) == 0.85
     assert muon_momentum(150) == pytest.approx(0.90)
@@ -221,6 +235,46 @@ def test_optimizer_state_dict_resumes_exactly(make_optimizer):
     run(resumed, saved_params, range(3, 6))
     for a, b in zip(params, saved_params):
         assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# The model and the optimizer together, against recorded numbers
+
+
+# The first 20 losses of a tiny GPT (2 layers, 128 wide, GQA 2:1) trained on 3 fixed random batches in turn, in
+# float64 (master weights, activations and Newton-Schulz), recorded 2026-12-06 with the code of issue 17 (the same
+# math as the seed's). Any change to the init, the forward, the softcap, the loss or the optimizer moves them: a 0.1%
+# larger Muon update moves them by 4e-4. What may differ between CPUs is rounding: float64 everywhere but the head's
+# softcap and cross-entropy, which run in fp32 by design; an fp32 sum in another order (wider vectors) differs by
+# ~1 ulp (5e-7 at these values), so 2e-5 leaves room for 40 ulps of drift over 20 steps.
+RECORDED_FP64_LOSSES = [
+    6.238048553466797, 6.241749286651611, 6.272953510284424, 5.060818672180176, 4.520997524261475,
+    4.410923480987549, 2.9989869594573975, 2.865600347518921, 2.8368043899536133, 1.675266981124878,
+    1.739119529724121, 1.7533048391342163, 1.1317650079727173, 1.1259434223175049, 1.11967134475708,
+    0.9624675512313843, 0.8360607028007507, 0.803287148475647, 0.7741988301277161, 0.6558667421340942,
+]
+
+
+def test_first_20_float64_losses_of_the_model_and_optimizer_stay_at_the_recorded_run(monkeypatch):
+    import nanochat.gpt
+    from nanochat.gpt import GPT, GPTConfig
+
+    monkeypatch.setattr(nanochat.gpt, "COMPUTE_DTYPE", torch.float64)
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=128)
+    model = GPT.create(config, "cpu").double()
+    optimizer = model.setup_optimizers()
+    optimizer.ns_dtype = torch.float64
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 512, (4, 65), generator=generator) for _ in range(3)]
+    losses = []
+    for step in range(20):
+        batch = batches[step % 3]
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.update(1.0, 0.85 + step * 0.005)
+        losses.append(loss.item())
+    assert losses == pytest.approx(RECORDED_FP64_LOSSES, abs=2e-5, rel=0)
 
 
 # -----------------------------------------------------------------------------

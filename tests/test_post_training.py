@@ -285,12 +285,8 @@ def test_each_stage_checkpoint_loads_in_chat_eval_and_chat_cli(tmp_path):
     run_script(tmp_path, "scripts.chat_rl", "--task=SpellingBee", "--examples_per_step=1", "--num_samples=2",
                "--device_batch_size=2", "--max_new_tokens=8", "--num_iterations=1", "--eval_every=-1",
                "--eval_examples=1", "--eval_num_samples=1")
-    has_cli = (REPO_ROOT / "scripts" / "chat_cli.py").exists()
     for stage in ("mid", "sft", "rl"):
         result = run_script(tmp_path, "scripts.chat_eval", "-i", stage, "-a", "SpellingBee|ARC-Easy", "-x", "2", "-m", "8")
         assert "SpellingBee: " in result.stdout and "ARC-Easy: " in result.stdout
-        if has_cli:
-            result = run_script(tmp_path, "scripts.chat_cli", "-i", stage, "-p", "What is your name?", "-m", "8")
-            assert result.returncode == 0 and "Traceback" not in result.stdout
-    if not has_cli:
-        pytest.skip("scripts/chat_cli.py does not exist yet: chat_eval checked, chat_cli not")
+        result = run_script(tmp_path, "scripts.chat_cli", "-i", stage, "-p", "What is your name?", "-m", "8")
+        assert result.returncode == 0 and "Traceback" not in result.stdout
