@@ -66,9 +66,10 @@ MAX_SEED = 2**53 - 1  # the largest integer that every JSON parser (IEEE doubles
 STRICT, OPEN = ConfigDict(extra="forbid", strict=True), ConfigDict(extra="allow", strict=True)
 Text = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 NO_TOOLS = "not supported, this model has no function calling: only null or empty"
-MESSAGES = ("The conversation, rendered as the model was trained: system text is read as user text, consecutive "
-            "messages of one role are joined with a blank line, and an empty user turn goes before a leading and "
-            "after a trailing assistant message. It must fit the model's context with room for a reply.")
+MESSAGES = ("The conversation, rendered in the turns the model was trained on: system text is read as user text, "
+            "consecutive user messages are joined with a blank line, and an assistant message (or the reply) that "
+            "does not follow a user message gets an empty user turn before it. It must fit the model's context with "
+            "room for a reply.")
 
 
 def integer(low, high):
@@ -81,7 +82,6 @@ def _boolean(value):  # strict mode does not stop a Literal[False] from taking 0
     if not isinstance(value, bool):
         raise ValueError("Input should be a valid boolean")
     return value
-
 
 
 class Part(BaseModel):
@@ -170,31 +170,20 @@ class OpenAIChatRequest(BaseModel):
 
 
 def conversation(messages):
-    """[{"role", "content"}] -> the tokenizer's conversation in the order the model was trained on (see MESSAGES),
+    """[{"role", "content"}] -> the tokenizer's conversation in the turns the model was trained on (see MESSAGES),
     ending with the assistant's turn to write."""
     turns = []
-    for message in messages:
+    for message in messages + [{"role": "assistant", "content": ""}]:
         role, content = message["role"], message["content"]
         if role != "assistant":
             role, content = "user", content if isinstance(content, str) else "".join(p["text"] for p in content)
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] = _joined(turns[-1]["content"], content)
-        else:
-            turns.append({"role": role, "content": content})
-    if turns[0]["role"] == "assistant":
-        turns.insert(0, {"role": "user", "content": ""})
-    if turns[-1]["role"] == "assistant":
-        turns.append({"role": "user", "content": ""})
-    return {"messages": turns + [{"role": "assistant", "content": ""}]}
-
-
-def _joined(first, second):
-    if isinstance(first, str) and isinstance(second, str):
-        return f"{first}\n\n{second}"
-
-    def parts(content):
-        return [{"type": "text", "text": content}] if isinstance(content, str) else content
-    return parts(first) + parts("\n\n") + parts(second)
+            if turns and turns[-1]["role"] == "user":
+                turns[-1]["content"] += "\n\n" + content
+                continue
+        elif not turns or turns[-1]["role"] == "assistant":
+            turns.append({"role": "user", "content": ""})
+        turns.append({"role": role, "content": content})
+    return {"messages": turns}
 
 
 # -----------------------------------------------------------------------------
@@ -226,13 +215,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def documented(*statuses):
-    """The OpenAPI `responses` entries of these error statuses."""
-    return {status: {"model": ErrorBody, "description": ERRORS[status]} |
-            ({"headers": {"Retry-After": {"schema": {"type": "integer"}}}} if status == 503 else {})
-            for status in statuses}
-
-
 ERRORS = {
     400: "Invalid request (the message and `param` name the field), or a conversation longer than the model's "
          "context (code context_length_exceeded).",
@@ -243,14 +225,22 @@ ERRORS = {
 }
 
 
+def documented(*statuses):
+    """The OpenAPI `responses` entries of these error statuses."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} |
+            ({"headers": {"Retry-After": {"schema": {"type": "integer"}}}} if status == 503 else {})
+            for status in statuses}
+
+
 def field_name(loc):
-    """('body', 'messages', 0, 'content', 'constrained-str') -> 'messages[0].content'. Pydantic puts the member type
-    of a union (str, list[Part], ...) into the location; it is not a field and is dropped."""
+    """('body', 'messages', 0, 'content', 'list[Part]', 1) -> 'messages[0].content[1]'. Pydantic puts the member of
+    a union that failed (constrained-str, list[Part]) into the location; it is not a field and is dropped."""
     name = ""
     for item in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(item, str) and (not item.isidentifier() or item in ("str", "int", "float", "bool", "list")):
-            continue
-        name += f"[{item}]" if isinstance(item, int) else (f".{item}" if name else str(item))
+        if isinstance(item, int):
+            name += f"[{item}]"
+        elif item.isidentifier():
+            name += f".{item}" if name else item
     return name or None
 
 
@@ -273,21 +263,18 @@ def validation_error(error):
 # Workers: one decode loop per device, fed from one shared queue
 
 
-class QueueFull(Exception):
-    pass
-
-
 class Generation:
     """One request's decoding: its settings, its state, and the path its token events take back to the asyncio
     loop (the decode thread hands them over with call_soon_threadsafe)."""
 
     def __init__(self, prompt, max_tokens, temperature, top_k, seed, loop):
-        self.prompt, self.max_tokens, self.temperature, self.top_k, self.seed = prompt, max_tokens, temperature, top_k, seed
+        self.prompt, self.max_tokens, self.temperature, self.top_k = prompt, max_tokens, temperature, top_k
+        self.seed = seed
         self.loop = loop
         self.events = asyncio.Queue()  # RowEvents, or an Exception if the decode loop failed
         self.started = asyncio.Event()  # set once prefilled into a row, or when the engine refused it (error)
         self.error = None
-        self.state = "waiting"  # waiting -> running -> done; or cancelled. Written under the pool's lock.
+        self.state = "waiting"  # -> "running" once a worker takes it, or "cancelled"; written under the pool's lock
         self.cancelled = False  # set by the request side: client gone or timed out; the worker frees the row
         self.worker = None
         self.created = time.time()
@@ -299,7 +286,8 @@ class Generation:
 
 
 class Worker:
-    """One device: a BatchDecoder and the thread that runs its decode loop. Only that thread touches the decoder."""
+    """One device: a BatchDecoder and the thread that runs its decode loop. Only that thread touches the decoder
+    and `running`, whose size is the worker's load."""
 
     def __init__(self, worker_id, device, decoder, pool):
         self.worker_id, self.device, self.decoder, self.pool = worker_id, str(device), decoder, pool
@@ -321,24 +309,22 @@ class Worker:
                     for row_id, generation in list(self.running.items()):
                         with contextlib.suppress(Exception):
                             self.decoder.remove(row_id)
-                        self._finish(row_id, generation, e)
+                        del self.running[row_id]
+                        generation.loop.call_soon_threadsafe(_put_events, [(generation, [e])])
 
     def loop_once(self):
-        for generation in self.pool.take(self):
+        while (generation := self.pool.take(self)) is not None:
             try:
                 row_id = self.decoder.add(generation.prompt, generation.max_tokens, generation.temperature,
                                           generation.top_k, generation.seed)
+                self.running[row_id] = generation
             except Exception as e:  # e.g. a prompt longer than the rows hold
-                self.pool.release(self, 1)
-                generation.state, generation.error = "done", e
-                generation.loop.call_soon_threadsafe(generation.started.set)
-                continue
-            self.running[row_id] = generation
+                generation.error = e
             generation.loop.call_soon_threadsafe(generation.started.set)
         for row_id, generation in list(self.running.items()):
             if generation.cancelled:
                 self.decoder.remove(row_id)
-                self._finish(row_id, generation, None)
+                del self.running[row_id]
         if not self.running:
             self.wake.wait(timeout=1.0)
             self.wake.clear()
@@ -352,24 +338,12 @@ class Worker:
         by_generation = {}
         for event in events:
             generation = self.running.get(event.row_id)
-            if generation is None:
-                continue
-            by_generation.setdefault(generation, []).append(event)
-            if event.finished:
-                self._finish(event.row_id, generation, None, deliver=False)
-        self._deliver(list(by_generation.items()))
-
-    def _finish(self, row_id, generation, error, deliver=True):
-        del self.running[row_id]
-        self.pool.release(self, 1)
-        generation.state = "done"
-        if error is not None and deliver:
-            self._deliver([(generation, [error])])
-
-    def _deliver(self, batch):
-        # one hand-over per step for all requests of this worker (they share the server's event loop)
-        if batch:
-            batch[0][0].loop.call_soon_threadsafe(_put_events, batch)
+            if generation is not None:
+                by_generation.setdefault(generation, []).append(event)
+                if event.finished:
+                    del self.running[event.row_id]
+        if by_generation:  # one hand-over per step for all requests of this worker (they share one event loop)
+            next(iter(by_generation)).loop.call_soon_threadsafe(_put_events, list(by_generation.items()))
 
     def tokens_per_second(self, window=10.0):
         """Tokens decoded in the last `window` seconds, per second (0 when idle)."""
@@ -384,22 +358,18 @@ def _put_events(batch):
 
 
 class WorkerPool:
-    """The workers and the one queue of requests waiting for a free row. The lock guards the queue, each
-    Generation's state and the per-worker count of rows in use."""
+    """The workers and the one queue of requests waiting for a free row. The lock guards the queue and each
+    Generation's state."""
 
     def __init__(self, max_queue, request_timeout):
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.workers = []
         self.lock = threading.Lock()
         self.waiting = collections.deque()
-        self.rows_in_use = {}
         self.total_requests = 0
 
     def add_worker(self, device, decoder):
-        worker = Worker(len(self.workers), device, decoder, self)
-        self.workers.append(worker)
-        self.rows_in_use[worker.worker_id] = 0
-        return worker
+        self.workers.append(Worker(len(self.workers), device, decoder, self))
 
     def start(self):
         for worker in self.workers:
@@ -412,37 +382,20 @@ class WorkerPool:
         for worker in self.workers:
             worker.thread.join(timeout=5)
 
-    def free_rows(self):
-        return sum(worker.max_batch - self.rows_in_use[worker.worker_id] for worker in self.workers)
-
-    def submit(self, generation):
-        with self.lock:
-            if len(self.waiting) >= self.max_queue + self.free_rows():
-                raise QueueFull()
-            self.waiting.append(generation)
-            self.total_requests += 1
-        for worker in self.workers:
-            worker.wake.set()
-
     def take(self, worker):
-        """Called by a worker's thread: the waiting requests it now owns. A worker takes one only while it is among
-        the least loaded, so that with several GPUs the requests spread out instead of piling onto whichever
+        """Called by a worker's thread: a waiting request it now owns, or None. A worker takes one only while it is
+        among the least loaded, so that with several GPUs the requests spread out instead of piling onto whichever
         worker wakes first."""
-        taken = []
+        load = len(worker.running)
+        if load >= worker.max_batch or load > min(len(other.running) for other in self.workers):
+            return None
         with self.lock:
-            while (self.waiting and self.rows_in_use[worker.worker_id] < worker.max_batch
-                   and self.rows_in_use[worker.worker_id] <= min(self.rows_in_use.values())):
+            while self.waiting:
                 generation = self.waiting.popleft()
-                if generation.state != "waiting":
-                    continue
-                generation.state, generation.worker = "running", worker
-                self.rows_in_use[worker.worker_id] += 1
-                taken.append(generation)
-        return taken
-
-    def release(self, worker, rows):
-        with self.lock:
-            self.rows_in_use[worker.worker_id] -= rows
+                if generation.state == "waiting":
+                    generation.state, generation.worker = "running", worker
+                    return generation
+        return None
 
     def withdraw(self, generation):
         """Take a request back from the queue; False when a worker already took it."""
@@ -457,13 +410,15 @@ class WorkerPool:
     async def run(self, generation):
         """Queue a generation and wait until a worker has prefilled it; APIError 503 when the queue is full or it
         cannot start within request_timeout, APIError 400 when the engine refuses the prompt."""
-        try:
-            self.submit(generation)
-        except QueueFull:
-            raise APIError(503, f"the server is busy: all {self.free_rows() + sum(self.rows_in_use.values())} rows "
-                           f"are decoding and {len(self.waiting)} requests are waiting (--max_queue="
-                           f"{self.max_queue}); retry later", code="queue_full", type="server_error",
-                           headers={"Retry-After": "1"})
+        with self.lock:
+            if len(self.waiting) >= self.max_queue + sum(w.max_batch - len(w.running) for w in self.workers):
+                raise APIError(503, f"the server is busy: all {sum(w.max_batch for w in self.workers)} rows are "
+                               f"decoding and {len(self.waiting)} requests are waiting (--max_queue={self.max_queue}); "
+                               f"retry later", code="queue_full", type="server_error", headers={"Retry-After": "1"})
+            self.waiting.append(generation)
+            self.total_requests += 1
+        for worker in self.workers:
+            worker.wake.set()
         try:
             await asyncio.wait_for(generation.started.wait(), timeout=self.request_timeout)
         except asyncio.TimeoutError:
@@ -480,15 +435,13 @@ class WorkerPool:
     def stats(self):
         with self.lock:
             queue_length = sum(1 for generation in self.waiting if generation.state == "waiting")
-            rows_in_use = dict(self.rows_in_use)
         workers = [{"gpu_id": worker.worker_id, "device": worker.device, "max_batch": worker.max_batch,
-                    "active_rows": rows_in_use[worker.worker_id],
-                    "free_rows": worker.max_batch - rows_in_use[worker.worker_id],
+                    "active_rows": len(worker.running), "free_rows": worker.max_batch - len(worker.running),
                     "tokens_per_second": round(worker.tokens_per_second(), 1), "total_tokens": worker.total_tokens}
                    for worker in self.workers]
         busy = sum(1 for w in workers if w["free_rows"] == 0)
         return {"total_workers": len(workers), "available_workers": len(workers) - busy, "busy_workers": busy,
-                "active_requests": sum(rows_in_use.values()), "queue_length": queue_length,
+                "active_requests": sum(w["active_rows"] for w in workers), "queue_length": queue_length,
                 "tokens_per_second": round(sum(w["tokens_per_second"] for w in workers), 1),
                 "total_tokens": sum(w["total_tokens"] for w in workers), "total_requests": self.total_requests,
                 "max_queue": self.max_queue, "request_timeout": self.request_timeout, "workers": workers}
@@ -509,6 +462,9 @@ async def replies(generation, text):
             completion_tokens += event.finish_reason != "stop"  # a stop token is not part of the reply
             pieces += text.feed(event.token)
             finish = finish or event.finish_reason
+        if finish:
+            logger.info(f"worker {generation.worker.worker_id}: {len(generation.prompt)} prompt + {completion_tokens} "
+                        f"reply tokens in {time.time() - generation.created:.2f} s ({finish})")
         yield pieces + (text.flush() if finish else []), finish, completion_tokens
 
 
@@ -546,8 +502,10 @@ def create_app(pool, tokenizer, model_id, defaults, context_len):
         pool.stop()
 
     app = FastAPI(title="nanochat", version="1.0", lifespan=lifespan, responses=documented(500),
-                  description="Chat with a nanochat model: the original streaming endpoint and an OpenAI-compatible API.")
+                  description="Chat with a nanochat model: the original's streaming endpoint and an OpenAI-compatible "
+                              "API. Every error is {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    model_card = {"id": model_id, "object": "model", "created": 0, "owned_by": "nanochat"}
 
     def openapi():  # FastAPI documents a 422 for every request model; this server answers 400 (documented) instead
         if app.openapi_schema is None:
@@ -593,11 +551,6 @@ def create_app(pool, tokenizer, model_id, defaults, context_len):
         await pool.run(generation)
         return generation
 
-    def log_done(generation, finish, completion_tokens):
-        seconds = time.time() - generation.created
-        logger.info(f"worker {generation.worker.worker_id}: {len(generation.prompt)} prompt + {completion_tokens} "
-                    f"reply tokens in {seconds:.2f} s ({finish})")
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         with open(UI_PATH, encoding="utf-8") as f:
@@ -625,21 +578,20 @@ def create_app(pool, tokenizer, model_id, defaults, context_len):
                 for part, text in pieces:
                     yield sse({"token": text, "gpu": gpu} | ({"part": part} if part != "text" else {}))
                 if finish:
-                    log_done(generation, finish, completion_tokens)
                     yield sse({"done": True, "finish_reason": finish})
 
         return ReplyStream(stream(), generation.cancel)
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [model_card]}
 
     @app.get("/v1/models/{name}", responses=documented(404))
     async def get_model(name: str = Path(examples=[model_id])):
         if name != model_id:
             raise APIError(404, f"model {name!r} not found; this server serves {model_id!r}", param="model",
                            code="model_not_found")
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "nanochat"}
+        return model_card
 
     @app.post("/v1/chat/completions", responses=documented(400, 503) | {
         200: {"content": {"application/json": {}, "text/event-stream": {}}}})
@@ -669,7 +621,6 @@ def create_app(pool, tokenizer, model_id, defaults, context_len):
                     if content:
                         yield chunk({"content": content})
                     if finish:
-                        log_done(generation, finish, completion_tokens)
                         yield chunk({}, finish)
                         if body.stream_options and body.stream_options.include_usage:
                             yield sse(head | {"object": "chat.completion.chunk", "choices": [],
@@ -687,7 +638,6 @@ def create_app(pool, tokenizer, model_id, defaults, context_len):
                     return JSONResponse({}, status_code=499)
         finally:
             generation.cancel()
-        log_done(generation, finish, completion_tokens)
         return head | {"object": "chat.completion", "usage": usage(completion_tokens), "choices": [
             {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None}, "logprobs": None,
              "finish_reason": finish}]}

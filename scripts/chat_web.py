@@ -1,11 +1,9 @@
 """
-Chat with a trained model over HTTP: a ChatGPT-style page at /, the original's streaming endpoint
-POST /chat/completions, and an OpenAI-compatible API under /v1, so the official `openai` client and tools built on
-it work with base_url=http://host:port/v1. nanochat/server.py describes the API; /openapi.json is its contract.
-
-Many people at once: each worker (one per GPU with -n, one on CPU/MPS) holds a copy of the model and decodes up
-to --max_batch requests together, a new request joining between two decode steps. Requests that find every row
-busy wait in one queue of at most --max_queue; one that cannot start within --request_timeout seconds gets HTTP 503.
+Chat with a trained model over HTTP: a ChatGPT-style page at /, the original's streaming endpoint and an
+OpenAI-compatible API under /v1 (nanochat/server.py describes them; /openapi.json is their contract). Each worker
+(one per GPU with -n, one on CPU/MPS) holds a copy of the model and decodes up to --max_batch requests together;
+requests that find every row busy wait in a queue of at most --max_queue, and get HTTP 503 if they cannot start
+within --request_timeout seconds.
 
 Usage:
     python -m scripts.chat_web                                  # sft model, http://localhost:8000
@@ -35,7 +33,7 @@ parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint ste
 parser.add_argument("-p", "--port", type=int, default=8000)
 parser.add_argument("--host", default="0.0.0.0")
 parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="'' = autodetect")
-parser.add_argument("--max_batch", type=int, default=0, help="rows decoded together per worker (0 = 32 on CUDA, 8 else)")
+parser.add_argument("--max_batch", type=int, default=0, help="rows decoded together per worker (0: 32 on CUDA, else 8)")
 parser.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a free row")
 parser.add_argument("--request_timeout", type=float, default=30.0, help="seconds a request may wait to start")
 args = parser.parse_args()

@@ -201,18 +201,17 @@ def test_a_call_the_reply_ends_in_is_closed_inline_and_two_calls_stay_two_parts(
     assert reply.inline(pieces, end=True) == "<<1+11+1>>"
 
 
-def test_messages_in_any_order_are_rendered_as_the_model_was_trained():
+def test_messages_in_any_order_are_rendered_in_the_turns_the_model_was_trained_on():
+    parts = [{"type": "text", "text": "So "}, {"type": "python", "text": "1+1"}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "user", "content": "there"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+                {"role": "user", "content": parts}, {"role": "assistant", "content": parts},
                 {"role": "assistant", "content": "again"}]
     assert conversation(messages)["messages"] == [
-        {"role": "user", "content": "Be brief.\n\nHi\n\nthere"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "\n\n"},
-                                          {"type": "text", "text": "again"}]},
+        {"role": "user", "content": "Be brief.\n\nHi\n\nSo 1+1"}, {"role": "assistant", "content": parts},
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "again"},
         {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
-    parts = [{"type": "text", "text": "a "}, {"type": "python", "text": "1+1"}]
-    assert conversation([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": parts}])["messages"] == [
-        {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "a 1+1"},
+    assert conversation([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": ""}])["messages"] == [
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": ""},
         {"role": "assistant", "content": ""}]
 
 
@@ -274,7 +273,8 @@ def test_native_stream_is_the_greedy_reply_to_the_training_render(server, checkp
 def test_a_leading_system_message_is_folded_into_the_first_user_turn(server):
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     folded = [{"role": "user", "content": "Be brief.\n\nHi"}]
-    replies = [native_text(stream_native(server, {"messages": m, "temperature": 0, "max_tokens": 16})) for m in (system, folded)]
+    replies = [native_text(stream_native(server, {"messages": m, "temperature": 0, "max_tokens": 16}))
+               for m in (system, folded)]
     assert replies[0] == replies[1]
 
 
@@ -493,7 +493,8 @@ def test_requests_spread_over_the_workers(byte_tokenizer):
         async with httpx.AsyncClient(timeout=30) as client:
             async with contextlib.AsyncExitStack() as stack:
                 for _ in range(4):
-                    response = await stack.enter_async_context(client.stream("POST", f"{url}/chat/completions", json=body))
+                    stream = client.stream("POST", f"{url}/chat/completions", json=body)
+                    response = await stack.enter_async_context(stream)
                     assert response.status_code == 200
                 return (await client.get(f"{url}/stats")).json()
 

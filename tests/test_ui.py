@@ -120,7 +120,8 @@ def test_editing_a_message_drops_the_later_turns_and_regenerating_replaces_a_rep
     page.click(".message.assistant")
     page.wait_for_function(f"document.querySelector('.message.assistant') && "
                            f"!document.querySelector('.streaming') && "
-                           f"document.querySelector('.message.assistant').textContent !== {reply!r}", timeout=TIMEOUT_MS)
+                           f"document.querySelector('.message.assistant').textContent !== {reply!r}",
+                           timeout=TIMEOUT_MS)
     [regenerated] = texts(page, ".message.assistant")
     assert regenerated != reply and regenerated.endswith(" to first, edited")
     assert texts(page, ".message.user") == ["first, edited"]
