@@ -269,8 +269,7 @@ class Generation:
 
     def __init__(self, prompt, max_tokens, temperature, top_k, seed, loop):
         self.prompt, self.max_tokens, self.temperature, self.top_k = prompt, max_tokens, temperature, top_k
-        self.seed = seed
-        self.loop = loop
+        self.seed, self.loop = seed, loop
         self.events = asyncio.Queue()  # RowEvents, or an Exception if the decode loop failed
         self.started = asyncio.Event()  # set once prefilled into a row, or when the engine refused it (error)
         self.error = None
