@@ -514,11 +514,13 @@ def test_the_api_keeps_the_contract_of_its_openapi_schema(byte_tokenizer, tmp_pa
     values, each field missing or of the wrong type, methods an endpoint does not take) and the fuzzing phase
     (random valid and invalid requests), with every check: no server error, every status and header documented,
     every request the schema allows accepted and every one it forbids refused. Derandomized: the same requests each
-    run. The model's context is made large enough for any request the schema allows."""
-    app, _ = scripted_app(byte_tokenizer, lambda prompt: byte_tokenizer.encode("ok"), context_len=2**30)
+    run. The model's context is made large enough for any request the schema allows, and no limit on time can
+    turn a slow answer on a loaded machine into a 503 or a cut stream."""
+    app, _ = scripted_app(byte_tokenizer, lambda prompt: byte_tokenizer.encode("ok"), context_len=2**30,
+                          request_timeout=600)
     with serve_in_thread(app) as url:
         result = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
                                  "--phases=coverage,fuzzing", "--checks=all", "--generation-deterministic",
-                                 "--max-examples=40", "--workers=1", "--no-color"],
+                                 "--max-examples=40", "--workers=1", "--request-timeout=600", "--no-color"],
                                 capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0 and "No issues found" in result.stdout, result.stdout[-6000:] + result.stderr
