@@ -141,7 +141,7 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None):
 # Per-row tool state machine, shared by Engine and BatchDecoder
 
 
-class _Tokens:
+class SpecialTokens:
     """The special token ids the engine acts on, and the calculator's text round-trip."""
 
     MAX_EXPRESSION_TOKENS = 2 * MAX_EXPRESSION_CHARS  # stop collecting a runaway python block (it is refused anyway)
@@ -225,7 +225,7 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.tokens = _Tokens(tokenizer)
+        self.tokens = SpecialTokens(tokenizer)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -366,7 +366,7 @@ class BatchDecoder:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model = model
-        self.tokens = _Tokens(tokenizer)
+        self.tokens = SpecialTokens(tokenizer)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or model.config.sequence_len
         if self.max_seq_len > model.rotary_seq_len:

@@ -1,6 +1,6 @@
 """
-Tokenization: a byte-level BPE trained by our Rust `rustbpe`, run by tiktoken, and the chat format that turns
-a conversation into token ids plus a training mask.
+Tokenization: a byte-level BPE trained by our Rust `rustbpe`, run by tiktoken, the chat format that turns
+a conversation into token ids plus a training mask, and back: a reply's tokens as streamed text (ReplyText).
 
 rustbpe only trains (fast, parallel); tiktoken only encodes/decodes (fast, thread-parallel batches). This file
 glues the two together and owns the on-disk format. It is not a general tokenizer library: there is one split
@@ -28,6 +28,7 @@ import tiktoken
 import torch
 
 from nanochat.common import MissingFileError, UserError, get_base_dir, write_atomic
+from nanochat.engine import SpecialTokens
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document (documents are delimited by it) and every conversation
@@ -259,6 +260,66 @@ def _chat_messages(conversation):
 def _short(value, limit=80):
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# How a calculator call reads in plain text, by the parts it goes from and to: <<12*7=84>>, GSM8K's annotation
+INLINE_MARKS = {("text", "python"): "<<", ("python", "python_output"): "=", ("python_output", "text"): ">>",
+                ("python", "text"): ">>", ("python_output", "python"): ">><<", ("text", "python_output"): "<<="}
+
+
+class ReplyText:
+    """A reply's tokens as text while they arrive, for the terminal (scripts/chat_cli.py) and the server
+    (nanochat/server.py). feed(token) returns the (part, text) pieces it completes; part is "text", "python" (a
+    calculator call as the model writes it) or "python_output" (the tool's result). The tool's delimiters and the
+    other special tokens are not text. A piece never ends inside a character: tokens are decoded in a pending
+    window that is let out once it does not end in U+FFFD, i.e. once a character split across tokens has its last
+    byte (a window of 8 tokens still ending in U+FFFD is let out anyway: those bytes are not UTF-8 at all).
+    `parts` collects the reply as message parts, to send back as the assistant's content in the next turn."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = SpecialTokens(tokenizer)
+        self.switch = {special.python_start: "python", special.python_end: "text",
+                       special.output_start: "python_output", special.output_end: "text"}
+        self.special = set(tokenizer.get_special_tokens().values())
+        self.part, self.pending = "text", []
+        self.parts, self.segment = [], None  # segment: the part being written since the last delimiter
+        self.shown = "text"  # the part inline() last wrote
+
+    def feed(self, token):
+        if token in self.special:
+            pieces = self.flush()
+            self.part, self.segment = self.switch.get(token, self.part), None
+            return pieces
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:
+            return []
+        return self._emit(text)
+
+    def flush(self):
+        """The pieces still pending: call once the reply has ended."""
+        return self._emit(self.tokenizer.decode(self.pending)) if self.pending else []
+
+    def _emit(self, text):
+        self.pending = []
+        if not text:
+            return []
+        if self.segment is None:
+            self.segment = {"type": self.part, "text": ""}
+            self.parts.append(self.segment)
+        self.segment["text"] += text
+        return [(self.part, text)]
+
+    def inline(self, pieces, end=False):
+        """Pieces as plain text, a calculator call reading <<expression=result>>; end=True closes a call that the
+        reply ended in."""
+        out = ""
+        for part, text in pieces + ([("text", "")] if end else []):
+            if part != self.shown:
+                out, self.shown = out + INLINE_MARKS[(self.shown, part)], part
+            out += text
+        return out
 
 
 def _read_meta(path):

@@ -1,7 +1,8 @@
 """
 Talk to a chat model in the terminal: multi-turn, replies streamed as they are sampled, calculator calls shown as
-[calculator: expression = result]. Type `clear` to start a new conversation, `quit` or `exit` (or Ctrl-D) to leave.
-With -p "prompt" it answers that one prompt and exits (for scripts and a quick check).
+<<expression=result>> (GSM8K's notation, as scripts/chat_web.py's OpenAI API writes them). Type `clear` to start a
+new conversation, `quit` or `exit` (or Ctrl-D) to leave. With -p "prompt" it answers that one prompt and exits (for
+scripts and a quick check).
 
 The conversation is kept as messages and rendered for every turn exactly as in training (tokenizer's
 render_for_completion: <|bos|>, the turns, <|assistant_start|>); the reply's tool calls are stored as python /
@@ -18,6 +19,7 @@ import argparse
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, compute_init
 from nanochat.engine import Engine
+from nanochat.tokenizer import ReplyText
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,64 +43,6 @@ if args.max_tokens < 1:
 _, _, _, _, device = compute_init(args.device_type)
 model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
 engine = Engine(model, tokenizer)
-special = {name: tokenizer.encode_special(name) for name in (
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>")}
-stop_tokens = {special["<|assistant_end|>"], tokenizer.get_bos_token_id()}
-
-
-class ReplyPrinter:
-    """Streams a reply's text as its tokens arrive and collects it as message parts (text / python /
-    python_output). Text is printed only up to its last complete UTF-8 character: a multi-byte character split
-    across tokens decodes to U+FFFD until its last byte arrives."""
-
-    def __init__(self):
-        self.parts = []
-        self.kind, self.tokens, self.printed = "text", [], 0
-        self.expression = None  # a finished python block waiting to see whether the tool answers
-
-    def _flush(self):
-        text = tokenizer.decode(self.tokens)
-        if self.kind == "text":
-            print(text[self.printed:], end="", flush=True)
-        if text:
-            self.parts.append({"type": self.kind, "text": text})
-        self.tokens, self.printed = [], 0
-        return text
-
-    def _show_unanswered_call(self):
-        if self.expression is not None:
-            print(f"[calculator: {self.expression} = ?]", end="", flush=True)
-            self.expression = None
-
-    def add(self, token):
-        if token == special["<|python_start|>"]:
-            self._show_unanswered_call()
-            self._flush()
-            self.kind = "python"
-        elif token == special["<|python_end|>"] and self.kind == "python":
-            self.expression = self._flush()
-            self.kind = "text"
-        elif token == special["<|output_start|>"]:
-            self._flush()
-            self.kind = "python_output"
-        elif token == special["<|output_end|>"] and self.kind == "python_output":
-            result = self._flush()
-            print(f"[calculator: {self.expression or '?'} = {result}]", end="", flush=True)
-            self.expression, self.kind = None, "text"
-        else:
-            self._show_unanswered_call()
-            self.tokens.append(token)
-            if self.kind == "text":
-                text = tokenizer.decode(self.tokens)
-                if not text.endswith("\ufffd"):
-                    print(text[self.printed:], end="", flush=True)
-                    self.printed = len(text)
-
-    def finish(self):
-        self._show_unanswered_call()
-        self._flush()
-        print()
-        return self.parts or [{"type": "text", "text": ""}]
 
 
 def reply(messages, seed):
@@ -108,15 +52,14 @@ def reply(messages, seed):
     if len(prompt) + args.max_tokens > model.config.sequence_len:
         print(f"(the conversation is {len(prompt)} tokens, near the model's context of {model.config.sequence_len}; "
               f"type 'clear' to start over)")
-    printer = ReplyPrinter()
+    text = ReplyText(tokenizer)
     for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
                                      temperature=args.temperature, top_k=args.top_k, seed=seed):
-        if column[0] in stop_tokens:
-            break
-        printer.add(column[0])
+        print(text.inline(text.feed(column[0])), end="", flush=True)  # the stop token at the end is not text
+    print(text.inline(text.flush(), end=True))
     # stopped by max_tokens or by <|assistant_end|>: either way the history closes the turn with
     # <|assistant_end|>, which rendering the assistant message adds
-    return printer.finish()
+    return text.parts or [{"type": "text", "text": ""}]
 
 
 seed = args.seed

@@ -1,7 +1,8 @@
-"""scripts/chat_web.py: the real server (uvicorn in a subprocess) on a tiny random checkpoint for the native stream,
-the OpenAI API through the official client, the limits, concurrency and the OpenAPI schema; an in-process server
-whose decoder replays scripted replies for what needs exact control (queue full, timeouts, disconnects, tool
-calls). Also home of the helpers tests/test_ui.py uses: ScriptedDecoder and serve_in_thread."""
+"""The chat server (nanochat/server.py): scripts/chat_web.py run as a user runs it (uvicorn in a subprocess) on a
+tiny random checkpoint for the native stream, the OpenAI API through the official client, the limits and
+concurrency; an in-process server whose decoder replays scripted replies for what needs exact control (queue full,
+timeouts, disconnects, tool calls) and for the schemathesis run against /openapi.json. Also home of the helpers
+tests/test_ui.py uses: ScriptedDecoder and serve_in_thread."""
 
 import asyncio
 import contextlib
@@ -18,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.chat_web import (MAX_MAX_TOKENS, ReplyText, WorkerPool, create_app, openai_content)
+from nanochat.server import WorkerPool, conversation, create_app
+from nanochat.tokenizer import ReplyText
 
 from model_setup import make_chat_checkpoint
 from pretraining_setup import install_tokenizer
@@ -33,7 +35,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_until_up(url, process=None, timeout=90):
+def wait_until_up(url, process=None, timeout=300):
+    # the timeout only ends a test whose server never comes up (a loaded machine may take a minute to start it)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
@@ -45,6 +48,19 @@ def wait_until_up(url, process=None, timeout=90):
             pass
         time.sleep(0.2)
     raise TimeoutError(f"no answer from {url}/health within {timeout} s")
+
+
+def wait_for(condition, what, timeout=60):
+    """Poll until condition() holds. The timeout only ends a test whose condition never comes: not a speed bound."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"not the case after {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def stats(url):
+    return httpx.get(f"{url}/stats", timeout=30).json()
 
 
 def sse_events(lines):
@@ -69,7 +85,8 @@ def native_text(events):
 
 class ScriptedDecoder:
     """Stands in for engine.BatchDecoder: a row replays the tokens script(prompt_tokens) returns, one per step
-    (each step sleeps step_seconds), then <|assistant_end|>; script may return an endless iterator."""
+    (each step sleeps step_seconds), then <|assistant_end|>. max_tokens is not enforced, so a row with an endless
+    script only ends when its client goes away (the engine's own "length" finish is tested on the real server)."""
 
     def __init__(self, tokenizer, script, max_batch=4, step_seconds=0.0):
         self.tokenizer, self.script, self.step_seconds = tokenizer, script, step_seconds
@@ -89,22 +106,19 @@ class ScriptedDecoder:
         if None not in self.rows:
             raise RuntimeError("no free row")
         row_id = self.rows.index(None)
-        self.rows[row_id] = {"tokens": iter(self.script(tokens)), "left": max_tokens}
+        self.rows[row_id] = iter(self.script(tokens))
         return row_id
 
     def step(self):
         time.sleep(self.step_seconds)
         events = []
-        for row_id, row in enumerate(self.rows):
-            if row is None:
+        for row_id, tokens in enumerate(self.rows):
+            if tokens is None:
                 continue
-            token = next(row["tokens"], None)
-            row["left"] -= 1
+            token = next(tokens, None)
+            events.append(RowEvent(row_id, self.end, 1, True, "stop") if token is None
+                          else RowEvent(row_id, token, 1, False, None))
             if token is None:
-                events.append(RowEvent(row_id, self.end, 1, True, "stop"))
-            else:
-                events.append(RowEvent(row_id, token, 1, row["left"] == 0, "length" if row["left"] == 0 else None))
-            if events[-1].finished:
                 self.rows[row_id] = None
         return events
 
@@ -124,7 +138,7 @@ def serve_in_thread(app):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, timeout=20)
+        wait_until_up(url)
         yield url
     finally:
         server.should_exit = True
@@ -167,18 +181,39 @@ def test_reply_text_never_emits_half_a_character(byte_tokenizer):
     assert len(pieces) == len(text)  # one piece per character: multi-byte ones wait for their last byte
 
 
-def test_calculator_call_is_a_python_part_and_reads_as_an_annotation_in_openai_content(byte_tokenizer):
+def test_calculator_call_is_a_python_part_and_reads_as_an_annotation_inline(byte_tokenizer):
     special = byte_tokenizer.encode_special
     tokens = (byte_tokenizer.encode("It is ") + [special("<|python_start|>")] + byte_tokenizer.encode("12*7")
               + [special("<|python_end|>"), special("<|output_start|>")] + byte_tokenizer.encode("84")
               + [special("<|output_end|>")] + byte_tokenizer.encode(".") + [special("<|assistant_end|>")])
     reply = ReplyText(byte_tokenizer)
     pieces = [piece for token in tokens for piece in reply.feed(token)] + reply.flush()
-    parts = {}
-    for part, text in pieces:
-        parts[part] = parts.get(part, "") + text
-    assert parts == {"text": "It is .", "python": "12*7", "python_output": "84"}
-    assert openai_content(pieces, {"part": "text"}) == "It is <<12*7=84>>."
+    assert reply.parts == [{"type": "text", "text": "It is "}, {"type": "python", "text": "12*7"},
+                           {"type": "python_output", "text": "84"}, {"type": "text", "text": "."}]
+    assert ReplyText(byte_tokenizer).inline(pieces, end=True) == "It is <<12*7=84>>."
+
+
+def test_a_call_the_reply_ends_in_is_closed_inline_and_two_calls_stay_two_parts(byte_tokenizer):
+    special = byte_tokenizer.encode_special
+    call = [special("<|python_start|>"), *byte_tokenizer.encode("1+1"), special("<|python_end|>")]
+    reply = ReplyText(byte_tokenizer)
+    pieces = [piece for token in call + call[:-1] for piece in reply.feed(token)] + reply.flush()
+    assert reply.parts == [{"type": "python", "text": "1+1"}, {"type": "python", "text": "1+1"}]
+    assert reply.inline(pieces, end=True) == "<<1+11+1>>"
+
+
+def test_messages_in_any_order_are_rendered_in_the_turns_the_model_was_trained_on():
+    parts = [{"type": "text", "text": "So "}, {"type": "python", "text": "1+1"}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "user", "content": parts}, {"role": "assistant", "content": parts},
+                {"role": "assistant", "content": "again"}]
+    assert conversation(messages)["messages"] == [
+        {"role": "user", "content": "Be brief.\n\nHi\n\nSo 1+1"}, {"role": "assistant", "content": parts},
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "again"},
+        {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    assert conversation([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": ""}])["messages"] == [
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": ""},
+        {"role": "assistant", "content": ""}]
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +274,8 @@ def test_native_stream_is_the_greedy_reply_to_the_training_render(server, checkp
 def test_a_leading_system_message_is_folded_into_the_first_user_turn(server):
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     folded = [{"role": "user", "content": "Be brief.\n\nHi"}]
-    replies = [native_text(stream_native(server, {"messages": m, "temperature": 0, "max_tokens": 16})) for m in (system, folded)]
+    replies = [native_text(stream_native(server, {"messages": m, "temperature": 0, "max_tokens": 16}))
+               for m in (system, folded)]
     assert replies[0] == replies[1]
 
 
@@ -282,17 +318,14 @@ LIMIT_CASES = [  # (body fields, the param the error must name)
     ({"messages": [{"role": "user", "content": "hi"}] * 501}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 8001}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x" * 8000}, {"role": "assistant", "content": "x" * 8000}] * 2
-      + [{"role": "user", "content": "x" * 8000}]}, "messages"),
-    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+      + [{"role": "user", "content": "x" * 8000}]}, "messages"),  # longer than the model's context
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages[1].role"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_k": 201}, "top_k"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, "top_k"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MAX_TOKENS + 1}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4097}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
 ]
@@ -314,7 +347,7 @@ def test_unsupported_openai_fields_are_refused_and_harmless_ones_accepted(server
                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
                          ("response_format", {"type": "json_object"}), ("unknown_field", 1)]:
         response = httpx.post(f"{server}/v1/chat/completions", json={"messages": hi, field: value}, timeout=30)
-        assert response.status_code == 400 and response.json()["error"]["param"] == field, (field, response.text)
+        assert response.status_code == 400 and response.json()["error"]["param"].startswith(field), response.text
     response = httpx.post(f"{server}/v1/chat/completions", timeout=30, json={
         "model": "gpt-4o", "messages": [{"role": "developer", "content": "Be kind."}, {"role": "user", "content": [
             {"type": "text", "text": "hi"}]}], "n": 1, "top_p": 1, "user": "u1", "stream_options": None,
@@ -369,52 +402,6 @@ async def _aiter_events(response):
             yield line[len("data: "):]
 
 
-def test_a_disconnected_stream_stops_decoding_on_the_real_engine(server):
-    body = {"messages": [{"role": "user", "content": "Write a long story."}], "temperature": 1.0, "max_tokens": 200}
-    for seed in range(10):  # a seed whose reply is long (the random model may stop early)
-        full = httpx.post(f"{server}/v1/chat/completions", json=body | {"seed": seed}, timeout=120).json()
-        if full["usage"]["completion_tokens"] >= 150:
-            break
-    else:
-        pytest.skip("no seed gave a long reply from this random model")
-    before = httpx.get(f"{server}/stats").json()["total_tokens"]
-    with httpx.stream("POST", f"{server}/chat/completions", json=body | {"seed": seed}, timeout=60) as response:
-        lines = response.iter_lines()
-        next(lines)
-        assert httpx.get(f"{server}/stats").json()["active_requests"] == 1
-    deadline = time.time() + 5
-    while httpx.get(f"{server}/stats").json()["active_requests"] != 0 and time.time() < deadline:
-        time.sleep(0.05)
-    stats = httpx.get(f"{server}/stats").json()
-    assert stats["active_requests"] == 0 and stats["workers"][0]["free_rows"] == 8
-    assert stats["total_tokens"] - before < full["usage"]["completion_tokens"]
-
-
-def test_openapi_schema_fuzzing_finds_no_server_error(server):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings, strategies
-
-    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
-    modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
-    failures = []
-
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-    @given(case=strategies.one_of([schema.as_strategy(mode) for mode in modes]))
-    def check(case):
-        if isinstance(case.body, dict):  # keep each case short: the decoding is real
-            for field in ("max_tokens", "max_completion_tokens"):
-                if isinstance(case.body.get(field), int) and case.body[field] > 4:
-                    case.body[field] = 4
-            if "messages" in case.body:
-                case.body.setdefault("max_tokens", 4)
-        response = case.call(timeout=30)
-        if response.status_code >= 500:
-            failures.append((case.method, case.path, case.body, response.status_code, response.text[:300]))
-
-    check()
-    assert not failures, failures[:3]
-
-
 # -----------------------------------------------------------------------------
 # Scheduling, on the in-process server with scripted replies
 
@@ -439,43 +426,57 @@ def test_calculator_parts_in_the_native_stream(byte_tokenizer):
 def test_a_client_that_disconnects_mid_stream_frees_its_row(byte_tokenizer):
     app, decoder = scripted_app(byte_tokenizer, forever(ord("a")), max_batch=2, step_seconds=0.01)
     with serve_in_thread(app) as url:
-        body = {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": MAX_MAX_TOKENS}
-        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=10) as response:
+        body = {"messages": [{"role": "user", "content": "go on forever"}]}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
-            assert httpx.get(f"{url}/stats").json()["active_requests"] == 1
-        deadline = time.time() + 3
-        while httpx.get(f"{url}/stats").json()["active_requests"] != 0 and time.time() < deadline:
-            time.sleep(0.05)
-        stats = httpx.get(f"{url}/stats").json()
-    assert stats["active_requests"] == 0 and stats["workers"][0]["free_rows"] == 2
-    assert decoder.removed == [0] and decoder.num_active == 0
+            assert stats(url)["active_requests"] == 1
+        wait_for(lambda: stats(url)["active_requests"] == 0, "the row of the client that left is free")
+        assert stats(url)["workers"][0]["free_rows"] == 2
+    assert decoder.removed == [0] and decoder.num_active == 0  # the endless reply could only end this way
 
 
-def test_a_full_queue_gets_503_at_once_and_a_waiting_request_503_after_the_timeout(byte_tokenizer):
+def test_a_request_that_finds_the_queue_full_gets_503_at_once(byte_tokenizer):
+    # one row and one place in the queue: the first request decodes forever, the second waits (as long as it
+    # takes: request_timeout is 10 minutes), the third is refused without waiting for anything
     app, _ = scripted_app(byte_tokenizer, forever(ord("a")), max_batch=1, step_seconds=0.01, max_queue=1,
-                          request_timeout=1.0)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MAX_TOKENS}
+                          request_timeout=600)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
 
     async def main(url):
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with httpx.AsyncClient(timeout=60) as client:
             async with client.stream("POST", f"{url}/chat/completions", json=body) as running:  # takes the one row
                 assert running.status_code == 200
                 waiting = asyncio.ensure_future(client.post(f"{url}/v1/chat/completions", json=body))
-                await asyncio.sleep(0.3)  # now queued
-                started = time.time()
+                while (await client.get(f"{url}/stats")).json()["queue_length"] != 1:
+                    await asyncio.sleep(0.02)
                 full = await client.post(f"{url}/chat/completions", json=body)
                 assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
-                assert time.time() - started < 0.5
-                timed_out = await waiting
+                assert full.headers["retry-after"] == "1"
+                assert (await client.get(f"{url}/stats")).json()["queue_length"] == 1
+                waiting.cancel()  # then the row frees: the waiting request starts and sees its client gone
+
+    with serve_in_thread(app) as url:
+        asyncio.run(asyncio.wait_for(main(url), timeout=120))
+        wait_for(lambda: stats(url)["queue_length"] == stats(url)["active_requests"] == 0, "every request gone")
+
+
+def test_a_request_that_cannot_start_within_the_timeout_gets_503(byte_tokenizer):
+    app, _ = scripted_app(byte_tokenizer, forever(ord("a")), max_batch=1, step_seconds=0.01, request_timeout=0.5)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+
+    async def main(url):
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("POST", f"{url}/chat/completions", json=body) as running:  # the row, forever
+                assert running.status_code == 200
+                timed_out = await client.post(f"{url}/v1/chat/completions", json=body)
                 assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "timeout"
                 assert timed_out.headers["retry-after"] == "1"
 
     with serve_in_thread(app) as url:
         asyncio.run(main(url))
-        stats = httpx.get(f"{url}/stats").json()
-    assert stats["queue_length"] == 0 and stats["active_requests"] == 0
+        wait_for(lambda: stats(url)["queue_length"] == stats(url)["active_requests"] == 0, "every request gone")
 
 
 def test_a_prompt_longer_than_the_context_is_a_400(byte_tokenizer):
@@ -487,13 +488,14 @@ def test_a_prompt_longer_than_the_context_is_a_400(byte_tokenizer):
 
 def test_requests_spread_over_the_workers(byte_tokenizer):
     app, _ = scripted_app(byte_tokenizer, forever(ord("a")), max_batch=4, step_seconds=0.01, num_workers=2)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MAX_TOKENS}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
 
     async def main(url):
         async with httpx.AsyncClient(timeout=30) as client:
             async with contextlib.AsyncExitStack() as stack:
                 for _ in range(4):
-                    response = await stack.enter_async_context(client.stream("POST", f"{url}/chat/completions", json=body))
+                    stream = client.stream("POST", f"{url}/chat/completions", json=body)
+                    response = await stack.enter_async_context(stream)
                     assert response.status_code == 200
                 return (await client.get(f"{url}/stats")).json()
 
@@ -501,3 +503,24 @@ def test_requests_spread_over_the_workers(byte_tokenizer):
         stats = asyncio.run(main(url))
         assert [worker["active_rows"] for worker in stats["workers"]] == [2, 2]
         assert stats["total_workers"] == 2 and stats["active_requests"] == 4
+
+
+# -----------------------------------------------------------------------------
+# The published schema is the contract
+
+
+def test_the_api_keeps_the_contract_of_its_openapi_schema(byte_tokenizer, tmp_path):
+    """schemathesis as a client generator would use /openapi.json: the coverage phase (each constraint's boundary
+    values, each field missing or of the wrong type, methods an endpoint does not take) and the fuzzing phase
+    (random valid and invalid requests), with every check: no server error, every status and header documented,
+    every request the schema allows accepted and every one it forbids refused. Derandomized: the same requests each
+    run. The model's context is made large enough for any request the schema allows, and no limit on time can
+    turn a slow answer on a loaded machine into a 503 or a cut stream."""
+    app, _ = scripted_app(byte_tokenizer, lambda prompt: byte_tokenizer.encode("ok"), context_len=2**30,
+                          request_timeout=600)
+    with serve_in_thread(app) as url:
+        result = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
+                                 "--phases=coverage,fuzzing", "--checks=all", "--generation-deterministic",
+                                 "--max-examples=40", "--workers=1", "--request-timeout=600", "--no-color"],
+                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0 and "No issues found" in result.stdout, result.stdout[-6000:] + result.stderr

@@ -3,6 +3,7 @@ server code in-process with a scripted decoder, so that replies are known: send,
 calculator calls, an unreachable server, and model output containing HTML shown as text."""
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from test_chat_web import scripted_app, serve_in_thread
 from pretraining_setup import install_tokenizer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TIMEOUT_MS = 60_000  # only ends a test whose page never gets there: not a speed bound
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +28,29 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def held_reply():
+    """A reply to a message with "hold" in it stops after its first word until the test sets this event."""
+    return threading.Event()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, held_reply):
     tokenizer = install_tokenizer(tmp_path_factory.mktemp("ui") / "tok")
     special = tokenizer.encode_special
     replies = {"count": 0}
+
+    def held(tokens):
+        yield from tokens[:len("Reply")]
+        held_reply.wait(timeout=TIMEOUT_MS / 1000)
+        yield from tokens[len("Reply"):]
 
     def script(prompt):
         """Reply n to <the last user message>; canned replies for 'script' and 'calc'."""
         text = tokenizer.decode(prompt)
         question = text.rsplit("<|user_start|>", 1)[1].split("<|user_end|>", 1)[0]
+        if "hold" in question:
+            replies["count"] += 1
+            return held(tokenizer.encode(f"Reply {replies['count']} to {question}"))
         if "script" in question:
             return tokenizer.encode("<script>alert(1)</script><b>bold</b> & done")
         if "calc" in question:
@@ -66,24 +82,26 @@ def send(page, text):
 
 
 def wait_for_reply(page):
-    page.wait_for_selector(".message.assistant.streaming", state="detached", timeout=15000)
+    page.wait_for_selector(".message.assistant.streaming", state="detached", timeout=TIMEOUT_MS)
     page.wait_for_function("document.querySelectorAll('.message.assistant').length > 0 || "
-                           "document.querySelector('.message.error')", timeout=15000)
+                           "document.querySelector('.message.error')", timeout=TIMEOUT_MS)
 
 
 def texts(page, selector):
     return page.locator(selector).all_text_contents()
 
 
-def test_a_message_gets_a_streamed_reply(page):
-    page.fill("#input", "hello there")
+def test_a_message_gets_a_streamed_reply(page, held_reply):
+    page.fill("#input", "hold on")
     page.press("#input", "Enter")
-    partial = page.wait_for_selector(".message.assistant.streaming", timeout=10000)  # shown while it streams
-    assert partial is not None
+    # the first word is on the page while the rest of the reply is still to come
+    page.wait_for_function("document.querySelector('.message.assistant.streaming')?.textContent === 'Reply'",
+                           timeout=TIMEOUT_MS)
+    held_reply.set()
     wait_for_reply(page)
-    assert texts(page, ".message.user") == ["hello there"]
+    assert texts(page, ".message.user") == ["hold on"]
     [reply] = texts(page, ".message.assistant")
-    assert reply.startswith("Reply ") and reply.endswith(" to hello there")
+    assert reply.startswith("Reply ") and reply.endswith(" to hold on")
     assert "connected" in page.text_content("#status") or "worker" in page.text_content("#status")
 
 
@@ -102,7 +120,8 @@ def test_editing_a_message_drops_the_later_turns_and_regenerating_replaces_a_rep
     page.click(".message.assistant")
     page.wait_for_function(f"document.querySelector('.message.assistant') && "
                            f"!document.querySelector('.streaming') && "
-                           f"document.querySelector('.message.assistant').textContent !== {reply!r}", timeout=15000)
+                           f"document.querySelector('.message.assistant').textContent !== {reply!r}",
+                           timeout=TIMEOUT_MS)
     [regenerated] = texts(page, ".message.assistant")
     assert regenerated != reply and regenerated.endswith(" to first, edited")
     assert texts(page, ".message.user") == ["first, edited"]
@@ -146,7 +165,7 @@ def test_an_unreachable_server_gives_a_clear_message(page):
     page.route("**/chat/completions", lambda route: route.abort())
     page.fill("#input", "anyone?")
     page.press("#input", "Enter")
-    page.wait_for_selector(".message.error", timeout=10000)
+    page.wait_for_selector(".message.error", timeout=TIMEOUT_MS)
     assert "Cannot reach the nanochat server" in page.text_content(".message.error")
     assert "unreachable" in page.text_content("#status")
 
@@ -155,5 +174,5 @@ def test_a_server_error_is_shown(page):
     page.fill("#temperature", "5")  # the page clamps to 2; a too long message is refused by the server instead
     page.fill("#input", "x" * 8001)
     page.press("#input", "Enter")
-    page.wait_for_selector(".message.error", timeout=10000)
+    page.wait_for_selector(".message.error", timeout=TIMEOUT_MS)
     assert "at most 8000 characters" in page.text_content(".message.error")
