@@ -5,6 +5,7 @@ wrong, slice and mix deterministically, and name what is missing."""
 import json
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import numpy as np
@@ -17,7 +18,7 @@ from tasks.arc import ARC, eval_split
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc, shuffled
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer
-from tasks.humaneval import HumanEval, build_program, extract_code
+from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -293,12 +294,40 @@ def test_humaneval_program_has_imports_first_code_block_tests_and_check(data_dir
     assert extract_code("def g(): pass") == "def g(): pass"
 
 
-def test_humaneval_canonical_solution_passes_and_empty_completion_fails(data_dir):
-    task = HumanEval(stop=3)
-    for i in range(len(task)):
-        conversation = task[i]
-        assert task.evaluate(conversation, conversation["messages"][1]["content"])
-        assert not task.evaluate(conversation, "")
+def test_humaneval_imports_are_the_prompts_top_level_block_only(data_dir):
+    prompts = {task["task_id"]: task["messages"][0]["content"] for task in map(HumanEval().__getitem__, range(164))}
+    assert extract_imports(prompts["HumanEval/0"]) == ["from typing import List"]
+    assert extract_imports(prompts["HumanEval/99"]) == []  # its docstring has a line "    from two integers, ..."
+    assert extract_imports(prompts["HumanEval/129"]) == []  # "    from any cell, ..." in the docstring
+    assert "    import math" in prompts["HumanEval/115"] and extract_imports(prompts["HumanEval/115"]) == []
+    assert extract_imports("# a comment\nimport os\n\nfrom a import b\ndef f():\n    import c\nimport d\n") == [
+        "import os", "from a import b"]
+
+
+def completion_text(tokenizer, conversation):
+    """The assistant's reply as chat_eval hands it to task.evaluate: the tokens the model would write after the
+    prompt (render_for_completion), the stop token left out, decoded."""
+    ids, _ = tokenizer.render_conversation(conversation, max_tokens=100_000)
+    prompt = tokenizer.render_for_completion(conversation)
+    assert ids[-1] == tokenizer.encode_special("<|assistant_end|>")
+    return tokenizer.decode(ids[len(prompt):-1])
+
+
+def test_all_164_humaneval_canonical_solutions_pass_and_wrong_completions_fail(data_dir, tokenizer):
+    task = HumanEval()
+    conversations = [task[i] for i in range(len(task))]
+    completions = [completion_text(tokenizer, conversation) for conversation in conversations]
+    assert all(completion.endswith(conversation["messages"][1]["content"][-20:])
+               for conversation, completion in zip(conversations, completions))
+    stub_bodies = [conversation["messages"][0]["content"] + "    pass\n" for conversation in conversations]
+    jobs = [(c, text) for texts in (completions, stub_bodies) for c, text in zip(conversations, texts)]
+    with ThreadPoolExecutor(4) as pool:  # one sandboxed interpreter per program: waiting, not computing
+        passed = list(pool.map(lambda job: task.evaluate(*job), jobs))
+    canonical, stubs = passed[:164], passed[164:]
+    assert [c["task_id"] for c, ok in zip(conversations, canonical) if not ok] == []
+    assert sum(stubs) == 0  # the right function with a body that does nothing
+    assert not task.evaluate(conversations[0], "")
+    assert not task.evaluate(conversations[0], completions[0] + "\n  )")  # a right solution, then a syntax error
 
 
 # -----------------------------------------------------------------------------
