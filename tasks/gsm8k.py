@@ -3,11 +3,20 @@
 Hub: openai/gsm8k, subsets main / socratic, splits train / test. Local: gsm8k/<split>.jsonl under NANOCHAT_DATA_DIR
 (the "main" rows of openai/grade-school-math). Each `<<expr=result>>` annotation of a solution becomes a python part
 (expr) and a python_output part (result) between the text parts, so the model learns to call the calculator.
-An answer is correct when the number after its last "####" equals the reference's (commas removed, compared as
-numbers). Mid-training, SFT and RL train on train; chat_eval evaluates on test.
+
+The scoring rule, a choice: a reply's answer is the number after its FIRST "#### " (commas removed), and it is right
+when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen).
+- First, as the official grade-school-math scorer and the original nanochat: "#### N" ends a solution, so the first
+  one is the answer the model committed to; whatever it writes after that can neither rescue nor sink it (nor can
+  a reply hedge with several "####").
+- As a number, where the official scorer compares strings: the question asks for a quantity, and "#### 18." (a
+  sentence's full stop) or "#### 18.00" names the right one. So ours passes every reply the official rule passes,
+  and also those that write the right number in another form; `rule_disagreements` counts those on real replies.
+Mid-training, SFT and RL train on train; chat_eval evaluates on test.
 """
 
 import re
+from decimal import Decimal, InvalidOperation
 
 from tasks.common import Task, load_dataset_rows, local_path, read_jsonl
 
@@ -18,20 +27,44 @@ CALCULATOR_RE = re.compile(r"<<([^>]*)>>")
 
 
 def extract_answer(text):
-    """The number after the last "#### " in text, commas removed, or None."""
-    matches = ANSWER_RE.findall(text)
-    if not matches:
-        return None
-    return matches[-1].replace(",", "").rstrip(".")
+    """The number after the first "#### " in text, commas and a trailing "." removed, or None."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
 
 
 def same_number(a, b):
+    """a and b (extract_answer strings) name the same number; strings that are not numbers ("1.2.3") must be equal."""
     if a is None or b is None:
         return False
     try:
-        return float(a) == float(b)
-    except ValueError:
+        return Decimal(a) == Decimal(b)  # exact, unlike float
+    except InvalidOperation:
         return a == b
+
+
+def official_answer(text):
+    """The official grade-school-math rule (and the original nanochat's): the string after the first "#### ", commas
+    removed; compared with the reference's as strings."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).replace(",", "") if match else None
+
+
+def rule_disagreements(references, replies):
+    """How often the official rule (first "####", string compare) and ours (first "####", number compare) judge the
+    replies differently. references: the reference solutions' texts (ending in "#### N"), replies: what the model
+    wrote, in the same order. Returns {"replies", "disagree", "ours_only", "official_only", "examples"} (ours_only:
+    right by our rule only; "examples": the first few such replies' answers, official's and ours)."""
+    counts = {"replies": 0, "disagree": 0, "ours_only": 0, "official_only": 0, "examples": []}
+    for reference, reply in zip(references, replies, strict=True):
+        ours = same_number(extract_answer(reply), extract_answer(reference))
+        official = official_answer(reply) is not None and official_answer(reply) == official_answer(reference)
+        counts["replies"] += 1
+        if ours != official:
+            counts["disagree"] += 1
+            counts["ours_only" if ours else "official_only"] += 1
+            if len(counts["examples"]) < 5:
+                counts["examples"].append((official_answer(reply), official_answer(reference)))
+    return counts
 
 
 def solution_parts(solution):

@@ -17,7 +17,7 @@ from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc, shuffled
 from tasks.customjson import CustomJSON
-from tasks.gsm8k import GSM8K, extract_answer
+from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreements
 from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
@@ -226,15 +226,48 @@ def test_gsm8k_reference_solutions_score_100_and_perturbed_answers_0(data_dir):
     assert correct == len(task) and perturbed == 0
 
 
+def gsm8k_conversation(reference_text):
+    return {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": [{"type": "text", "text": reference_text}]}]}
+
+
 def test_gsm8k_answers_compare_as_numbers():
-    assert extract_answer("so #### 1,000") == "1000"
-    assert extract_answer("#### 3\nthen #### -4.50") == "-4.50"
-    assert extract_answer("no answer") is None
-    conversation = {"messages": [{"role": "user", "content": "q"},
-                                 {"role": "assistant", "content": [{"type": "text", "text": "x\n#### 1200"}]}]}
-    task = GSM8K.__new__(GSM8K)
+    assert extract_answer("so #### 1,000") == "1000" and extract_answer("no answer") is None
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 1200")
     assert task.evaluate(conversation, "#### 1,200") and task.evaluate(conversation, "#### 1200.0")
+    assert task.evaluate(conversation, "#### 1200.00")  # the official rule compares strings: "1200.00" != "1200"
     assert not task.evaluate(conversation, "#### 120") and not task.evaluate(conversation, "1200")
+
+
+def test_gsm8k_a_trailing_full_stop_is_not_part_of_the_number():
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 18")
+    assert extract_answer("The answer is\n#### 18.") == "18" and official_answer("#### 18.") == "18."
+    assert task.evaluate(conversation, "So she makes\n#### 18.")
+    assert not task.evaluate(conversation, "#### 1.8.")
+
+
+def test_gsm8k_the_first_answer_counts_when_a_reply_has_two():
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 18")
+    assert extract_answer("#### 18\nWait, no:\n#### 20") == "18"
+    assert task.evaluate(conversation, "#### 18\nWait, no:\n#### 20")
+    assert not task.evaluate(conversation, "#### 20\nWait, no:\n#### 18")  # no rescue by a later answer
+
+
+def test_gsm8k_rule_disagreements_count_replies_right_by_one_rule_only():
+    references = ["#### 18", "#### 18", "#### 1,200", "#### 7", "#### 7"]
+    replies = ["#### 18", "#### 18.", "#### 1200.0", "#### 8\n#### 7", "no answer"]
+    assert rule_disagreements(references, replies) == {
+        "replies": 5, "disagree": 2, "ours_only": 2, "official_only": 0,
+        "examples": [("18.", "18"), ("1200.0", "1200")]}
+
+
+def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
+    for split in ("train", "test"):
+        task = GSM8K("main", split)
+        conversations = [task[i] for i in range(len(task))]
+        finals = [conversation["messages"][1]["content"][-1]["text"] for conversation in conversations]
+        counts = rule_disagreements(finals, [full_text(conversation) for conversation in conversations])
+        assert counts["replies"] == len(task) and counts["disagree"] == 0
 
 
 # -----------------------------------------------------------------------------
