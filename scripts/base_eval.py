@@ -5,7 +5,9 @@ Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model
 eval bundle (--bundle_dir, else <base>/eval_bundle, downloaded the first time), writes
 <base>/base_eval/<model_tag>_<step>.csv (Task, Accuracy, Centered and a CORE row) and the report section
 "Base model evaluation". Tasks whose file is missing are skipped and the number is then labelled
-"CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE.
+"CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE. Rows are
+scored whole up to the model's rotary table (10x its context, as the original); the few longer ones are cropped and
+counted in the output and the report.
 Runs alone or under torchrun (each rank takes every world_size-th example).
 
 Usage:
@@ -69,7 +71,7 @@ if rank == 0:
     get_report().log(section="Base model evaluation", data=[
         user_config,
         {"Model": f"{model_tag} step {step}", "CORE": f"{result['core_metric']:.4f}{over}", "CORE label": result["label"],
-         "Evaluation time": f"{eval_seconds:.1f}s"},
+         "Cropped": core_eval.cropped_note(result, model), "Evaluation time": f"{eval_seconds:.1f}s"},
         *[f"- Skipped: {task} ({why})" for task, why in result["skipped"].items()],
         "", "Per task (accuracy, centered):", "",
         *[f"- {task}: {accuracy:.4f}, {result['centered_results'][task]:.4f}" for task, accuracy in result["results"].items()],
