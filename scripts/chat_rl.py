@@ -10,7 +10,7 @@ the advantages of a question sum to 0; no division by the std, no KL, no ratio c
 Loss: -sum(advantage * log p(token)) over the tokens the model sampled, divided by the number of such tokens in the
 whole step (token-level normalisation); the prompt and the calculator's forced output are never trained on. An
 answer that ended by itself also trains on its <|assistant_end|> (stopping is part of a good answer). The LR falls
-linearly to 0. Periodically: pass@k on the task's test split.
+linearly to 0. Periodically: pass@k on the task's validation split (test is left to chat_eval).
 
 The helper functions come first (the tests check them on hand-made rollouts); the recipe runs under __main__.
 Checkpoints go to <base>/chatrl_checkpoints/<model_tag>/.
@@ -138,9 +138,9 @@ if __name__ == "__main__":
     from tasks.gsm8k import GSM8K
     from tasks.spellingbee import SpellingBee
     if task == "GSM8K":
-        train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test", stop=eval_examples)
+        train_task, test_task = GSM8K("main", "train"), GSM8K("main", "val", stop=eval_examples)
     else:
-        train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="test")
+        train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="val")
     if num_iterations < 0:
         num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
     print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "

@@ -114,7 +114,7 @@ optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac
 # -----------------------------------------------------------------------------
 # Data
 
-from scripts.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
+from nanochat.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.arc import ARC  # noqa: E402
 from tasks.common import TaskMixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
@@ -153,7 +153,7 @@ for name in SOURCES:
 if not train_tasks:
     raise UserError(f"--skip={skip} leaves no SFT data")
 train_dataset = TaskMixture(train_tasks)
-val_dataset = smoltalk("test") if "smoltalk" not in skipped else SpellingBee(size=1000, split="test")
+val_dataset = smoltalk("test") if "smoltalk" not in skipped else SpellingBee(size=1000, split="val")
 print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
        f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 

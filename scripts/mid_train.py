@@ -158,10 +158,10 @@ train_builders = {
     "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
     "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
 }
-val_builders = {  # held-out conversations of the same kinds (the original's val set)
+val_builders = {  # held-out conversations of the same kinds, from validation splits (never test: tasks/common.py)
     "smoltalk": lambda: [smoltalk("test")],
-    "mmlu_aux": lambda: [MMLU("all", "test", stop=5200)],
-    "gsm8k": lambda: [GSM8K("main", "test", stop=420)],
+    "mmlu_aux": lambda: [MMLU("all", "validation")],
+    "gsm8k": lambda: [GSM8K("main", "val", stop=420)],
 }
 train_tasks, val_tasks, source_sizes = [], [], {}
 for name in SOURCES:
@@ -174,8 +174,8 @@ for name in SOURCES:
         val_tasks += load_source(name, val_builders[name])
 if not train_tasks:
     raise UserError(f"--skip={skip} leaves no midtraining data")
-if not val_tasks:  # only the synthetic sources are left: validate on their test split
-    val_tasks = [SpellingBee(size=1000, split="test"), SimpleSpelling(size=1000, split="test")]
+if not val_tasks:  # only the synthetic sources are left: validate on their val split
+    val_tasks = [SpellingBee(size=1000, split="val"), SimpleSpelling(size=1000, split="val")]
 train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
 print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
        f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))

@@ -12,16 +12,17 @@ when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.0
 - As a number, where the official scorer compares strings: the question asks for a quantity, and "#### 18." (a
   sentence's full stop) or "#### 18.00" names the right one. So ours passes every reply the official rule passes,
   and also those that write the right number in another form; `rule_disagreements` counts those on real replies.
-Mid-training, SFT and RL train on train; chat_eval evaluates on test.
+Splits: train, val (a held-out slice of train, which train leaves out: tasks/common.py) and test. Mid-training,
+SFT and RL train on train; chat_eval reports test.
 """
 
 import re
 from decimal import Decimal, InvalidOperation
 
-from tasks.common import Task, load_dataset_rows, local_path, read_jsonl
+from tasks.common import Task, load_dataset_rows, local_path, read_jsonl, train_or_val
 
 SUBSETS = ("main", "socratic")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 CALCULATOR_RE = re.compile(r"<<([^>]*)>>")
 
@@ -32,14 +33,18 @@ def extract_answer(text):
     return match.group(1).replace(",", "").rstrip(".") if match else None
 
 
-def same_number(a, b):
-    """a and b (extract_answer strings) name the same number; strings that are not numbers ("1.2.3") must be equal."""
-    if a is None or b is None:
-        return False
+def number_key(answer):
+    """An extract_answer string as the value answers are compared by: a Decimal when it is a number (exact, unlike
+    float: "18", "18.0" and "18.00" are one key), else the string itself ("1.2.3")."""
     try:
-        return Decimal(a) == Decimal(b)  # exact, unlike float
+        return Decimal(answer)
     except InvalidOperation:
-        return a == b
+        return answer
+
+
+def same_number(a, b):
+    """a and b (extract_answer strings, or None) name the same number, or are the same non-number string."""
+    return a is not None and b is not None and number_key(a) == number_key(b)
 
 
 def official_answer(text):
@@ -95,10 +100,13 @@ class GSM8K(Task):
         if split not in SPLITS:
             raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
+        source = "train" if split == "val" else split
         # the local copy holds the "main" solutions only, so socratic asks for a file that is not there
-        local_name = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
-        self.rows = load_dataset_rows("openai/gsm8k", subset, split,
+        local_name = f"{source}.jsonl" if subset == "main" else f"{source}_socratic.jsonl"
+        self.rows = load_dataset_rows("openai/gsm8k", subset, source,
                                       lambda: read_jsonl(local_path("gsm8k", local_name)))
+        if source == "train":
+            self.rows = train_or_val(self.rows, split, lambda row: row["question"])
 
     def num_examples(self):
         return len(self.rows)
@@ -112,8 +120,17 @@ class GSM8K(Task):
             ],
         }
 
-    def evaluate(self, conversation, assistant_response):
+    def reference_answer(self, conversation):
         reference = conversation["messages"][-1]["content"][-1]["text"]  # the final text part ends with "#### N"
         expected = extract_answer(reference)
         assert expected is not None, f"GSM8K reference without '#### N': {reference[-80:]!r}"
-        return same_number(extract_answer(assistant_response), expected)
+        return number_key(expected)
+
+    def evaluate(self, conversation, assistant_response):
+        answer = extract_answer(assistant_response)
+        return answer is not None and number_key(answer) == self.reference_answer(conversation)
+
+    def rule_disagreements(self, conversations, replies):
+        """rule_disagreements() of the replies to these conversations, against their references."""
+        references = [conversation["messages"][-1]["content"][-1]["text"] for conversation in conversations]
+        return rule_disagreements(references, replies)

@@ -64,6 +64,12 @@ class HumanEval(Task):
             "test": row["test"],
         }
 
+    def baseline(self, conversations):
+        """0: a reply that ignores the question cannot pass. The tests call the problem's own function on several
+        inputs with different expected outputs; a function returning any of 16 constants (None, True, False, 0, 1,
+        -1, [], "", (), {}, 0.0, "Yes", "NO", "YES", "No") or its first argument passes none of the 164."""
+        return 0.0
+
     def evaluate(self, conversation, assistant_response, timeout=5.0):
         from nanochat.execution import execute_code  # the sandbox; imported late so loading the task never needs it
         return execute_code(build_program(conversation, assistant_response), timeout=timeout).success

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.report import DummyReport, Report, get_report, read_metric, slugify
+from nanochat.report import NEAR_BASELINE_LEGEND, DummyReport, Report, get_report, read_metric, slugify
 
 
 @pytest.fixture
@@ -116,6 +116,20 @@ def test_the_summary_has_every_stage_and_chat_metric(report):
     assert rows["SpellingBee"] == ["-", "0.0500", "0.1000", "0.1500"]
     assert rows["GSM8K"] == ["-", "0.0100", "0.0200", "0.0300"]
     assert rows["ChatCORE"] == ["-", "-", "-", "-"]
+
+
+def test_chat_scores_keep_n_and_baseline_in_the_summary_and_a_near_baseline_mark_gets_a_legend(report):
+    report.reset()
+    report.log("Chat evaluation sft", [{"SpellingBee": "80.1 ± 2.5 (n=256, base 59.0)"}])
+    text = open(report.generate(), encoding="utf-8").read()
+    assert summary_rows(text)["SpellingBee"] == ["-", "-", "80.1 ± 2.5 (n=256, base 59.0)", "-"]
+    assert NEAR_BASELINE_LEGEND not in text
+    report.log("Chat evaluation rl", [{"SpellingBee": "59.0 ± 3.1 (n=256, base 59.0)*"}])
+    text = open(report.generate(), encoding="utf-8").read()
+    assert summary_rows(text)["SpellingBee"][3] == "59.0 ± 3.1 (n=256, base 59.0)*"
+    summary = text[text.index("## Summary"):]
+    assert summary.index("| SpellingBee") < summary.index(NEAR_BASELINE_LEGEND)
+    assert NEAR_BASELINE_LEGEND.startswith("* within two standard errors of its baseline")
 
 
 def test_each_training_curve_is_plotted_after_its_own_section(report):

@@ -4,6 +4,7 @@ wrong, slice and mix deterministically, and name what is missing."""
 
 import json
 import re
+from pathlib import Path
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from nanochat.common import MissingFileError, UserError
 from nanochat.engine import use_calculator
 from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
-from tasks.common import Task, TaskMixture, TaskSequence, render_mc, shuffled
+from tasks.common import Task, TaskMixture, TaskSequence, held_out, render_mc, shuffled
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreements
 from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
@@ -127,19 +128,21 @@ def all_tasks(shared_data):
         "MMLU-test": MMLU("all", "test"),
         "MMLU-dev": MMLU("all", "dev"),
         "GSM8K-train": GSM8K("main", "train"),
+        "GSM8K-val": GSM8K("main", "val"),
         "GSM8K-test": GSM8K("main", "test"),
         "HumanEval": HumanEval(),
         "SmolTalk": SmolTalk("train", filepath=str(shared_data / "chat" / "chatterbot_corpus_english.jsonl")),
         "CustomJSON": CustomJSON(str(shared_data / "chat" / "fastchat_identity_messages.jsonl")),
         "SpellingBee": SpellingBee(50, "train"),
+        "SpellingBee-val": SpellingBee(50, "val"),
         "SimpleSpelling": SimpleSpelling(50, "test"),
     }
 
 
 def test_every_task_loads_the_real_files_and_renders(data_dir, tokenizer):
     expected_sizes = {"ARC-Easy": 570, "ARC-Challenge": 299, "MMLU-test": 14042, "MMLU-dev": 285,
-                      "GSM8K-train": 7473, "GSM8K-test": 1319, "HumanEval": 164, "CustomJSON": 500,
-                      "SpellingBee": 50, "SimpleSpelling": 50}
+                      "GSM8K-train": 7473 - 799, "GSM8K-val": 799, "GSM8K-test": 1319, "HumanEval": 164,
+                      "CustomJSON": 500, "SpellingBee": 50, "SpellingBee-val": 50, "SimpleSpelling": 50}
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     for name, task in all_tasks(data_dir).items():
         assert len(task) == expected_sizes.get(name, len(task)), name
@@ -262,7 +265,7 @@ def test_gsm8k_rule_disagreements_count_replies_right_by_one_rule_only():
 
 
 def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         task = GSM8K("main", split)
         conversations = [task[i] for i in range(len(task))]
         finals = [conversation["messages"][1]["content"][-1]["text"] for conversation in conversations]
@@ -276,9 +279,12 @@ def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
 def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_dir):
     a, b = SpellingBee(200, "train"), SpellingBee(200, "train", start=100)
     assert a[150] == b[50] and a[7] == SpellingBee(200, "train")[7]
-    test = SpellingBee(200, "test")
-    assert sum(a[i] == test[i] for i in range(200)) == 0
-    assert sum(SimpleSpelling(200, "train")[i] == SimpleSpelling(200, "test")[i] for i in range(200)) == 0
+    test, val = SpellingBee(200, "test"), SpellingBee(200, "val")
+    assert sum(a[i] == test[i] for i in range(200)) == sum(a[i] == val[i] for i in range(200)) == 0
+    assert sum(val[i] == test[i] for i in range(200)) == 0
+    simple = {split: SimpleSpelling(200, split) for split in ("train", "val", "test")}
+    assert sum(simple["train"][i] == simple["test"][i] or simple["val"][i] == simple["test"][i]
+               for i in range(200)) == 0
     assert len({a[i]["messages"][0]["content"] for i in range(200)}) > 190  # varied words and phrasings
 
 
@@ -309,6 +315,79 @@ def test_simplespelling_spells_with_commas(data_dir):
     assert conversation["messages"][1]["content"] == f"{word}:{','.join(word)}"
     assert task.evaluate(conversation, f"{word}:{','.join(word)}\n")
     assert not task.evaluate(conversation, f"{word}:{','.join(word[::-1] + 'x')}")
+
+
+# -----------------------------------------------------------------------------
+# Validation splits: held out from train, never trained on
+
+
+def questions(task):
+    return [task[i]["messages"][0]["content"] for i in range(len(task))]
+
+
+def test_train_and_val_partition_the_train_split_about_nine_to_one(data_dir):
+    train, val = GSM8K("main", "train"), GSM8K("main", "val")
+    raw = [json.loads(line)["question"] for line in open(data_dir / "gsm8k" / "train.jsonl", encoding="utf-8")]
+    assert sorted(questions(train) + questions(val)) == sorted(raw)
+    assert not set(questions(train)) & set(questions(val))
+    assert len(val) == 799 and all(held_out(question) for question in questions(val))
+
+
+def test_the_held_out_slice_is_the_same_in_a_local_subset(data_dir, monkeypatch):
+    """data/tasks has the first 1,000 GSM8K train rows: its val rows are exactly the full file's val rows among them"""
+    full_val = set(questions(GSM8K("main", "val")))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(Path(__file__).resolve().parents[1] / "data" / "tasks"))
+    subset_train, subset_val = questions(GSM8K("main", "train")), questions(GSM8K("main", "val"))
+    assert len(subset_train) + len(subset_val) == 1000 and set(subset_val) <= full_val
+    assert not set(subset_train) & full_val
+
+
+def test_arc_val_is_held_out_from_arc_train_on_the_hub(hub_from_local_files):
+    train, val = ARC("ARC-Easy", "train"), ARC("ARC-Easy", "val")
+    assert hub_from_local_files == [("allenai/ai2_arc", "ARC-Easy", "train")] * 2
+    assert len(train) + len(val) == 570 and 30 < len(val) < 90  # the stand-in "train" file: 570 rows
+    assert not set(questions(train)) & set(questions(val))
+
+
+# -----------------------------------------------------------------------------
+# Baselines: the score of answering without reading the question
+
+
+def best_constant_reply(task, conversations, replies):
+    """(reply, accuracy) of the best of these replies given to every conversation alike."""
+    right = {reply: sum(task.evaluate(conversation, reply) for conversation in conversations) for reply in replies}
+    best = max(right, key=right.get)
+    return best, right[best] / len(conversations)
+
+
+def test_spellingbee_baseline_is_always_answering_1(data_dir):
+    for size, expected in ((64, 33 / 64), (256, 151 / 256)):  # 51.6% and 59.0%, as the audit found
+        task = SpellingBee(size, "test")
+        conversations = [task[i] for i in range(size)]
+        reply, accuracy = best_constant_reply(task, conversations, [f"#### {k}" for k in range(12)])
+        assert reply == "#### 1" and accuracy == task.baseline(conversations) == expected
+
+
+def test_gsm8k_and_simplespelling_baselines_are_their_best_constant_answer(data_dir):
+    task = GSM8K("main", "test", stop=300)
+    conversations = [task[i] for i in range(len(task))]
+    answers = {full_text(conversation).rsplit("#### ", 1)[1] for conversation in conversations}
+    _, accuracy = best_constant_reply(task, conversations, [f"#### {answer}" for answer in answers])
+    assert task.baseline(conversations) == accuracy > 0
+    task = SimpleSpelling(256, "test")
+    conversations = [task[i] for i in range(len(task))]
+    _, accuracy = best_constant_reply(task, conversations, {full_text(c) for c in conversations})
+    assert task.baseline(conversations) == accuracy <= 2 / 256
+
+
+def test_categorical_baseline_is_chance_over_the_choices_each_question_has(data_dir):
+    task = ARC("ARC-Challenge", "validation")
+    conversations = [task[i] for i in range(len(task))]
+    by_choices = Counter(len(conversation["letters"]) for conversation in conversations)
+    assert by_choices == {4: 295, 3: 3, 5: 1}
+    assert task.baseline(conversations) == pytest.approx((295 / 4 + 3 / 3 + 1 / 5) / 299)
+    assert MMLU("all", "dev").baseline([MMLU("all", "dev")[0]]) == 0.25
+    assert HumanEval(stop=5).baseline([HumanEval()[0]]) == 0.0  # no constant reply passes (see its docstring)
 
 
 # -----------------------------------------------------------------------------
@@ -426,6 +505,7 @@ def hub_from_local_files(shared_data, tmp_path, monkeypatch):
     """datasets.load_dataset answering hub names with the real local files (no network), recording the calls."""
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
     files = {("allenai/ai2_arc", "ARC-Challenge", "validation"): shared_data / "arc/ARC-Challenge/validation.jsonl",
+             ("allenai/ai2_arc", "ARC-Easy", "train"): shared_data / "arc/ARC-Easy/validation.jsonl",  # a stand-in
              ("openai/gsm8k", "main", "test"): shared_data / "gsm8k/test.jsonl"}
     calls, real_load_dataset = [], datasets.load_dataset
 
@@ -465,7 +545,8 @@ def test_repo_offline_copies_load_and_match_their_checksums(monkeypatch):
         assert hashlib.sha256((repo_data / name).read_bytes()).hexdigest() == digest, name
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(repo_data))
     sizes = {"ARC-Easy": len(ARC("ARC-Easy", eval_split("ARC-Easy"))), "MMLU": len(MMLU("all", "test")),
-             "GSM8K-train": len(GSM8K("main", "train")), "GSM8K-test": len(GSM8K("main", "test")),
+             "GSM8K-train": len(GSM8K("main", "train")) + len(GSM8K("main", "val")),
+             "GSM8K-test": len(GSM8K("main", "test")),
              "HumanEval": len(HumanEval()), "SpellingBee": len(SpellingBee(10, "test")),
              "chat": len(SmolTalk("train", filepath=str(repo_data / "chat" / "chatterbot_corpus_english.jsonl")))}
     assert sizes == {"ARC-Easy": 570, "MMLU": 570, "GSM8K-train": 1000, "GSM8K-test": 1319, "HumanEval": 164,
