@@ -11,19 +11,20 @@ Which split each task trains on, which one settings are tuned on (validation: ch
 scripts' own evaluations) and which one is reported (test: chat_eval's default). Never train on either of the
 last two; never tune on test.
 
-| task                          | trained on (mid/SFT/RL)         | validation ("val")                  | test (reported)        |
-|-------------------------------|---------------------------------|-------------------------------------|------------------------|
-| ARC-Easy / ARC-Challenge      | train, less the held-out slice  | held-out slice of train             | test (validation when only that is local) |
-| MMLU                          | auxiliary_train (hub only)      | all/validation                      | all/test (dev: unused) |
-| GSM8K                         | main/train, less the slice      | held-out slice of main/train        | main/test              |
-| HumanEval                     | never                           | none (164 problems, all test)       | test (its only split)  |
-| SmolTalk                      | train                           | test: validation loss only          | never                  |
-| CustomJSON (identity)         | the whole file                  | never                               | never                  |
-| SpellingBee / SimpleSpelling  | split="train" (seeds train/i)   | split="val" (seeds val/i)           | split="test" (seeds test/i) |
+| task                         | trained on (mid/SFT/RL)        | validation ("val")         | test (reported)          |
+|------------------------------|--------------------------------|----------------------------|--------------------------|
+| ARC-Easy / ARC-Challenge     | train, less the held-out slice | held-out slice of train    | test (local: validation) |
+| MMLU                         | auxiliary_train (hub only)     | all/validation             | all/test                 |
+| GSM8K                        | main/train, less the slice     | held-out slice of train    | main/test                |
+| HumanEval                    | never                          | none (all 164 are test)    | test (its only split)    |
+| SmolTalk                     | train                          | test: validation loss only | never                    |
+| CustomJSON (identity)        | the whole file                 | never                      | never                    |
+| SpellingBee / SimpleSpelling | split="train" (seeds train/i)  | split="val" (seeds val/i)  | split="test" (test/i)    |
 
 The held-out slice of a train split is 1 in VAL_EVERY examples, chosen by a hash of the question text
 (`held_out`): the same examples on the hub and in a local subset, whatever the order, and a question that occurs
-twice stays on one side. Asking a task for split "train" leaves the slice out; "val" gives only the slice.
+twice stays on one side. Asking a task for split "train" leaves the slice out; "val" gives only the slice. ARC's
+own "validation" split stands in for test where a local copy has no test file (tasks/arc.py).
 """
 
 import csv

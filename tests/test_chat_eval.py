@@ -1,7 +1,9 @@
-"""nanochat/chat_eval.py and scripts/chat_eval.py: categorical scoring reads the answer letters' logits at the last prompt position (the same
-batched as one at a time), generative scoring is pass@k over completions decoded together across problems (greedy
-ones equal to Engine.generate_batch's one problem at a time, sampled ones independent of the batch), ChatCORE needs
-all six tasks, and the script evaluates a real (tiny, random) checkpoint on the real data and writes its report section.
+"""nanochat/chat_eval.py and scripts/chat_eval.py: categorical scoring reads the answer letters' logits at the last
+prompt position (the same batched as one at a time), generative scoring is pass@k over completions decoded together
+across problems (greedy ones equal to Engine.generate_batch's one problem at a time, sampled ones independent of the
+batch), every score carries n, a standard error and its baseline, the calculator can be switched off, ChatCORE needs
+all six tasks, and the script evaluates a real (tiny, random) checkpoint on the real data and writes its report
+section.
 
 Exactness tests run the model in fp32 (the `fp32` fixture): in bf16, batched and single-row matmuls round apart
 enough to flip a near-tie greedy choice of a random model."""
