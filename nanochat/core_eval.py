@@ -13,7 +13,13 @@ Examples are batched (all options of an example in one forward, several examples
 budget, right-padded, each row scored on its own span); causal attention makes a row's scores independent of
 the padding, so results match one example at a time. The prompt that an example's options share (few-shot
 examples + question) runs once into a KV cache that each option continues from, not once per option: the same
-numbers for ~1/3 of the compute on few-shot multiple choice. Not here: chat evaluations (scripts/chat_eval.py).
+numbers for ~1/3 of the compute on few-shot multiple choice.
+
+Rows are never cropped to the model's training context (sequence_len): like the original, a row runs whole as long
+as it fits the model's rotary table (rotary_seq_len, 10x sequence_len), so CORE is comparable with published numbers
+(at 2,048 context, ~3% of boolq and ~7% of language identification rows are longer). A longer row loses tokens on
+the left; the examples this happens to are counted and printed with the score. Not here: chat evaluations
+(nanochat/chat_eval.py).
 """
 
 import csv
@@ -311,14 +317,23 @@ def forward_tokens(items, share_prefix):
     return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared)
 
 
-def make_batches(items, batch_tokens, share_prefix=True):
-    """Groups of item indices, each forward at most batch_tokens padded tokens, taken in order of length so that
-    items of similar length share a forward (little padding). An item never splits; one item per forward when
-    batch_tokens <= 0."""
+def forward_length(items, share_prefix):
+    """Positions one forward over these items reaches: the longest shared prefix plus the longest padded suffix
+    (rows continue from their own prefix length, so a batch can reach further than any one of its rows)."""
+    shared = [item["shared"] if share_prefix else 0 for item in items]
+    return max(shared) + max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
+
+
+def make_batches(items, batch_tokens, share_prefix=True, max_len=None):
+    """Groups of item indices, each forward at most batch_tokens padded tokens and (when max_len is given) reaching
+    no position past max_len, taken in order of length so that items of similar length share a forward (little
+    padding). An item never splits; one item per forward when batch_tokens <= 0."""
     order = sorted(range(len(items)), key=lambda i: max(len(row) for row in items[i]["rows"]), reverse=True)
     batches, current = [], []
     for i in order:
-        if current and forward_tokens([items[j] for j in current + [i]], share_prefix) > batch_tokens:
+        candidate = [items[j] for j in current + [i]]
+        if current and (forward_tokens(candidate, share_prefix) > batch_tokens or
+                        (max_len is not None and forward_length(candidate, share_prefix) > max_len)):
             batches.append(current)
             current = []
         current.append(i)
@@ -328,40 +343,55 @@ def make_batches(items, batch_tokens, share_prefix=True):
 
 
 def prepare_items(data, indices, task, tokenizer, max_len):
-    """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts), and how many
+    """The rows and spans of data[i] for each i in indices (one tokenizer call for all their prompts), how many
     leading tokens all rows of an item share before the first scored prediction (0 for a single row: nothing to
-    share)."""
+    share), and whether a row was longer than max_len (cropped)."""
     prompts = [render_prompts(data[i], task["task_type"], task["delimiter"],
                               fewshot_examples(data, i, task["num_fewshot"])) for i in indices]
     flat = tokenizer.encode([p for item_prompts in prompts for p in item_prompts], prepend=tokenizer.get_bos_token_id())
     items, k = [], 0
     for i, item_prompts in zip(indices, prompts):
-        rows, spans = token_rows(task["task_type"], flat[k:k + len(item_prompts)], max_len)
+        token_lists = flat[k:k + len(item_prompts)]
         k += len(item_prompts)
+        rows, spans = token_rows(task["task_type"], token_lists, max_len)
         shared = min(_common_prefix_length(rows), min(start for start, _ in spans) - 1) if len(rows) > 1 else 0
+        cropped = max_len is not None and any(len(tokens) > max_len for tokens in token_lists)
         items.append(dict(index=i, rows=rows, spans=spans, shared=shared, task_type=task["task_type"],
-                          gold=data[i].get("gold")))
+                          gold=data[i].get("gold"), cropped=cropped))
     return items
 
 
-def evaluate_task(model, tokenizer, data, task, device, batch_tokens=None, share_prefix=True):
-    """Accuracy of the model on data (this task's examples). Each rank scores examples rank, rank + world_size, ...;
-    the per-example results are summed over ranks, so every rank returns the same accuracy. batch_tokens: padded
-    tokens per forward (None: the device's default, 0: one example per forward)."""
+def max_row_length(model):
+    """The longest row the model can score whole: its rotary table (GPT.rotary_seq_len, 10x the training context,
+    as long as the original ever runs), or a stub's max_seq_len; None: no limit."""
+    return getattr(model, "rotary_seq_len", None) or getattr(model, "max_seq_len", None)
+
+
+def score_examples(model, tokenizer, data, task, device, batch_tokens=None, share_prefix=True):
+    """(correct, cropped): correct[i] is 1.0 when the model gets data[i] right, cropped the number of examples with
+    a row longer than max_row_length(model), which lost tokens on the left. Each rank scores examples rank,
+    rank + world_size, ...; both are summed over ranks, so every rank returns the same. batch_tokens: padded tokens
+    per forward (None: the device's default, 0: one example per forward)."""
     batch_tokens = default_batch_tokens(device) if batch_tokens is None else batch_tokens
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    config = getattr(model, "config", None)
-    max_len = getattr(config, "sequence_len", None) or getattr(model, "max_seq_len", None)
+    max_len = max_row_length(model)
     share_prefix = share_prefix and supports_prefix_sharing(model)
     items = prepare_items(data, range(rank, len(data), world_size), task, tokenizer, max_len)
-    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    for batch in make_batches(items, batch_tokens, share_prefix):
+    counts = torch.zeros(len(data) + 1, dtype=torch.float32, device=device)  # 1.0 per right example; last: cropped
+    counts[-1] = sum(item["cropped"] for item in items)
+    for batch in make_batches(items, batch_tokens, share_prefix, max_len):
         results = score_batch(model, [items[i] for i in batch], tokenizer.get_bos_token_id(), device, share_prefix)
         for i, right in zip(batch, results):
-            correct[items[i]["index"]] = float(right)
+            counts[items[i]["index"]] = float(right)
     if distributed and world_size > 1:
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # one all-reduce for both
+    return counts[:-1], int(counts[-1].item())
+
+
+def evaluate_task(model, tokenizer, data, task, device, batch_tokens=None, share_prefix=True):
+    """Accuracy of the model on data (this task's examples), the same on every rank (see score_examples)."""
+    correct, _ = score_examples(model, tokenizer, data, task, device, batch_tokens, share_prefix)
     return correct.mean().item()
 
 
@@ -386,10 +416,11 @@ def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, b
                    use_fallback=True, share_prefix=True):
     """CORE of a base model. Returns {"results": {task: accuracy}, "centered_results": {task: centred},
     "core_metric": mean centred accuracy, "num_tasks": tasks evaluated, "total_tasks": 22, "skipped": {task: why},
-    "fallback_tasks": [tasks run on a stand-in file], "label": "CORE (over N of 22 tasks ...)"}."""
+    "fallback_tasks": [tasks run on a stand-in file], "label": "CORE (over N of 22 tasks ...)",
+    "cropped": {task: examples longer than the model's rotary table, cropped on the left}}."""
     bundle_dir = find_bundle(bundle_dir)
     tasks = load_tasks(bundle_dir, use_fallback)
-    results, centered_results, skipped, fallback_tasks = {}, {}, {}, []
+    results, centered_results, skipped, fallback_tasks, cropped = {}, {}, {}, [], {}
     for task in tasks:
         label = task["label"]
         if task["path"] is None:
@@ -398,19 +429,30 @@ def evaluate_model(model, tokenizer, device, max_per_task=-1, bundle_dir=None, b
             continue
         t0 = time.time()
         data = load_examples(task["path"], max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens, share_prefix)
-        results[label] = accuracy
+        correct, cropped[label] = score_examples(model, tokenizer, data, task, device, batch_tokens, share_prefix)
+        results[label] = accuracy = correct.mean().item()
         centered_results[label] = centered(accuracy, task["baseline"])
         if task["fallback"]:
             fallback_tasks.append(label)
         note = " (fallback subset)" if task["fallback"] else ""
+        note += f" ({cropped[label]} cropped)" if cropped[label] else ""
         print0(f"{label:<35} accuracy {accuracy:.4f} | centered {centered_results[label]:+.4f} | "
                f"{len(data)} examples, {task['num_fewshot']}-shot, {time.time() - t0:.1f}s{note}")
     if not results:
         raise UserError(f"no CORE task file found in {bundle_dir}/eval_data; expected the files listed in its core.yaml")
     result = dict(results=results, centered_results=centered_results,
                   core_metric=sum(centered_results.values()) / len(centered_results), num_tasks=len(results),
-                  total_tasks=max(TOTAL_TASKS, len(tasks)), skipped=skipped, fallback_tasks=fallback_tasks)
+                  total_tasks=max(TOTAL_TASKS, len(tasks)), skipped=skipped, fallback_tasks=fallback_tasks,
+                  cropped=cropped)
     result["label"] = core_label(result)
-    print0(f"{result['label']}: {result['core_metric']:.4f}")
+    print0(f"{result['label']}: {result['core_metric']:.4f} | {cropped_note(result, model)}")
     return result
+
+
+def cropped_note(result, model):
+    """What cropping did to a CORE result: "no example cropped", or how many were, in which tasks."""
+    total = sum(result["cropped"].values())
+    if not total:
+        return f"no example cropped (all rows fit the {max_row_length(model)}-token rotary table)"
+    where = ", ".join(f"{task} {n}" for task, n in result["cropped"].items() if n)
+    return f"{total} examples cropped on the left to the {max_row_length(model)}-token rotary table ({where})"

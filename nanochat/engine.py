@@ -146,8 +146,9 @@ class SpecialTokens:
 
     MAX_EXPRESSION_TOKENS = 2 * MAX_EXPRESSION_CHARS  # stop collecting a runaway python block (it is refused anyway)
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, calculator=True):
         self.tokenizer = tokenizer
+        self.calculator = calculator  # False: python blocks are not run and nothing is forced
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -157,7 +158,7 @@ class SpecialTokens:
 
     def tool_output(self, expression_tokens):
         """Tokens to force after a python block: <|output_start|> result <|output_end|>, or [] when refused."""
-        result = use_calculator(self.tokenizer.decode(expression_tokens))
+        result = use_calculator(self.tokenizer.decode(expression_tokens)) if self.calculator else None
         if result is None:
             return []
         return [self.output_start, *self.tokenizer.encode(str(result)), self.output_end]
@@ -222,10 +223,11 @@ def _new_cache(model, batch_size, seq_len):
 class Engine:
     """Cached sampling with the calculator tool. Stateless between calls; one model, any number of calls."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, calculator=True):
         self.model = model
         self.tokenizer = tokenizer
-        self.tokens = SpecialTokens(tokenizer)
+        self.calculator = calculator  # False: the model's python blocks are not run; it continues on its own
+        self.tokens = SpecialTokens(tokenizer, calculator)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -362,11 +364,11 @@ class BatchDecoder:
     share the batch (greedy results are the same alone or batched, up to float rounding of batched matmuls).
     Rows above the highest active one are not computed. Not thread-safe: call add/step/remove from one thread."""
 
-    def __init__(self, model, tokenizer, max_batch, max_seq_len=None):
+    def __init__(self, model, tokenizer, max_batch, max_seq_len=None, calculator=True):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         self.model = model
-        self.tokens = SpecialTokens(tokenizer)
+        self.tokens = SpecialTokens(tokenizer, calculator)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or model.config.sequence_len
         if self.max_seq_len > model.rotary_seq_len:

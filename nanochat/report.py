@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from nanochat.common import cpu_name, get_base_dir, get_dist_info, write_atomic
+from nanochat.common import cpu_name, format_duration, get_base_dir, get_dist_info, write_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +47,10 @@ CURVE_PANELS = [("step", "loss", "train loss (nats/token)"), ("val_step", "val_b
 GPU_HOURLY_COST = [("H200", 3.50), ("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]
 DEFAULT_GPU_HOURLY_COST = 2.00
 CODE_EXTENSIONS = (".py", ".rs", ".sh", ".md", ".html", ".toml")
+# chat_eval marks an accuracy within two standard errors of its baseline; the summary explains the mark
+NEAR_BASELINE_MARK = "*"
+NEAR_BASELINE_LEGEND = (f"{NEAR_BASELINE_MARK} within two standard errors of its baseline (base: the score of "
+                        f"answering without reading the question): no evidence that the model learned the task")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
@@ -68,16 +72,6 @@ def _format_value(value):
 
 def _now():
     return datetime.datetime.now().strftime(TIME_FORMAT)
-
-
-def _format_duration(seconds):
-    hours, minutes = divmod(int(seconds) // 60, 60)
-    return f"{hours}h{minutes}m"
-
-
-def _format_stage_duration(seconds):
-    """Like _format_duration, with seconds under an hour: most stages of a small run take minutes."""
-    return _format_duration(seconds) if seconds >= 3600 else f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -262,14 +256,14 @@ class Report:
             previous = start = datetime.datetime.strptime(started.group(1).strip(), TIME_FORMAT)
             lines += ["| Stage (section) | Finished | Took |", "|---|---|---|"]
             for when, slug in stamps:
-                lines.append(f"| {slug} | {when.strftime('%H:%M:%S')} | {_format_stage_duration((when - previous).total_seconds())} |")
+                lines.append(f"| {slug} | {when.strftime('%H:%M:%S')} | {format_duration((when - previous).total_seconds())} |")
                 previous = when
             elapsed = (stamps[-1][0] - start).total_seconds()
-            lines += ["", f"Total wall clock time: {_format_duration(elapsed)}"]
+            lines += ["", f"Total wall clock time: {format_duration(elapsed)}"]
             rate = re.search(r"Hourly cost estimate: \$([0-9.]+)/h \(([^)]*)\)", header)
             if rate:
                 cost = float(rate.group(1)) * elapsed / 3600
-                lines.append(f"Estimated cost: ${cost:,.2f} ({rate.group(2)}, for {_format_duration(elapsed)})")
+                lines.append(f"Estimated cost: ${cost:,.2f} ({rate.group(2)}, for {format_duration(elapsed)})")
             else:
                 lines.append("Estimated cost: - (no GPUs in this run)")
         return "\n".join(lines) + "\n"
@@ -323,7 +317,9 @@ def core_cell(section_text):
 
 def summary_table(sections):
     """The metrics x stages table as markdown lines; "-" where a stage did not measure a metric. CORE's row says
-    "over N of 22 tasks" when the evaluation had only some of the tasks: such a CORE is not the published one."""
+    "over N of 22 tasks" when the evaluation had only some of the tasks: such a CORE is not the published one. A
+    chat task's cell is chat_eval's whole line, "80.1 ± 2.5 (n=256, base 59.0)"; the legend of its near-baseline
+    mark follows the table when a cell has it."""
     columns = list(SUMMARY_COLUMNS)
     rows = []
     for metric in SUMMARY_METRICS:
@@ -335,11 +331,14 @@ def summary_table(sections):
                 label = f"CORE ({partial})" if partial else label
             else:
                 value = read_metric(text, metric)
-            cells.append(value.split()[0] if value else "-")
+            cells.append(value or "-")
         rows.append([label] + cells)
     widths = [max(len(row[i]) for row in rows + [["Metric"] + columns]) for i in range(len(columns) + 1)]
     table = [["Metric"] + columns, ["-" * w for w in widths]] + rows
-    return ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in table]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in table]
+    if any(cell.endswith(NEAR_BASELINE_MARK) for row in rows for cell in row[1:]):
+        lines += ["", NEAR_BASELINE_LEGEND]
+    return lines
 
 
 def read_metric(section_text, metric):

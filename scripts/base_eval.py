@@ -5,7 +5,9 @@ Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model
 eval bundle (--bundle_dir, else <base>/eval_bundle, downloaded the first time), writes
 <base>/base_eval/<model_tag>_<step>.csv (Task, Accuracy, Centered and a CORE row) and the report section
 "Base model evaluation". Tasks whose file is missing are skipped and the number is then labelled
-"CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE.
+"CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE. Rows are
+scored whole up to the model's rotary table (10x its context, as the original); the few longer ones are cropped and
+counted in the output and the report.
 Runs alone or under torchrun (each rank takes every world_size-th example).
 
 Usage:
@@ -18,7 +20,7 @@ import os
 import time
 
 from nanochat import core_eval
-from nanochat.checkpoint_manager import checkpoints_root, find_largest_model, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, write_atomic
 from nanochat.configurator import configure
 from nanochat.report import get_report
@@ -36,7 +38,7 @@ user_config = configure(globals())
 is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
 model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
                                     step=None if model_step < 0 else model_step)
-model_tag = model_tag or find_largest_model(checkpoints_root("base"))
+model_tag = meta["model_tag"]
 step = meta["step"]
 print0(f"Model: {model_tag} step {step} | sequence_len {model.config.sequence_len}")
 
@@ -69,7 +71,7 @@ if rank == 0:
     get_report().log(section="Base model evaluation", data=[
         user_config,
         {"Model": f"{model_tag} step {step}", "CORE": f"{result['core_metric']:.4f}{over}", "CORE label": result["label"],
-         "Evaluation time": f"{eval_seconds:.1f}s"},
+         "Cropped": core_eval.cropped_note(result, model), "Evaluation time": f"{eval_seconds:.1f}s"},
         *[f"- Skipped: {task} ({why})" for task, why in result["skipped"].items()],
         "", "Per task (accuracy, centered):", "",
         *[f"- {task}: {accuracy:.4f}, {result['centered_results'][task]:.4f}" for task, accuracy in result["results"].items()],

@@ -10,7 +10,7 @@ the advantages of a question sum to 0; no division by the std, no KL, no ratio c
 Loss: -sum(advantage * log p(token)) over the tokens the model sampled, divided by the number of such tokens in the
 whole step (token-level normalisation); the prompt and the calculator's forced output are never trained on. An
 answer that ended by itself also trains on its <|assistant_end|> (stopping is part of a good answer). The LR falls
-linearly to 0. Periodically: pass@k on the task's test split.
+linearly to 0. Periodically: pass@k on the task's validation split (test is left to chat_eval).
 
 Checkpoints go to <base>/chatrl_checkpoints/<model_tag>/.
 
@@ -102,9 +102,9 @@ optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac,
 pad_id = assistant_end = tokenizer.encode_special("<|assistant_end|>")
 
 if task == "GSM8K":
-    train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test", stop=eval_examples)
+    train_task, val_task = GSM8K("main", "train"), GSM8K("main", "val", stop=eval_examples)
 else:
-    train_task, test_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="test")
+    train_task, val_task = SpellingBee(size=spelling_bee_size, split="train"), SpellingBee(size=eval_examples, split="val")
 if num_iterations < 0:
     num_iterations = max(1, num_epochs * len(train_task) // examples_per_step)
 print0(f"{task}: {len(train_task):,} train questions | {examples_per_step} questions x {num_samples} answers a step "
@@ -154,12 +154,12 @@ def sample_answers(prompts, count, seed):
 def evaluate_pass_at_k():
     """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
     model.eval()
-    conversations = [test_task[index] for index in range(rank, len(test_task), world_size)]
+    conversations = [val_task[index] for index in range(rank, len(val_task), world_size)]
     prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
     passed = [0] * eval_num_samples
     if prompts:
         for conversation, (_, _, texts) in zip(conversations, sample_answers(prompts, eval_num_samples, seed=-1)):
-            correct = [bool(test_task.evaluate(conversation, text)) for text in texts]
+            correct = [bool(val_task.evaluate(conversation, text)) for text in texts]
             for k in range(eval_num_samples):
                 passed[k] += any(correct[:k + 1])
     model.train()

@@ -105,7 +105,7 @@ optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac,
 # -----------------------------------------------------------------------------
 # Data
 
-from scripts.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
+from nanochat.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.arc import ARC  # noqa: E402
 from tasks.common import TaskMixture, build_mixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
@@ -125,7 +125,7 @@ train_tasks, source_sizes, skipped = build_mixture({
 }, skip, "SFT")
 train_dataset = TaskMixture(train_tasks)
 val_dataset = SmolTalk("test", filepath=smoltalk_file or None) if "smoltalk" in source_sizes else \
-    SpellingBee(size=1000, split="test")
+    SpellingBee(size=1000, split="val")
 print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
        f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 
@@ -190,7 +190,7 @@ def evaluate_metrics():
         if max_problems <= 0:
             continue
         try:
-            metrics[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=device_batch_size,
+            metrics[name] = run_chat_eval(name, model, tokenizer, engine, split="val", batch_size=device_batch_size,
                                           max_new_tokens=eval_max_new_tokens, max_problems=max_problems)
         except FileNotFoundError as e:
             print0(f"Metric {name} left out: {e}")

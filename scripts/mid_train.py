@@ -134,14 +134,14 @@ train_tasks, source_sizes, skipped = build_mixture({
     "simple_spelling": lambda: [SimpleSpelling(size=simple_spelling_size, split="train")],
     "spelling_bee": lambda: [SpellingBee(size=spelling_bee_size, split="train")],
 }, skip, "midtraining")
-val_builders = {  # held-out conversations of the same kinds (the original's val set)
+val_builders = {  # held-out conversations of the same kinds, from validation splits (never test: tasks/common.py)
     "smoltalk": lambda: [SmolTalk("test", filepath=smoltalk_file or None)],
-    "mmlu_aux": lambda: [MMLU("all", "test", stop=5200)],
-    "gsm8k": lambda: [GSM8K("main", "test", stop=420)],
+    "mmlu_aux": lambda: [MMLU("all", "validation")],
+    "gsm8k": lambda: [GSM8K("main", "val", stop=420)],
 }
 val_tasks = [task for name in source_sizes if name in val_builders for task in val_builders[name]()]
-if not val_tasks:  # only the synthetic sources are left: validate on their test split
-    val_tasks = [SpellingBee(size=1000, split="test"), SimpleSpelling(size=1000, split="test")]
+if not val_tasks:  # only the synthetic sources are left: validate on their val split
+    val_tasks = [SpellingBee(size=1000, split="val"), SimpleSpelling(size=1000, split="val")]
 train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
 print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
        f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))

@@ -1,18 +1,19 @@
 """ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 answer choices, as categorical tasks.
 
 Hub: allenai/ai2_arc, subsets ARC-Easy / ARC-Challenge, splits train / validation / test. Local: the same rows as
-JSONL at arc/<subset>/<split>.jsonl under NANOCHAT_DATA_DIR. SFT trains on train; chat_eval evaluates on test, or on
-validation where the local copy has no test file (eval_split() below). Labels are kept as the dataset gives them
-(usually A-D, sometimes 1-4); the conversation carries them as "letters".
+JSONL at arc/<subset>/<split>.jsonl under NANOCHAT_DATA_DIR. Split "val" is our validation split, a held-out slice
+of train (tasks/common.py), which split "train" leaves out; it is not ARC's own "validation" split, which stands in
+for test where the local copy has no test file (eval_split() below). SFT trains on train; chat_eval reports test.
+Labels are kept as the dataset gives them (usually A-D, sometimes 1-4); the conversation carries them as "letters".
 """
 
 import os
 
 from tasks.common import (Task, evaluate_categorical, load_dataset_rows, local_data_dir, local_path, read_jsonl,
-                          render_mc)
+                          render_mc, train_or_val)
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "val", "validation", "test")
 
 
 def eval_split(subset):
@@ -34,8 +35,11 @@ class ARC(Task):
         if split not in SPLITS:
             raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
-        self.rows = load_dataset_rows("allenai/ai2_arc", subset, split,
-                                      lambda: read_jsonl(local_path("arc", subset, f"{split}.jsonl")))
+        source = "train" if split == "val" else split
+        self.rows = load_dataset_rows("allenai/ai2_arc", subset, source,
+                                      lambda: read_jsonl(local_path("arc", subset, f"{source}.jsonl")))
+        if source == "train":
+            self.rows = train_or_val(self.rows, split, lambda row: row["question"])
 
     def num_examples(self):
         return len(self.rows)

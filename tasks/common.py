@@ -5,36 +5,43 @@ sliced, mixed and, for evaluation tasks, scored. Datasets come from the Hugging 
 (`datasets.load_dataset`), or, when NANOCHAT_DATA_DIR is set, from a local directory laid out like
 ../shared/data (arc/, mmlu/, gsm8k/, humaneval/, words/, chat/). Both are shuffled with seed 42 into the same
 order, so offline and online runs pick the same examples. Not here: tokenization, sampling, the scoring loop
-(scripts/chat_eval.py).
+(nanochat/chat_eval.py).
 
-Which split each task trains on and which it is evaluated on (never train on an evaluated split):
+Which split each task trains on, which one settings are tuned on (validation: chat_eval --split=val, the training
+scripts' own evaluations) and which one is reported (test: chat_eval's default). Never train on either of the
+last two; never tune on test.
 
-| task                          | trained on (mid/SFT/RL)           | evaluated on (chat_eval)            |
-|-------------------------------|-----------------------------------|-------------------------------------|
-| ARC-Easy / ARC-Challenge      | train                             | test (validation when only that is local) |
-| MMLU                          | auxiliary_train (hub only)        | all/test (dev: few-shot examples only) |
-| GSM8K                         | main/train                        | main/test                           |
-| HumanEval                     | never                             | test (its only split)               |
-| SmolTalk                      | train                             | test: validation loss only          |
-| CustomJSON (identity)         | the whole file                    | never                               |
-| SpellingBee / SimpleSpelling  | split="train" (seeds train/i)     | split="test" (seeds test/i)         |
+| task                         | trained on (mid/SFT/RL)        | validation ("val")         | test (reported)          |
+|------------------------------|--------------------------------|----------------------------|--------------------------|
+| ARC-Easy / ARC-Challenge     | train, less the held-out slice | held-out slice of train    | test (local: validation) |
+| MMLU                         | auxiliary_train (hub only)     | all/validation             | all/test                 |
+| GSM8K                        | main/train, less the slice     | held-out slice of train    | main/test                |
+| HumanEval                    | never                          | none (all 164 are test)    | test (its only split)    |
+| SmolTalk                     | train                          | test: validation loss only | never                    |
+| CustomJSON (identity)        | the whole file                 | never                      | never                    |
+| SpellingBee / SimpleSpelling | split="train" (seeds train/i)  | split="val" (seeds val/i)  | split="test" (test/i)    |
 
-Training scripts may compute a validation *loss* on an evaluated split (mid_train: MMLU test, GSM8K test); they
-never take a gradient step on one.
+The held-out slice of a train split is 1 in VAL_EVERY examples, chosen by a hash of the question text
+(`held_out`): the same examples on the hub and in a local subset, whatever the order, and a question that occurs
+twice stays on one side. Asking a task for split "train" leaves the slice out; "val" gives only the slice. ARC's
+own "validation" split stands in for test where a local copy has no test file (tasks/arc.py).
 """
 
 import csv
 import gzip
+import hashlib
 import json
 import os
 import random
 import zipfile
+from collections import Counter
 
 import numpy as np
 
 from nanochat.common import MissingFileError, UserError
 
 SHUFFLE_SEED = 42  # every dataset is shuffled with this seed at load, hub and local alike
+VAL_EVERY = 10  # 1 in 10 examples of a train split is held out for validation (ARC-Easy: ~225 of 2,251)
 
 
 class Task:
@@ -80,6 +87,22 @@ class Task:
     def reward(self, conversation, assistant_response):
         """RL reward: 1.0 for a correct answer, else 0.0."""
         return float(self.evaluate(conversation, assistant_response))
+
+    def reference_answer(self, conversation):
+        """The reference answer in the form evaluate() compares: two conversations with equal ones are answered
+        right by the same reply. Defined by the tasks scored by exact answer."""
+        raise NotImplementedError(f"{type(self).__name__} is not scored by an exact answer")
+
+    def baseline(self, conversations):
+        """The accuracy on these conversations of answering without reading the question. Categorical tasks:
+        chance, the mean of 1/(number of choices). Exact-answer tasks: the best constant reply, which is right on
+        the conversations whose reference answer is the most common one (SpellingBee: always "#### 1")."""
+        if not conversations:
+            raise ValueError("the baseline of no conversations is undefined")
+        if self.eval_type == "categorical":
+            return sum(1 / len(conversation["letters"]) for conversation in conversations) / len(conversations)
+        answers = Counter(self.reference_answer(conversation) for conversation in conversations)
+        return max(answers.values()) / len(conversations)
 
 
 class TaskMixture(Task):
@@ -153,6 +176,18 @@ def render_mc(question, letters, choices):
     lines = [f"Multiple Choice question: {question}"]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def held_out(question):
+    """Whether a train-split example, by its question text, is in the validation slice (1 in VAL_EVERY)."""
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % VAL_EVERY == 0
+
+
+def train_or_val(rows, split, question_of):
+    """The rows of a train split that split "train" trains on (all but the held-out slice) or that split "val"
+    validates on (the slice only), in their order. question_of(row) -> the text that decides."""
+    return [row for row in rows if held_out(question_of(row)) == (split == "val")]
 
 
 def evaluate_categorical(conversation, assistant_response):

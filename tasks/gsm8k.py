@@ -3,35 +3,73 @@
 Hub: openai/gsm8k, subsets main / socratic, splits train / test. Local: gsm8k/<split>.jsonl under NANOCHAT_DATA_DIR
 (the "main" rows of openai/grade-school-math). Each `<<expr=result>>` annotation of a solution becomes a python part
 (expr) and a python_output part (result) between the text parts, so the model learns to call the calculator.
-An answer is correct when the number after its last "####" equals the reference's (commas removed, compared as
-numbers). Mid-training, SFT and RL train on train; chat_eval evaluates on test.
+
+The scoring rule, a choice: a reply's answer is the number after its FIRST "#### " (commas removed), and it is right
+when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen).
+- First, as the official grade-school-math scorer and the original nanochat: "#### N" ends a solution, so the first
+  one is the answer the model committed to; whatever it writes after that can neither rescue nor sink it (nor can
+  a reply hedge with several "####").
+- As a number, where the official scorer compares strings: the question asks for a quantity, and "#### 18." (a
+  sentence's full stop) or "#### 18.00" names the right one. So ours passes every reply the official rule passes,
+  and also those that write the right number in another form; `rule_disagreements` counts those on real replies.
+Splits: train, val (a held-out slice of train, which train leaves out: tasks/common.py) and test. Mid-training,
+SFT and RL train on train; chat_eval reports test.
 """
 
 import re
+from decimal import Decimal, InvalidOperation
 
-from tasks.common import Task, load_dataset_rows, local_path, read_jsonl
+from tasks.common import Task, load_dataset_rows, local_path, read_jsonl, train_or_val
 
 SUBSETS = ("main", "socratic")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 CALCULATOR_RE = re.compile(r"<<([^>]*)>>")
 
 
 def extract_answer(text):
-    """The number after the last "#### " in text, commas removed, or None."""
-    matches = ANSWER_RE.findall(text)
-    if not matches:
-        return None
-    return matches[-1].replace(",", "").rstrip(".")
+    """The number after the first "#### " in text, commas and a trailing "." removed, or None."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
+
+
+def number_key(answer):
+    """An extract_answer string as the value answers are compared by: a Decimal when it is a number (exact, unlike
+    float: "18", "18.0" and "18.00" are one key), else the string itself ("1.2.3")."""
+    try:
+        return Decimal(answer)
+    except InvalidOperation:
+        return answer
 
 
 def same_number(a, b):
-    if a is None or b is None:
-        return False
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
+    """a and b (extract_answer strings, or None) name the same number, or are the same non-number string."""
+    return a is not None and b is not None and number_key(a) == number_key(b)
+
+
+def official_answer(text):
+    """The official grade-school-math rule (and the original nanochat's): the string after the first "#### ", commas
+    removed; compared with the reference's as strings."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).replace(",", "") if match else None
+
+
+def rule_disagreements(references, replies):
+    """How often the official rule (first "####", string compare) and ours (first "####", number compare) judge the
+    replies differently. references: the reference solutions' texts (ending in "#### N"), replies: what the model
+    wrote, in the same order. Returns {"replies", "disagree", "ours_only", "official_only", "examples"} (ours_only:
+    right by our rule only; "examples": the first few such replies' answers, official's and ours)."""
+    counts = {"replies": 0, "disagree": 0, "ours_only": 0, "official_only": 0, "examples": []}
+    for reference, reply in zip(references, replies, strict=True):
+        ours = same_number(extract_answer(reply), extract_answer(reference))
+        official = official_answer(reply) is not None and official_answer(reply) == official_answer(reference)
+        counts["replies"] += 1
+        if ours != official:
+            counts["disagree"] += 1
+            counts["ours_only" if ours else "official_only"] += 1
+            if len(counts["examples"]) < 5:
+                counts["examples"].append((official_answer(reply), official_answer(reference)))
+    return counts
 
 
 def solution_parts(solution):
@@ -62,10 +100,13 @@ class GSM8K(Task):
         if split not in SPLITS:
             raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
         self.subset, self.split = subset, split
+        source = "train" if split == "val" else split
         # the local copy holds the "main" solutions only, so socratic asks for a file that is not there
-        local_name = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
-        self.rows = load_dataset_rows("openai/gsm8k", subset, split,
+        local_name = f"{source}.jsonl" if subset == "main" else f"{source}_socratic.jsonl"
+        self.rows = load_dataset_rows("openai/gsm8k", subset, source,
                                       lambda: read_jsonl(local_path("gsm8k", local_name)))
+        if source == "train":
+            self.rows = train_or_val(self.rows, split, lambda row: row["question"])
 
     def num_examples(self):
         return len(self.rows)
@@ -79,8 +120,17 @@ class GSM8K(Task):
             ],
         }
 
-    def evaluate(self, conversation, assistant_response):
+    def reference_answer(self, conversation):
         reference = conversation["messages"][-1]["content"][-1]["text"]  # the final text part ends with "#### N"
         expected = extract_answer(reference)
         assert expected is not None, f"GSM8K reference without '#### N': {reference[-80:]!r}"
-        return same_number(extract_answer(assistant_response), expected)
+        return number_key(expected)
+
+    def evaluate(self, conversation, assistant_response):
+        answer = extract_answer(assistant_response)
+        return answer is not None and number_key(answer) == self.reference_answer(conversation)
+
+    def rule_disagreements(self, conversations, replies):
+        """rule_disagreements() of the replies to these conversations, against their references."""
+        references = [conversation["messages"][-1]["content"][-1]["text"] for conversation in conversations]
+        return rule_disagreements(references, replies)

@@ -2,7 +2,7 @@
 
 Hub: openai/openai_humaneval (split test). Local: humaneval/HumanEval.jsonl.gz under NANOCHAT_DATA_DIR (the
 openai/human-eval file). Evaluated only (chat_eval), never trained on. A completion is run, never exec'd here: the
-program (the prompt's imports, the completion's first fenced code block or its whole text, the tests, then
+program (the prompt's top-level imports, the completion's first fenced code block or its whole text, the tests, then
 check(entry_point)) goes to nanochat.execution.execute_code, which runs it in a sandboxed subprocess.
 """
 
@@ -20,8 +20,18 @@ def extract_code(completion):
 
 
 def extract_imports(prompt):
-    """The import lines of a prompt (the completion may define the function without repeating them)."""
-    return [line for line in prompt.splitlines() if line.strip().startswith(("import ", "from "))]
+    """The prompt's top-level import block: its unindented `import` / `from` lines up to its first other statement
+    (blank and comment lines skipped), which a completion may rely on without repeating them. An import indented
+    inside the function (HumanEval/115) and a docstring line that starts with "from" (HumanEval/99, /129) are not
+    in it: pasted at the top of the program they would be an IndentationError or nonsense."""
+    imports = []
+    for line in prompt.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if not line.startswith(("import ", "from ")):
+            break
+        imports.append(line)
+    return imports
 
 
 def build_program(conversation, completion):
@@ -53,6 +63,12 @@ class HumanEval(Task):
             "entry_point": row["entry_point"],
             "test": row["test"],
         }
+
+    def baseline(self, conversations):
+        """0: a reply that ignores the question cannot pass. The tests call the problem's own function on several
+        inputs with different expected outputs; a function returning any of 16 constants (None, True, False, 0, 1,
+        -1, [], "", (), {}, 0.0, "Yes", "NO", "YES", "No") or its first argument passes none of the 164."""
+        return 0.0
 
     def evaluate(self, conversation, assistant_response, timeout=5.0):
         from nanochat.execution import execute_code  # the sandbox; imported late so loading the task never needs it

@@ -9,8 +9,8 @@ scored like GSM8K.
 Words: dwyl/english-words words_alpha.txt (~370K lowercase words), from words/words_alpha.zip under
 NANOCHAT_DATA_DIR or downloaded once into the base dir. Example i of a split is drawn from its own
 random.Random seeded with the string "<task>/<split>/<i>" (deterministic across runs and machines; string seeds
-avoid the Random(1) == Random(-1) collision of signed integer seeds), so train and test examples differ.
-Training uses split="train", evaluation split="test".
+avoid the Random(1) == Random(-1) collision of signed integer seeds), so the splits draw disjoint seeds. Training
+uses split="train", tuning split="val", reported evaluation split="test".
 """
 
 import functools
@@ -19,10 +19,10 @@ import string
 
 from nanochat.common import download_file_with_lock
 from tasks.common import Task, local_data_dir, local_path, read_zipped_lines
-from tasks.gsm8k import extract_answer, same_number
+from tasks.gsm8k import extract_answer, number_key
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 LETTER_FROM_WORD = 0.9  # otherwise any letter of the alphabet, so "0" is a possible answer too
 
 # How the question is asked: {letter} and {word} get filled in (quoted or not); several languages, as users do
@@ -91,8 +91,11 @@ class SimpleSpelling(_SpellingTask):
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": spell(word)}]}
 
+    def reference_answer(self, conversation):
+        return conversation["messages"][-1]["content"]
+
     def evaluate(self, conversation, assistant_response):
-        return assistant_response.strip() == conversation["messages"][-1]["content"]
+        return assistant_response.strip() == self.reference_answer(conversation)
 
 
 class SpellingBee(_SpellingTask):
@@ -129,6 +132,9 @@ class SpellingBee(_SpellingTask):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter}
 
+    def reference_answer(self, conversation):
+        return number_key(extract_answer(conversation["messages"][-1]["content"][-1]["text"]))
+
     def evaluate(self, conversation, assistant_response):
-        expected = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return same_number(extract_answer(assistant_response), expected)
+        answer = extract_answer(assistant_response)
+        return answer is not None and number_key(answer) == self.reference_answer(conversation)

@@ -43,9 +43,10 @@ def read_jsonl(path, n=None):
     return rows[:n] if n else rows
 
 
-def span_loss(model, tokenizer, text, span_chars):
-    """Mean loss of the last span_chars bytes of text, computed straight from the model (byte tokenizer)."""
-    ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
+def span_loss(model, tokenizer, text, span_chars, window=None):
+    """Mean loss of the last span_chars bytes of text, computed straight from the model (byte tokenizer), over the
+    whole text or only its last `window` tokens."""
+    ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())[-window if window else 0:]
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     with torch.no_grad():
         losses = model(x, targets=y, loss_reduction="none")[0]  # losses[t] = loss of token t+1
@@ -151,6 +152,35 @@ def test_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(byte_model, 
         assert evaluate_task(model, tokenizer, data, task("multiple_choice"), "cpu") == expected
 
 
+def test_rows_longer_than_the_context_are_scored_whole_not_cropped_to_it(isolated_base_dir, shared_data):
+    """The original never crops a row that fits the rotary table (10x sequence_len), so neither do we: a choice is
+    made from the losses of the whole row, also where the training context's window would choose differently."""
+    tokenizer = install_tokenizer(isolated_base_dir)
+    model = build_tiny_model(tiny_config(tokenizer.get_vocab_size(), sequence_len=32))
+    with torch.no_grad():  # attention outputs that weigh as much as in a trained model: far context moves the losses
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.5)
+    assert model.rotary_seq_len == 320
+    checked = decided_by_the_window = 0
+    for item in read_jsonl(shared_data / BUNDLE / "eval_data/commonsense_reasoning/openbook_qa.jsonl", 60):
+        texts = [f"{item['query']} {choice}" for choice in item["choices"]]
+        spans = [len(choice.encode()) for choice in item["choices"]]
+        lengths = [len(text.encode()) + 1 for text in texts]  # + BOS
+        if len({choice[0] for choice in item["choices"]}) < len(spans) or max(spans) >= 32 or max(lengths) > 320:
+            continue  # the span must be exactly the choice, fit the window, and the row the rotary table
+        if min(lengths) <= 32:
+            continue  # every row longer than sequence_len
+        whole = [span_loss(model, tokenizer, text, span) for text, span in zip(texts, spans)]
+        window = [span_loss(model, tokenizer, text, span, window=32) for text, span in zip(texts, spans)]
+        best = whole.index(min(whole))
+        decided_by_the_window += best != window.index(min(window))
+        for gold in range(len(spans)):
+            data = [dict(item, gold=gold)]
+            assert evaluate_task(model, tokenizer, data, task("multiple_choice"), "cpu") == float(gold == best)
+        checked += 1
+    assert checked >= 10 and decided_by_the_window > 0  # cropping to sequence_len would have got these wrong
+
+
 def test_schema_picks_the_context_under_which_the_continuation_is_likeliest(byte_model, shared_data):
     model, tokenizer = byte_model
     item = read_jsonl(shared_data / BUNDLE / "eval_data/language_understanding/winograd_wsc.jsonl", 1)[0]
@@ -222,6 +252,34 @@ def test_accuracies_are_in_range_and_identical_across_runs_batch_sizes_and_prefi
         assert run["results"] == first["results"] and run["core_metric"] == first["core_metric"]
 
 
+def test_rows_are_whole_up_to_the_rotary_table_and_cropped_and_counted_beyond(isolated_base_dir):
+    tokenizer = install_tokenizer(isolated_base_dir)
+    model = build_tiny_model(tiny_config(tokenizer.get_vocab_size(), sequence_len=8))
+    assert model.rotary_seq_len == 80
+    filler = "The cat sat on the mat and looked at the door for a long time, then it went to sleep there. " * 2
+
+    def item(row_length, gold=0):  # BOS + query + " " + a 2-byte choice: row_length tokens with a byte tokenizer
+        return {"query": filler[:row_length - 4], "choices": ["ab", "cd"], "gold": gold}
+
+    mc = task("multiple_choice")
+    for row_length, cropped in ((79, 0), (80, 0), (81, 1), (120, 1)):
+        text = item(row_length)["query"]
+        window = 80 if cropped else None
+        losses = [span_loss(model, tokenizer, f"{text} {choice}", 2, window=window) for choice in ("ab", "cd")]
+        best = losses.index(min(losses))
+        data = [item(row_length, gold=best), item(row_length, gold=1 - best)]
+        correct, num_cropped = core_eval.score_examples(model, tokenizer, data, mc, "cpu", batch_tokens=0)
+        assert correct.tolist() == [1.0, 0.0] and num_cropped == 2 * cropped, row_length
+
+    # a batch may not reach past the table either: a long shared prefix + short choices beside a short prefix +
+    # long choices is 77 + 77 positions, though every row is 80; they go into separate forwards
+    long_choices = {"query": "Q:", "choices": ["a" + filler[:75], "b" + filler[:75]], "gold": 0}
+    data = [item(80), long_choices, item(80, gold=1)]
+    batched = core_eval.score_examples(model, tokenizer, data, mc, "cpu", batch_tokens=8192)
+    one_at_a_time = core_eval.score_examples(model, tokenizer, data, mc, "cpu", batch_tokens=0)
+    assert batched[0].tolist() == one_at_a_time[0].tolist() and batched[1] == one_at_a_time[1] == 0
+
+
 def test_options_share_the_prefix_ahead_of_every_span(byte_model):
     model, tokenizer = byte_model
     mc = {"query": "Pick:", "choices": ["red", "green"], "gold": 0}
@@ -266,6 +324,79 @@ def test_missing_tasks_are_skipped_and_the_result_says_core_over_n_of_22(byte_mo
 def test_a_bundle_dir_without_core_yaml_is_a_user_error(tmp_path):
     with pytest.raises(MissingFileError, match="has no core.yaml"):
         find_bundle(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# An independent implementation of the DCLM rules, and the same numbers from ours
+
+
+def reference_dclm_correct(model, tokenizer, data, task):
+    """Whether the model gets each example right, by the DCLM rules written out plainly: one example at a time,
+    each of its rows run whole through the model (no batching, padding, shared prefix, KV cache or cropping).
+    Few-shot examples: num_fewshot others drawn with Random(1234 + index), each followed by a blank line. Multiple
+    choice: query + delimiter + choice per row, the choice scored (the tokens after the rows' common prefix) by
+    mean loss, lowest wins. Schema: context option + delimiter + continuation per row, the continuation scored
+    (the rows' common suffix) the same way. Language modeling: right when greedy decoding reproduces every token of
+    the continuation (those after the common prefix of the prompt without and with it)."""
+    bos, delimiter = tokenizer.get_bos_token_id(), task["delimiter"]
+    correct = []
+    for index, item in enumerate(data):
+        others = [i for i in range(len(data)) if i != index]
+        shots = [data[i] for i in random.Random(1234 + index).sample(others, min(task["num_fewshot"], len(others)))]
+        if task["task_type"] == "multiple_choice":
+            context = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
+            texts = [f"{context}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+        elif task["task_type"] == "schema":
+            context = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
+            texts = [f"{context}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+        else:
+            context = "".join(f"{s['context'].strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+            prompt = f"{context}{item['context'].strip()}{delimiter}"
+            texts = [prompt.rstrip(), prompt + item["continuation"]]
+        rows = [[bos] + tokenizer.encode(text) for text in texts]
+        common = 0  # tokens shared by every row from the start (schema: from the end)
+        ordered = rows if task["task_type"] != "schema" else [row[::-1] for row in rows]
+        while common < min(map(len, ordered)) and len({row[common] for row in ordered}) == 1:
+            common += 1
+        with torch.no_grad():
+            if task["task_type"] == "language_modeling":
+                row = rows[1]
+                logits = model(torch.tensor([row]))[0]  # (T, V): position t predicts token t + 1
+                start = min(common, len(row) - 1)  # at least one token is scored
+                correct.append(logits[start - 1:len(row) - 1].argmax(-1).tolist() == row[start:])
+                continue
+            losses = []
+            for row in rows:
+                start = common if task["task_type"] == "multiple_choice" else len(row) - common
+                start = max(1, min(start, len(row) - 1))
+                token_losses = model(torch.tensor([row[:-1]]), targets=torch.tensor([row[1:]]),
+                                     loss_reduction="none")[0]  # token_losses[t] = loss of token t + 1
+                losses.append(token_losses[start - 1:].mean().item())
+            correct.append(losses.index(min(losses)) == item["gold"])
+    return correct
+
+
+@pytest.mark.slow  # a BPE tokenizer to train, ~700-token rows run one by one: ~25 s on a busy 2-core machine
+def test_per_task_numbers_equal_an_independent_implementation_of_the_dclm_rules(isolated_base_dir, shared_data):
+    """A BPE tokenizer (so spans are whole tokens, as with a real one), a random GPT whose 96-token context is shorter
+    than most rows (but its 960-token rotary table is not), and real tasks of every type, zero- and few-shot. (A
+    random model never reproduces a continuation, so language modeling is right-checked by the SuccessorModel test.)"""
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="base", vocab_size=512, sequence_len=96)
+    with torch.no_grad():  # attention outputs that weigh as much as in a trained model: far context moves the losses
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.5)
+    tasks = {t["label"]: t for t in load_tasks(shared_data / BUNDLE)}
+    longer_than_the_context = 0
+    for label in ("copa", "piqa", "winograd", "lambada_openai", "jeopardy", "bigbench_dyck_languages"):
+        data = load_examples(tasks[label]["path"], max_per_task=8)
+        expected = reference_dclm_correct(model, tokenizer, data, tasks[label])
+        correct, cropped = core_eval.score_examples(model, tokenizer, data, tasks[label], "cpu")
+        assert correct.tolist() == [float(right) for right in expected], label
+        assert cropped == 0
+        assert evaluate_task(model, tokenizer, data, tasks[label], "cpu") == sum(expected) / len(expected)
+        items = core_eval.prepare_items(data, range(len(data)), tasks[label], tokenizer, max_len=None)
+        longer_than_the_context += sum(max(map(len, item["rows"])) > 96 for item in items)
+    assert longer_than_the_context > 20
 
 
 # -----------------------------------------------------------------------------

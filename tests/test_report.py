@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.report import DummyReport, Report, get_report, read_metric, slugify
+from nanochat.report import NEAR_BASELINE_LEGEND, DummyReport, Report, get_report, read_metric, slugify
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_generate_orders_sections_by_pipeline_and_fills_the_summary_table(report
     assert rows["ARC-Easy"] == ["-", "-", "0.4100", "-"]
     assert rows["ChatCORE"] == ["-", "-", "0.0884", "-"]
     assert rows["MMLU"] == ["-", "-", "-", "-"]
-    assert re.search(r"Total wall clock time: \d+h\d+m", text)
+    assert re.search(r"Total wall clock time: (\d+h\d\dm|\d+m\d\ds|\d+s)$", text, re.M)
 
 
 def test_generate_plots_the_training_curve_and_links_it(report):
@@ -118,6 +118,20 @@ def test_the_summary_has_every_stage_and_chat_metric(report):
     assert rows["ChatCORE"] == ["-", "-", "-", "-"]
 
 
+def test_chat_scores_keep_n_and_baseline_in_the_summary_and_a_near_baseline_mark_gets_a_legend(report):
+    report.reset()
+    report.log("Chat evaluation sft", [{"SpellingBee": "80.1 ± 2.5 (n=256, base 59.0)"}])
+    text = open(report.generate(), encoding="utf-8").read()
+    assert summary_rows(text)["SpellingBee"] == ["-", "-", "80.1 ± 2.5 (n=256, base 59.0)", "-"]
+    assert NEAR_BASELINE_LEGEND not in text
+    report.log("Chat evaluation rl", [{"SpellingBee": "59.0 ± 3.1 (n=256, base 59.0)*"}])
+    text = open(report.generate(), encoding="utf-8").read()
+    assert summary_rows(text)["SpellingBee"][3] == "59.0 ± 3.1 (n=256, base 59.0)*"
+    summary = text[text.index("## Summary"):]
+    assert summary.index("| SpellingBee") < summary.index(NEAR_BASELINE_LEGEND)
+    assert NEAR_BASELINE_LEGEND.startswith("* within two standard errors of its baseline")
+
+
 def test_each_training_curve_is_plotted_after_its_own_section(report):
     report.reset()
     report.log("Midtraining", [{"steps": 3}])
@@ -154,7 +168,7 @@ def test_wall_clock_runs_to_the_last_section_and_each_stage_gets_its_time(report
         Path(path).write_text(re.sub(r"timestamp: .*", f"timestamp: 2026-01-01 {stamp}", Path(path).read_text()))
     text = open(report.generate(), encoding="utf-8").read()
     assert "| tokenizer-training | 10:05:00 | 5m00s |" in text
-    assert "| base-model-training | 13:05:00 | 3h0m |" in text
+    assert "| base-model-training | 13:05:00 | 3h00m |" in text
     assert "| chat-sft | 13:50:00 | 45m00s |" in text
     assert "Total wall clock time: 3h50m" in text
     assert "Estimated cost: $92.00 (8 x NVIDIA H100 at $3.00/h, for 3h50m)" in text

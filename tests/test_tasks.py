@@ -4,7 +4,9 @@ wrong, slice and mix deterministically, and name what is missing."""
 
 import json
 import re
+from pathlib import Path
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import numpy as np
@@ -14,10 +16,10 @@ from nanochat.common import MissingFileError, UserError
 from nanochat.engine import use_calculator
 from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
-from tasks.common import Task, TaskMixture, TaskSequence, render_mc, shuffled
+from tasks.common import Task, TaskMixture, TaskSequence, held_out, render_mc, shuffled
 from tasks.customjson import CustomJSON
-from tasks.gsm8k import GSM8K, extract_answer
-from tasks.humaneval import HumanEval, build_program, extract_code
+from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreements
+from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -126,19 +128,21 @@ def all_tasks(shared_data):
         "MMLU-test": MMLU("all", "test"),
         "MMLU-dev": MMLU("all", "dev"),
         "GSM8K-train": GSM8K("main", "train"),
+        "GSM8K-val": GSM8K("main", "val"),
         "GSM8K-test": GSM8K("main", "test"),
         "HumanEval": HumanEval(),
         "SmolTalk": SmolTalk("train", filepath=str(shared_data / "chat" / "chatterbot_corpus_english.jsonl")),
         "CustomJSON": CustomJSON(str(shared_data / "chat" / "fastchat_identity_messages.jsonl")),
         "SpellingBee": SpellingBee(50, "train"),
+        "SpellingBee-val": SpellingBee(50, "val"),
         "SimpleSpelling": SimpleSpelling(50, "test"),
     }
 
 
 def test_every_task_loads_the_real_files_and_renders(data_dir, tokenizer):
     expected_sizes = {"ARC-Easy": 570, "ARC-Challenge": 299, "MMLU-test": 14042, "MMLU-dev": 285,
-                      "GSM8K-train": 7473, "GSM8K-test": 1319, "HumanEval": 164, "CustomJSON": 500,
-                      "SpellingBee": 50, "SimpleSpelling": 50}
+                      "GSM8K-train": 7473 - 799, "GSM8K-val": 799, "GSM8K-test": 1319, "HumanEval": 164,
+                      "CustomJSON": 500, "SpellingBee": 50, "SpellingBee-val": 50, "SimpleSpelling": 50}
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     for name, task in all_tasks(data_dir).items():
         assert len(task) == expected_sizes.get(name, len(task)), name
@@ -225,15 +229,48 @@ def test_gsm8k_reference_solutions_score_100_and_perturbed_answers_0(data_dir):
     assert correct == len(task) and perturbed == 0
 
 
+def gsm8k_conversation(reference_text):
+    return {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": [{"type": "text", "text": reference_text}]}]}
+
+
 def test_gsm8k_answers_compare_as_numbers():
-    assert extract_answer("so #### 1,000") == "1000"
-    assert extract_answer("#### 3\nthen #### -4.50") == "-4.50"
-    assert extract_answer("no answer") is None
-    conversation = {"messages": [{"role": "user", "content": "q"},
-                                 {"role": "assistant", "content": [{"type": "text", "text": "x\n#### 1200"}]}]}
-    task = GSM8K.__new__(GSM8K)
+    assert extract_answer("so #### 1,000") == "1000" and extract_answer("no answer") is None
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 1200")
     assert task.evaluate(conversation, "#### 1,200") and task.evaluate(conversation, "#### 1200.0")
+    assert task.evaluate(conversation, "#### 1200.00")  # the official rule compares strings: "1200.00" != "1200"
     assert not task.evaluate(conversation, "#### 120") and not task.evaluate(conversation, "1200")
+
+
+def test_gsm8k_a_trailing_full_stop_is_not_part_of_the_number():
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 18")
+    assert extract_answer("The answer is\n#### 18.") == "18" and official_answer("#### 18.") == "18."
+    assert task.evaluate(conversation, "So she makes\n#### 18.")
+    assert not task.evaluate(conversation, "#### 1.8.")
+
+
+def test_gsm8k_the_first_answer_counts_when_a_reply_has_two():
+    task, conversation = GSM8K.__new__(GSM8K), gsm8k_conversation("x\n#### 18")
+    assert extract_answer("#### 18\nWait, no:\n#### 20") == "18"
+    assert task.evaluate(conversation, "#### 18\nWait, no:\n#### 20")
+    assert not task.evaluate(conversation, "#### 20\nWait, no:\n#### 18")  # no rescue by a later answer
+
+
+def test_gsm8k_rule_disagreements_count_replies_right_by_one_rule_only():
+    references = ["#### 18", "#### 18", "#### 1,200", "#### 7", "#### 7"]
+    replies = ["#### 18", "#### 18.", "#### 1200.0", "#### 8\n#### 7", "no answer"]
+    assert rule_disagreements(references, replies) == {
+        "replies": 5, "disagree": 2, "ours_only": 2, "official_only": 0,
+        "examples": [("18.", "18"), ("1200.0", "1200")]}
+
+
+def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
+    for split in ("train", "val", "test"):
+        task = GSM8K("main", split)
+        conversations = [task[i] for i in range(len(task))]
+        finals = [conversation["messages"][1]["content"][-1]["text"] for conversation in conversations]
+        counts = rule_disagreements(finals, [full_text(conversation) for conversation in conversations])
+        assert counts["replies"] == len(task) and counts["disagree"] == 0
 
 
 # -----------------------------------------------------------------------------
@@ -242,9 +279,12 @@ def test_gsm8k_answers_compare_as_numbers():
 def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_dir):
     a, b = SpellingBee(200, "train"), SpellingBee(200, "train", start=100)
     assert a[150] == b[50] and a[7] == SpellingBee(200, "train")[7]
-    test = SpellingBee(200, "test")
-    assert sum(a[i] == test[i] for i in range(200)) == 0
-    assert sum(SimpleSpelling(200, "train")[i] == SimpleSpelling(200, "test")[i] for i in range(200)) == 0
+    test, val = SpellingBee(200, "test"), SpellingBee(200, "val")
+    assert sum(a[i] == test[i] for i in range(200)) == sum(a[i] == val[i] for i in range(200)) == 0
+    assert sum(val[i] == test[i] for i in range(200)) == 0
+    simple = {split: SimpleSpelling(200, split) for split in ("train", "val", "test")}
+    assert sum(simple["train"][i] == simple["test"][i] or simple["val"][i] == simple["test"][i]
+               for i in range(200)) == 0
     assert len({a[i]["messages"][0]["content"] for i in range(200)}) > 190  # varied words and phrasings
 
 
@@ -278,6 +318,79 @@ def test_simplespelling_spells_with_commas(data_dir):
 
 
 # -----------------------------------------------------------------------------
+# Validation splits: held out from train, never trained on
+
+
+def questions(task):
+    return [task[i]["messages"][0]["content"] for i in range(len(task))]
+
+
+def test_train_and_val_partition_the_train_split_about_nine_to_one(data_dir):
+    train, val = GSM8K("main", "train"), GSM8K("main", "val")
+    raw = [json.loads(line)["question"] for line in open(data_dir / "gsm8k" / "train.jsonl", encoding="utf-8")]
+    assert sorted(questions(train) + questions(val)) == sorted(raw)
+    assert not set(questions(train)) & set(questions(val))
+    assert len(val) == 799 and all(held_out(question) for question in questions(val))
+
+
+def test_the_held_out_slice_is_the_same_in_a_local_subset(data_dir, monkeypatch):
+    """data/tasks has the first 1,000 GSM8K train rows: its val rows are exactly the full file's val rows among them"""
+    full_val = set(questions(GSM8K("main", "val")))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(Path(__file__).resolve().parents[1] / "data" / "tasks"))
+    subset_train, subset_val = questions(GSM8K("main", "train")), questions(GSM8K("main", "val"))
+    assert len(subset_train) + len(subset_val) == 1000 and set(subset_val) <= full_val
+    assert not set(subset_train) & full_val
+
+
+def test_arc_val_is_held_out_from_arc_train_on_the_hub(hub_from_local_files):
+    train, val = ARC("ARC-Easy", "train"), ARC("ARC-Easy", "val")
+    assert hub_from_local_files == [("allenai/ai2_arc", "ARC-Easy", "train")] * 2
+    assert len(train) + len(val) == 570 and 30 < len(val) < 90  # the stand-in "train" file: 570 rows
+    assert not set(questions(train)) & set(questions(val))
+
+
+# -----------------------------------------------------------------------------
+# Baselines: the score of answering without reading the question
+
+
+def best_constant_reply(task, conversations, replies):
+    """(reply, accuracy) of the best of these replies given to every conversation alike."""
+    right = {reply: sum(task.evaluate(conversation, reply) for conversation in conversations) for reply in replies}
+    best = max(right, key=right.get)
+    return best, right[best] / len(conversations)
+
+
+def test_spellingbee_baseline_is_always_answering_1(data_dir):
+    for size, expected in ((64, 33 / 64), (256, 151 / 256)):  # 51.6% and 59.0%, as the audit found
+        task = SpellingBee(size, "test")
+        conversations = [task[i] for i in range(size)]
+        reply, accuracy = best_constant_reply(task, conversations, [f"#### {k}" for k in range(12)])
+        assert reply == "#### 1" and accuracy == task.baseline(conversations) == expected
+
+
+def test_gsm8k_and_simplespelling_baselines_are_their_best_constant_answer(data_dir):
+    task = GSM8K("main", "test", stop=300)
+    conversations = [task[i] for i in range(len(task))]
+    answers = {full_text(conversation).rsplit("#### ", 1)[1] for conversation in conversations}
+    _, accuracy = best_constant_reply(task, conversations, [f"#### {answer}" for answer in answers])
+    assert task.baseline(conversations) == accuracy > 0
+    task = SimpleSpelling(256, "test")
+    conversations = [task[i] for i in range(len(task))]
+    _, accuracy = best_constant_reply(task, conversations, {full_text(c) for c in conversations})
+    assert task.baseline(conversations) == accuracy <= 2 / 256
+
+
+def test_categorical_baseline_is_chance_over_the_choices_each_question_has(data_dir):
+    task = ARC("ARC-Challenge", "validation")
+    conversations = [task[i] for i in range(len(task))]
+    by_choices = Counter(len(conversation["letters"]) for conversation in conversations)
+    assert by_choices == {4: 295, 3: 3, 5: 1}
+    assert task.baseline(conversations) == pytest.approx((295 / 4 + 3 / 3 + 1 / 5) / 299)
+    assert MMLU("all", "dev").baseline([MMLU("all", "dev")[0]]) == 0.25
+    assert HumanEval(stop=5).baseline([HumanEval()[0]]) == 0.0  # no constant reply passes (see its docstring)
+
+
+# -----------------------------------------------------------------------------
 # HumanEval
 
 
@@ -293,12 +406,40 @@ def test_humaneval_program_has_imports_first_code_block_tests_and_check(data_dir
     assert extract_code("def g(): pass") == "def g(): pass"
 
 
-def test_humaneval_canonical_solution_passes_and_empty_completion_fails(data_dir):
-    task = HumanEval(stop=3)
-    for i in range(len(task)):
-        conversation = task[i]
-        assert task.evaluate(conversation, conversation["messages"][1]["content"])
-        assert not task.evaluate(conversation, "")
+def test_humaneval_imports_are_the_prompts_top_level_block_only(data_dir):
+    prompts = {task["task_id"]: task["messages"][0]["content"] for task in map(HumanEval().__getitem__, range(164))}
+    assert extract_imports(prompts["HumanEval/0"]) == ["from typing import List"]
+    assert extract_imports(prompts["HumanEval/99"]) == []  # its docstring has a line "    from two integers, ..."
+    assert extract_imports(prompts["HumanEval/129"]) == []  # "    from any cell, ..." in the docstring
+    assert "    import math" in prompts["HumanEval/115"] and extract_imports(prompts["HumanEval/115"]) == []
+    assert extract_imports("# a comment\nimport os\n\nfrom a import b\ndef f():\n    import c\nimport d\n") == [
+        "import os", "from a import b"]
+
+
+def completion_text(tokenizer, conversation):
+    """The assistant's reply as chat_eval hands it to task.evaluate: the tokens the model would write after the
+    prompt (render_for_completion), the stop token left out, decoded."""
+    ids, _ = tokenizer.render_conversation(conversation, max_tokens=100_000)
+    prompt = tokenizer.render_for_completion(conversation)
+    assert ids[-1] == tokenizer.encode_special("<|assistant_end|>")
+    return tokenizer.decode(ids[len(prompt):-1])
+
+
+def test_all_164_humaneval_canonical_solutions_pass_and_wrong_completions_fail(data_dir, tokenizer):
+    task = HumanEval()
+    conversations = [task[i] for i in range(len(task))]
+    completions = [completion_text(tokenizer, conversation) for conversation in conversations]
+    assert all(completion.endswith(conversation["messages"][1]["content"][-20:])
+               for conversation, completion in zip(conversations, completions))
+    stub_bodies = [conversation["messages"][0]["content"] + "    pass\n" for conversation in conversations]
+    jobs = [(c, text) for texts in (completions, stub_bodies) for c, text in zip(conversations, texts)]
+    with ThreadPoolExecutor(4) as pool:  # one sandboxed interpreter per program: waiting, not computing
+        passed = list(pool.map(lambda job: task.evaluate(*job), jobs))
+    canonical, stubs = passed[:164], passed[164:]
+    assert [c["task_id"] for c, ok in zip(conversations, canonical) if not ok] == []
+    assert sum(stubs) == 0  # the right function with a body that does nothing
+    assert not task.evaluate(conversations[0], "")
+    assert not task.evaluate(conversations[0], completions[0] + "\n  )")  # a right solution, then a syntax error
 
 
 # -----------------------------------------------------------------------------
@@ -364,6 +505,7 @@ def hub_from_local_files(shared_data, tmp_path, monkeypatch):
     """datasets.load_dataset answering hub names with the real local files (no network), recording the calls."""
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
     files = {("allenai/ai2_arc", "ARC-Challenge", "validation"): shared_data / "arc/ARC-Challenge/validation.jsonl",
+             ("allenai/ai2_arc", "ARC-Easy", "train"): shared_data / "arc/ARC-Easy/validation.jsonl",  # a stand-in
              ("openai/gsm8k", "main", "test"): shared_data / "gsm8k/test.jsonl"}
     calls, real_load_dataset = [], datasets.load_dataset
 
@@ -403,7 +545,8 @@ def test_repo_offline_copies_load_and_match_their_checksums(monkeypatch):
         assert hashlib.sha256((repo_data / name).read_bytes()).hexdigest() == digest, name
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(repo_data))
     sizes = {"ARC-Easy": len(ARC("ARC-Easy", eval_split("ARC-Easy"))), "MMLU": len(MMLU("all", "test")),
-             "GSM8K-train": len(GSM8K("main", "train")), "GSM8K-test": len(GSM8K("main", "test")),
+             "GSM8K-train": len(GSM8K("main", "train")) + len(GSM8K("main", "val")),
+             "GSM8K-test": len(GSM8K("main", "test")),
              "HumanEval": len(HumanEval()), "SpellingBee": len(SpellingBee(10, "test")),
              "chat": len(SmolTalk("train", filepath=str(repo_data / "chat" / "chatterbot_corpus_english.jsonl")))}
     assert sizes == {"ARC-Easy": 570, "MMLU": 570, "GSM8K-train": 1000, "GSM8K-test": 1319, "HumanEval": 164,
