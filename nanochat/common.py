@@ -418,7 +418,7 @@ def download_file_with_lock(url, filename, postprocess_fn=None, **kwargs):
 
 
 if __name__ == "__main__":
-    # speedrun.sh's check after set-up: python -m nanochat.common --device_type=cuda --nproc_per_node=8 [--install_torch]
+    # speedrun.sh's check after set-up, e.g. python -m nanochat.common --device_type=cuda --nproc_per_node=8
     import argparse
     import subprocess
 

@@ -1,9 +1,11 @@
-"""speedrun.sh's CUDA check (nanochat.common.check_cuda and `python -m nanochat.common`): before a GPU run spends
-money it stops with one clear error when CUDA cannot do the job, and lets a CPU run through only when asked. No GPU
-is needed: the CUDA facts (torch's build, the driver's version, torch.cuda's answers) are simulated."""
+"""speedrun.sh and run1000.sh. The CUDA check they run after set-up (nanochat.common.check_cuda and `python -m
+nanochat.common`): before a GPU run spends money it stops with one clear error when CUDA cannot do the job, and lets
+a CPU run through only when asked. No GPU is needed: the CUDA facts (torch's build, the driver's version,
+torch.cuda's answers) are simulated. And the two tiers are one pipeline: run1000.sh only changes its numbers."""
 
 import ctypes
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -156,3 +158,33 @@ def test_the_entry_prints_one_error_line_without_a_gpu_and_passes_a_cpu_run():
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert passed.returncode == 0, passed.stderr
     assert passed.stdout.strip() == "device_type=cpu, as asked: 2 process(es) on the CPU, no GPU used"
+
+
+# -----------------------------------------------------------------------------
+# The two tiers are one pipeline
+
+
+def test_run1000_is_speedrun_with_its_own_numbers():
+    wrapper = (REPO_ROOT / "run1000.sh").read_text(encoding="utf-8")
+    pipeline = (REPO_ROOT / "speedrun.sh").read_text(encoding="utf-8")
+    settings = dict(re.findall(r"(\w+)=(\S+)", re.search(r"^export (.+)$", wrapper, re.M).group(1)))
+    assert settings["DEPTH"] == "32" and settings["DEVICE_BATCH_SIZE"] == "8"
+    for name, value in settings.items():
+        if name == "PIPELINE":
+            continue
+        default = re.search(rf'^{name}="\$\{{{name}:-(\S+)\}}"', pipeline, re.M)
+        assert default, f"run1000.sh sets {name}, which speedrun.sh does not read as a setting"
+        assert default.group(1) != value, f"{name}={value} is already speedrun.sh's default"
+    assert re.search(r'^exec bash "\$\(dirname "\$0"\)/speedrun.sh" "\$@"$', wrapper, re.M)
+
+
+@pytest.mark.parametrize("script", ["speedrun.sh", "run1000.sh"])
+def test_an_unknown_argument_stops_the_pipeline_before_any_set_up(script, tmp_path):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "never")}
+    result = subprocess.run(["bash", script, "--device_type=mps"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: {script}: unknown argument '--device_type=mps'; the one argument is "
+                                     "--device_type=cpu (to run without a GPU); settings come from the environment "
+                                     "(see the top of speedrun.sh)")
+    assert not (tmp_path / "never").exists()
