@@ -73,8 +73,9 @@ for directory in (PIPELINE_DIR, PERF_DIR, LOG_DIR):
 
 import torch  # noqa: E402  (after the settings: --help should not wait for torch)
 
-from nanochat.common import check_cuda, cuda_driver_version  # noqa: E402
+from nanochat.common import cuda_driver_version  # noqa: E402
 
+# This process never starts CUDA (its context would hold GPU memory through the whole run): the stages do.
 NPROC = 1 if DRY else max(1, torch.cuda.device_count())
 DEVICE = f"--device_type={'cpu' if DRY else 'cuda'}"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_DATA_DIR": os.path.join(REPO, "data", "tasks"),
@@ -241,11 +242,9 @@ def environment():
     missing = {name: why for name, why in info["imports"].items() if name in BASE_IMPORTS and why != "ok"}
     if missing:
         raise StageFailed(f"every stage needs these, and they do not import: {missing}")
-    info["check_cuda"] = check_cuda("cpu" if DRY else "cuda", NPROC)  # raises with one line saying why not
-    if not DRY:
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    # speedrun.sh's own check: one line saying what runs, or an error saying why not
+    output = run("environment", [PY, "-m", "nanochat.common", DEVICE, f"--nproc_per_node={NPROC}"], limit_s=60)
+    info["check_cuda"] = output.strip().splitlines()[-1]
     return info
 
 

@@ -13,28 +13,39 @@
 # import, and took the chat server down at start on the first GPU check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION="${1:?usage: bash dev/gpu_vendor.sh PYTHON_VERSION (the GPU machine's, e.g. 3.12)}"
-PACKAGES="fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection typing-extensions
-uvicorn h11 click anyio idna sniffio openai jiter distro httpx httpcore certifi tqdm"
+VERSION="${1:?usage: bash dev/gpu_vendor.sh PYTHON_VERSION, the version of the GPU machine python, e.g. 3.12}"
+ROOTS="fastapi uvicorn openai"  # the server and the client; everything they need comes along, as uv.lock pins it
 WHEELS="$(mktemp -d)"
 trap 'rm -rf "$WHEELS"' EXIT
 
-# the pinned versions, with uv.lock's environment markers evaluated for the target Python
-uv export --frozen --no-hashes --all-groups --no-emit-project | python3 -c '
+# the closure of ROOTS in uv.lock, with its environment markers evaluated for the target Python on x86-64 Linux
+python3 - "$VERSION" $ROOTS > "$WHEELS/requirements.txt" <<'PYTHON'
 import sys
+import tomllib
 try:
-    from packaging.markers import Marker
+    from packaging.markers import Marker, default_environment
 except ImportError:  # a bare python3: pip carries its own copy
-    from pip._vendor.packaging.markers import Marker
-version, wanted = sys.argv[1], set(sys.argv[2].split())
-for line in sys.stdin:
-    requirement, _, marker = line.strip().partition(" ; ")
-    name = requirement.split("==")[0]
-    if name in wanted and (not marker or Marker(marker).evaluate({"python_version": version,
-                                                                 "python_full_version": version + ".0"})):
-        print(requirement)
-' "$VERSION" "$PACKAGES" > "$WHEELS/requirements.txt"
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$VERSION" --implementation cp \
+    from pip._vendor.packaging.markers import Marker, default_environment
+version, roots = sys.argv[1], sys.argv[2:]
+environment = default_environment() | {"python_version": version, "python_full_version": f"{version}.0",
+                                        "sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
+applies = lambda marker: not marker or Marker(marker).evaluate(environment)
+with open("uv.lock", "rb") as f:
+    packages = tomllib.load(f)["package"]
+pinned, todo = {}, [(name, None) for name in roots]
+while todo:
+    name, version_wanted = todo.pop()
+    if name in pinned:
+        continue
+    package = next(p for p in packages if p["name"] == name and version_wanted in (None, p["version"])
+                   and any(applies(m) for m in p.get("resolution-markers", [""])))
+    pinned[name] = package["version"]
+    todo += [(d["name"], d.get("version")) for d in package.get("dependencies", []) if applies(d.get("marker"))]
+print("\n".join(f"{name}=={version}" for name, version in sorted(pinned.items())))
+PYTHON
+PIP=(python3 -m pip)
+python3 -m pip --version >/dev/null 2>&1 || PIP=(uvx pip)  # a uv-made venv has no pip
+"${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version "$VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -r "$WHEELS/requirements.txt" -d "$WHEELS"
 if command -v "python$VERSION" >/dev/null 2>&1; then
