@@ -27,7 +27,7 @@ lent. It is not a benchmark suite (dev/bench/ is) nor a test suite: it runs them
 
 Usage:
     bash dev/gpu_check.sh                                    # on the GPU machine, <= 8 minutes
-    bash dev/gpu_check.sh --dry_run                          # anywhere, CPU only, ~2 minutes
+    bash dev/gpu_check.sh --dry_run                          # anywhere, CPU only: a few minutes of CPU
     bash dev/gpu_check.sh --keep                             # keep the work directory (its path is in the summary)
     bash dev/gpu_check.sh --work_dir=/tmp/x --stages=chat_web  # again, only chat_web, on a kept work directory
 """
@@ -200,11 +200,11 @@ def train_figures(output, warm_up):
     steps = [(int(m[0]), float(m[1]), float(m[2].replace(",", "")), float(m[3])) for m in re.findall(
         r"^step (\d+)/\d+ .*?\| loss ([\d.]+) .*?\| tok/s ([\d,]+) \| mfu ([\d.]+)%", output, re.M)]
     timed = [s for s in steps if s[0] > warm_up] or steps
-    result = {"steps": len(steps)}
-    if steps:
-        result.update(loss_first_last=[steps[0][1], steps[-1][1]],
-                      tok_per_s_median=round(statistics.median(s[2] for s in timed)),
-                      mfu_percent_median=round(statistics.median(s[3] for s in timed), 2))
+    if not steps:
+        raise StageFailed(f"no step lines in base_train's log:\n{tail(output)}")
+    result = {"steps": len(steps), "loss_first_last": [steps[0][1], steps[-1][1]],
+              "tok_per_s_median": round(statistics.median(s[2] for s in timed)),
+              "mfu_percent_median": round(statistics.median(s[3] for s in timed), 2)}
     return result | figures(output, val_bpb=r"val bpb ([\d.]+)", peak_memory=r"Peak memory: ([^|]+?) \|",
                             parameters=r"Parameters: ([\d,]+)")
 
@@ -420,7 +420,8 @@ def chat_web():
 
 def model_tests():
     files = ["tests/test_gpt.py", "tests/test_engine.py"]
-    selection = ["-k", "chunked_prefill and MHA or greedy_generation_equals"] if DRY else ["-m", "not slow"]
+    # with NANOCHAT_TEST_DEVICE set, only the tests that put their tensors on that device run (tests/conftest.py)
+    selection = ["-k", "chunked_prefill and MHA or greedy_generation_equals"] if DRY else []
     output = run("model_tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *selection],
                  env={"NANOCHAT_TEST_DEVICE": "cpu" if DRY else "cuda"}, limit_s=180)
     return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped|deselected)", output)}
@@ -504,7 +505,7 @@ def execute(name):
         record = {"status": "failed", "error": f"{type(e).__name__}: {e}"[-3000:]}
     record["seconds"] = round(time.time() - start, 1)
     if os.path.exists(os.path.join(LOG_DIR, f"{name}.log")):
-        record["log"] = os.path.join(LOG_DIR, f"{name}.log")
+        record["log"] = f"{name}.log"  # in summary["logs"]
     return record
 
 
@@ -565,7 +566,7 @@ if out:
                 f.write(f"===== {name}\n{log.read()[-300_000:]}\n")
     summary["logs"] = os.path.join(out, "gpu_check_logs.txt")
 if args.keep or args.work_dir:
-    summary["work_dir"] = work_dir
+    summary["work_dir"], summary["logs"] = work_dir, LOG_DIR
 elif out or summary["ok"]:
     shutil.rmtree(work_dir, ignore_errors=True)
 else:  # a failure without $OUT: keep the logs where the summary says, drop the checkpoints

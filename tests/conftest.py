@@ -33,3 +33,12 @@ def device():
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.fail(f"NANOCHAT_TEST_DEVICE={device} but torch sees no CUDA GPU")
     return device
+
+
+def pytest_collection_modifyitems(config, items):
+    """With NANOCHAT_TEST_DEVICE set, run only the tests that use `device`: the rest would only repeat CPU tests."""
+    if os.environ.get("NANOCHAT_TEST_DEVICE"):
+        deselected = [item for item in items if "device" not in getattr(item, "fixturenames", ())]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if "device" in getattr(item, "fixturenames", ())]
