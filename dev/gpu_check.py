@@ -62,7 +62,7 @@ parser.add_argument("--stages", default="", help="comma list: run only these (th
 args = parser.parse_args()
 
 DRY = args.dry_run
-DEADLINE = T0 + args.budget_s - 5  # 5 s for stopping what runs and writing the summary
+DEADLINE = T0 + args.budget_s - 15  # 15 s for stopping what runs (10 s at most, see stop) and writing the summary
 PY = sys.executable
 work_dir = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix="nanochat_gpu_check_")
 PIPELINE_DIR = os.path.join(work_dir, "pipeline")  # NANOCHAT_BASE_DIR of the miniature speedrun
@@ -160,8 +160,8 @@ def run(log_name, command, base_dir=PIPELINE_DIR, env=None, limit_s=None):
 
 
 def stop(process):
-    """SIGTERM to the process group (torchrun's workers, a server's threads), then SIGKILL after 15 s."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    """SIGTERM to the process group (torchrun's workers, a server's threads), then SIGKILL after 5 s."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
             process.wait(timeout=wait_s)
