@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# The GPU check (README, issue 11): run on a bare GPU machine that has PyTorch but no internet and no uv, with the
-# machine's own python3; <= 8 minutes on one H100. Prints one JSON summary as its last line (and writes
-# $OUT/gpu_check.json when $OUT is set). Packages the machine lacks can ride along in .gpu_vendor/ at the repo
-# root (pure-Python ones, or builds for that machine's Python, e.g. unpacked cp312 wheels): it goes FIRST on
-# PYTHONPATH when it exists, so a set brought together (pydantic + pydantic_core + typing_extensions) is used
-# together even where the machine has an older copy of one of them. Bring only what is missing or too old.
-# `bash dev/gpu_check.sh --dry_run` runs the same steps on a CPU with tiny sizes. All steps: dev/gpu_check.py.
+# The GPU check: speedrun.sh in miniature on CUDA plus the figures the full run depends on, in at most 8 minutes for
+# the whole run (dev/gpu_check.py says what each stage does). One JSON summary is the last line of the output (also
+# $OUT/gpu_check.json, with every stage's log in $OUT/gpu_check_logs.txt); exit status 0 when every stage passed.
+#
+#     bash dev/gpu_check.sh                  # on a GPU machine
+#     bash dev/gpu_check.sh --dry_run        # any CPU: every stage at tiny sizes (the test suite runs this)
+#
+# Which Python: the locked environment (.venv, from `uv sync --frozen`) when it is there and its torch can use the
+# GPU; else the machine's own python3 (a lent GPU machine has PyTorch but no internet and no uv). The summary says
+# which, and why, and which torch and CUDA ran. PYTHON=... chooses one. Packages the machine's python3 lacks can
+# ride along in .gpu_vendor/ at the repo root (unpacked wheels for that Python; .gpu_vendor/PYTHON_VERSION, e.g.
+# "3.12", says which): it goes first on PYTHONPATH, so a set brought together (pydantic with its pydantic_core) is
+# used together. `bash dev/gpu_check.sh --vendor=3.12` fills it from PyPI (here, where the registry is reachable).
 set -uo pipefail
+export GPU_CHECK_T0="$(date +%s.%N)"  # the time limit counts from here
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
-PYTHON="${PYTHON:-python3}"
+
+for arg in "$@"; do
+    case "$arg" in
+        --vendor=*) exec bash dev/gpu_vendor.sh "${arg#*=}" ;;
+        --dry_run) DRY_RUN=1 ;;
+    esac
+done
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ] && [ -n "${DRY_RUN:-}" ]; then
+        PYTHON=.venv/bin/python WHY="the locked environment (.venv)"
+    elif [ -x .venv/bin/python ] && CHECK="$(.venv/bin/python -m nanochat.common --device_type=cuda 2>&1)"; then
+        PYTHON=.venv/bin/python WHY="the locked environment (.venv): $CHECK"
+    elif [ -x .venv/bin/python ]; then
+        PYTHON=python3 WHY="$(command -v python3): the locked environment (.venv) cannot use the GPU: ${CHECK##*$'\n'}"
+    else
+        PYTHON=python3 WHY="$(command -v python3): there is no .venv (\`uv sync --frozen\` makes it, given the network)"
+    fi
+else
+    WHY="PYTHON=$PYTHON, as set"
+fi
+export GPU_CHECK_PYTHON_WHY="$WHY"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-# .gpu_vendor/PYTHON_VERSION (e.g. "3.12"), when present, says which Python its compiled parts were built for:
-# another Python (say a local --dry_run with .venv's) leaves the folder out instead of failing on it
-if [ -d "$REPO/.gpu_vendor" ]; then
-    WANT="$(cat "$REPO/.gpu_vendor/PYTHON_VERSION" 2>/dev/null || true)"
+if [ -d .gpu_vendor ] && [ "$PYTHON" != .venv/bin/python ]; then
+    WANT="$(cat .gpu_vendor/PYTHON_VERSION 2>/dev/null || true)"
     HAVE="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     if [ -z "$WANT" ] || [ "$WANT" = "$HAVE" ]; then
         export PYTHONPATH="$REPO/.gpu_vendor:$PYTHONPATH"
@@ -22,4 +48,5 @@ if [ -d "$REPO/.gpu_vendor" ]; then
         echo "note: .gpu_vendor/ holds packages for Python $WANT and this is Python $HAVE: not used" >&2
     fi
 fi
+echo "python: $PYTHON ($WHY)"
 exec "$PYTHON" dev/gpu_check.py "$@"

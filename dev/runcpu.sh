@@ -17,7 +17,8 @@ STAGE="set-up"
 trap 'echo "error: dev/runcpu.sh stopped in stage \"$STAGE\" (exit $?); its output is above" >&2' ERR
 stage() { STAGE="$1"; echo; echo "==== $(date +%H:%M:%S) $1"; }
 
-source dev/setup.sh  # uv (installed with pip when missing), `uv sync --frozen` (torch, rustbpe), activates .venv
+source dev/setup.sh  # uv (installed with pip when missing), `uv sync --frozen` (torch, rustbpe), activates .venv;
+                     # no system packages: the demo runs no sandboxed code
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$REPO/data/tasks}"  # the task datasets shipped in the repo
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

@@ -1,12 +1,14 @@
 """
 What every script needs and nothing more: the base directory, rank-0 printing and logging, device and
-process-group set-up with sums and gathers across ranks, the compute dtype, the training loops' shared settings
-(micro-steps, compile, stop on a signal), peak FLOPs and memory, a no-op wandb, and a safe file download.
+process-group set-up with sums and gathers across ranks, the check that CUDA works before a GPU run spends money
+(`python -m nanochat.common`), the compute dtype, the training loops' shared settings (micro-steps, compile, stop on
+a signal), peak FLOPs and memory, a no-op wandb, and a safe file download.
 
 Not a utils grab-bag: anything that belongs to one concept (tokenizer, data, model, ...) lives in that
 concept's module.
 """
 
+import ctypes
 import logging
 import os
 import platform
@@ -99,6 +101,71 @@ def autodetect_device_type():
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# -----------------------------------------------------------------------------
+# Before a GPU run spends money: does CUDA work, with every GPU the run needs?
+
+
+class DriverTooOld(UserError):
+    """The NVIDIA driver is older than the CUDA this torch was built for; `command` installs the build for it."""
+
+    def __init__(self, message, command):
+        super().__init__(message)
+        self.command = command
+
+
+def cuda_driver_version():
+    """The newest CUDA the installed NVIDIA driver supports, as (major, minor), or None when there is no driver.
+    Asked of the driver library itself, so it answers where torch cannot start CUDA."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10  # 13020 -> (13, 2)
+
+
+def check_cuda(device_type, num_gpus):
+    """One line saying what a run of num_gpus processes will use, or a UserError saying why it cannot start: no
+    CUDA build of torch, no NVIDIA driver, a driver older than the torch build (DriverTooOld, with the command that
+    installs the matching build), CUDA failing for another reason (torch's own words), or fewer GPUs than needed.
+    A CPU run passes only when asked for (device_type='cpu'): a pipeline must never fall back to it quietly."""
+    if device_type == "cpu":
+        return f"device_type=cpu, as asked: {num_gpus} process(es) on the CPU, no GPU used"
+    if device_type != "cuda":
+        raise UserError(f"device_type={device_type!r}: expected cuda, or cpu to run without a GPU")
+    no_gpu_hint = "(a run without a GPU must say so: --device_type=cpu)"
+    if torch.version.cuda is None:
+        raise UserError(f"torch {torch.__version__} is a build without CUDA: `uv sync --frozen` installs the locked "
+                        f"CUDA build {no_gpu_hint}")
+    driver = cuda_driver_version()
+    if driver is None:
+        raise UserError(f"no GPU: the NVIDIA driver library (libcuda.so.1) is not on this machine {no_gpu_hint}")
+    driver_text, build = f"{driver[0]}.{driver[1]}", tuple(int(part) for part in torch.version.cuda.split(".")[:2])
+    try:
+        torch.cuda.init()  # raises with the driver's own words when CUDA cannot start
+        count = torch.cuda.device_count()
+    except Exception as e:
+        if driver < build:
+            version = torch.__version__.split("+")[0]
+            tag = f"cu{driver[0]}{driver[1]}"
+            command = ["uv", "pip", "install", "--reinstall-package", "torch", f"torch=={version}+{tag}",
+                       "--index-url", f"https://download.pytorch.org/whl/{tag}"]
+            raise DriverTooOld(f"the NVIDIA driver supports CUDA up to {driver_text}, older than the CUDA "
+                               f"{torch.version.cuda} this torch {torch.__version__} was built for. Install the build "
+                               f"for this driver (or update the driver): {' '.join(command)}", command) from None
+        raise UserError(f"CUDA does not start (torch {torch.__version__} built for CUDA {torch.version.cuda}, driver "
+                        f"supports {driver_text}): {str(e).strip() or type(e).__name__}") from None
+    if count < num_gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(f"the run needs {num_gpus} GPUs (NPROC_PER_NODE={num_gpus}) but torch sees {count}"
+                        + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                        + f": set NPROC_PER_NODE={count} (fewer GPUs give the same result, slower)")
+    return (f"CUDA works: {count} GPU(s), {torch.cuda.get_device_name(0)}, driver CUDA {driver_text}, torch "
+            f"{torch.__version__}; the run uses {num_gpus}")
 
 
 # Fixed prompts whose greedy continuations show, in the training logs and the report, what a base model knows
@@ -431,3 +498,27 @@ def download_file_with_lock(url, filename, postprocess_fn=None, **kwargs):
             if postprocess_fn is not None:
                 postprocess_fn(path)
     return path
+
+
+if __name__ == "__main__":
+    # speedrun.sh's check after set-up, e.g. python -m nanochat.common --device_type=cuda --nproc_per_node=8
+    import argparse
+    import subprocess
+
+    parser = argparse.ArgumentParser(description="Check that this machine can run a pipeline of nproc_per_node "
+                                     "processes on device_type (check_cuda); an `error:` line says why not.")
+    parser.add_argument("--device_type", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--nproc_per_node", type=int, default=1)
+    parser.add_argument("--install_torch", action="store_true",
+                        help="when the driver is older than torch's CUDA, install the matching build and check again")
+    args = parser.parse_args()
+    try:
+        print(check_cuda(args.device_type, args.nproc_per_node))
+    except DriverTooOld as e:
+        if not args.install_torch:
+            raise
+        print(f"{e}\ninstalling it now", flush=True)
+        subprocess.run(e.command, check=True)
+        # a fresh process imports the new torch; without --install_torch, so this happens at most once
+        os.execv(sys.executable, [sys.executable, "-m", "nanochat.common", f"--device_type={args.device_type}",
+                                  f"--nproc_per_node={args.nproc_per_node}"])

@@ -36,9 +36,10 @@ def fp32(monkeypatch):
 
 
 @pytest.fixture
-def chat_model(fp32, isolated_base_dir):
-    """(model, tokenizer): a random 2-layer GPT over the byte-level tokenizer (265 ids)."""
-    return make_chat_checkpoint(isolated_base_dir)
+def chat_model(fp32, isolated_base_dir, device):
+    """(model, tokenizer): a random 2-layer GPT over the byte-level tokenizer (265 ids), on the test device."""
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    return model.to(device), tokenizer
 
 
 def prompt_of(tokenizer, text):

@@ -25,10 +25,10 @@ def depth_config(depth, vocab_size=65536, sequence_len=2048):
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, **dims_for_depth(depth))
 
 
-def build(config, seed=0, perturb=0.0):
-    """A real model on CPU; perturb > 0 adds noise so that the zero-initialized projections matter too."""
+def build(config, seed=0, perturb=0.0, device="cpu"):
+    """A real model on device; perturb > 0 adds noise so that the zero-initialized projections matter too."""
     torch.manual_seed(seed)
-    model = GPT.create(config, "cpu")
+    model = GPT.create(config, device)
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
@@ -71,19 +71,19 @@ def test_estimate_flops_of_d20_is_6N_without_embedding_plus_attention():
     assert round(expected / 1e9, 2) == 3.49  # the original's figure for d20
 
 
-def test_forward_returns_fp32_logits_of_the_unpadded_vocab():
-    model = build(small_config(vocab_size=300))
-    logits = model(torch.randint(0, 300, (2, 10)))
+def test_forward_returns_fp32_logits_of_the_unpadded_vocab(device):
+    model = build(small_config(vocab_size=300), device=device)
+    logits = model(torch.randint(0, 300, (2, 10), device=device))
     assert logits.shape == (2, 10, 300) and logits.dtype == torch.float32
 
 
-def test_init_zeroes_output_projections_and_starts_at_uniform_loss():
-    model = build(small_config(vocab_size=300))
+def test_init_zeroes_output_projections_and_starts_at_uniform_loss(device):
+    model = build(small_config(vocab_size=300), device=device)
     for block in model.transformer.h:
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
     assert 0.0008 < model.lm_head.weight.std().item() < 0.0012
-    idx = torch.randint(0, 300, (4, 32))
+    idx = torch.randint(0, 300, (4, 32), device=device)
     loss = model(idx, idx)  # a near-zero lm_head predicts the uniform distribution: loss ln(V)
     assert abs(loss.item() - math.log(300)) < 0.01
 
@@ -104,40 +104,40 @@ def test_bad_head_counts_are_rejected_with_the_values():
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
-def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head):
+def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head, device):
     config = small_config(n_head=4, n_kv_head=n_kv_head)
-    model = build(config, perturb=0.02)
-    idx = torch.randint(0, config.vocab_size, (2, 20))
+    model = build(config, perturb=0.02, device=device)
+    idx = torch.randint(0, config.vocab_size, (2, 20), device=device)
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(2, n_kv_head, 20, 16, config.n_layer)
+        cache = KVCache(2, n_kv_head, 20, 16, config.n_layer, device=device)
         pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]  # prefill in two chunks
         pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # then one token at a time
     assert cache.pos.tolist() == [20, 20]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
 
 
-def test_logits_from_gives_the_tail_of_the_full_logits():
+def test_logits_from_gives_the_tail_of_the_full_logits(device):
     config = small_config(n_head=4, n_kv_head=2)
-    model = build(config, perturb=0.02)
-    idx = torch.randint(0, config.vocab_size, (2, 12))
+    model = build(config, perturb=0.02, device=device)
+    idx = torch.randint(0, config.vocab_size, (2, 12), device=device)
     with torch.no_grad():
         full = model(idx)
         torch.testing.assert_close(model(idx, logits_from=-1), full[:, -1:], atol=ATOL, rtol=0)
         torch.testing.assert_close(model(idx, logits_from=5), full[:, 5:], atol=ATOL, rtol=0)
-        cache = KVCache(2, 2, 12, 16, config.n_layer)
+        cache = KVCache(2, 2, 12, 16, config.n_layer, device=device)
         prefill = model(idx[:, :9], kv_cache=cache, logits_from=-1)  # the cache still gets every position
         torch.testing.assert_close(prefill, full[:, 8:9], atol=ATOL, rtol=0)
         torch.testing.assert_close(model(idx[:, 9:], kv_cache=cache), full[:, 9:], atol=ATOL, rtol=0)
 
 
-def test_rows_at_different_positions_decode_like_their_own_full_forward():
+def test_rows_at_different_positions_decode_like_their_own_full_forward(device):
     config = small_config(n_head=4, n_kv_head=2)
-    model = build(config, perturb=0.02)
-    idx = torch.randint(0, config.vocab_size, (2, 8))
-    next_tokens = torch.tensor([[5], [9]])
+    model = build(config, perturb=0.02, device=device)
+    idx = torch.randint(0, config.vocab_size, (2, 8), device=device)
+    next_tokens = torch.tensor([[5], [9]], device=device)
     with torch.no_grad():
-        cache = KVCache(2, 2, 16, 16, config.n_layer)
+        cache = KVCache(2, 2, 16, 16, config.n_layer, device=device)
         model(idx, kv_cache=cache)
         cache.pos[1] = 3  # row 1's prompt is only 3 tokens long: the rest of its prefill was padding
         logits = model(next_tokens, kv_cache=cache)[:, -1]  # (2, V)
@@ -148,18 +148,18 @@ def test_rows_at_different_positions_decode_like_their_own_full_forward():
     torch.testing.assert_close(logits[1], row1, atol=ATOL, rtol=0)
 
 
-def test_prefill_copies_a_batch_1_cache_into_every_row_and_grows_it():
+def test_prefill_copies_a_batch_1_cache_into_every_row_and_grows_it(device):
     config = small_config(n_head=4, n_kv_head=2)
-    model = build(config, perturb=0.02)
-    prompt = torch.randint(0, config.vocab_size, (1, 10))
+    model = build(config, perturb=0.02, device=device)
+    prompt = torch.randint(0, config.vocab_size, (1, 10), device=device)
     with torch.no_grad():
-        single = KVCache(1, 2, 4, 16, config.n_layer)  # too short: grows while prefilling
+        single = KVCache(1, 2, 4, 16, config.n_layer, device=device)  # too short: grows while prefilling
         model(prompt, kv_cache=single)
         assert single.seq_len >= 10
-        batch = KVCache(3, 2, 4, 16, config.n_layer)
+        batch = KVCache(3, 2, 4, 16, config.n_layer, device=device)
         batch.prefill(single)
         assert batch.seq_len >= 10 and batch.pos.tolist() == [10, 10, 10]
-        next_tokens = torch.tensor([[1], [2], [3]])
+        next_tokens = torch.tensor([[1], [2], [3]], device=device)
         logits = model(next_tokens, kv_cache=batch)[:, -1]
         expected = model(torch.cat([prompt.expand(3, -1), next_tokens], dim=1))[:, -1]
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
@@ -178,11 +178,11 @@ def test_cache_growth_keeps_every_layer_row_and_position_in_place():
 # Logits and loss
 
 
-def test_softcap_bounds_logits_to_15():
-    model = build(small_config())
+def test_softcap_bounds_logits_to_15(device):
+    model = build(small_config(), device=device)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 100.0)  # raw logits in the thousands
-    logits = model(torch.randint(0, 300, (2, 16)))
+    logits = model(torch.randint(0, 300, (2, 16), device=device))
     assert logits.abs().max().item() <= 15.0
     assert logits.abs().max().item() > 14.9  # saturated, not merely small
 
@@ -229,10 +229,10 @@ def test_softcap_is_15_tanh_of_the_raw_logits():
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
-def test_ignored_targets_add_no_loss_and_no_gradient():
-    model = build(small_config(), perturb=0.02)
-    idx = torch.randint(0, 300, (2, 12))
-    targets = torch.randint(0, 300, (2, 12))
+def test_ignored_targets_add_no_loss_and_no_gradient(device):
+    model = build(small_config(), perturb=0.02, device=device)
+    idx = torch.randint(0, 300, (2, 12), device=device)
+    targets = torch.randint(0, 300, (2, 12), device=device)
     targets[:, -1] = -1  # ignore the last position of every row
     per_token = model(idx, targets, loss_reduction="none")
     assert per_token.shape == (2, 12) and not per_token[:, -1].any()
@@ -247,10 +247,10 @@ def test_ignored_targets_add_no_loss_and_no_gradient():
         torch.testing.assert_close(with_ignored, p.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_compiled_regions_equal_the_eager_model_and_compile_one_graph_for_all_blocks():
+def test_compiled_regions_equal_the_eager_model_and_compile_one_graph_for_all_blocks(device):
     from torch._dynamo.utils import counters
-    model = build(small_config(n_layer=3), perturb=0.02)
-    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    model = build(small_config(n_layer=3), perturb=0.02, device=device)
+    idx, targets = torch.randint(0, 300, (2, 16), device=device), torch.randint(0, 300, (2, 16), device=device)
     model(idx, targets).backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -269,19 +269,19 @@ def test_compiled_regions_equal_the_eager_model_and_compile_one_graph_for_all_bl
 # Sampling
 
 
-def test_greedy_generate_follows_the_argmax_of_full_forwards():
-    model = build(small_config(), perturb=0.05)
+def test_greedy_generate_follows_the_argmax_of_full_forwards(device):
+    model = build(small_config(), perturb=0.05, device=device)
     tokens = [1, 2, 3]
     generated = list(model.generate(tokens, max_tokens=5, temperature=0.0))
     expected = list(tokens)
     with torch.no_grad():
         for _ in range(5):
-            expected.append(model(torch.tensor([expected]))[0, -1].argmax().item())
+            expected.append(model(torch.tensor([expected], device=device))[0, -1].argmax().item())
     assert generated == expected[3:]
 
 
-def test_sampling_is_reproducible_per_seed():
-    model = build(small_config(), perturb=0.05)
+def test_sampling_is_reproducible_per_seed(device):
+    model = build(small_config(), perturb=0.05, device=device)
     first = list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=1))
     assert first == list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=1))
     assert first != list(model.generate([1, 2], max_tokens=10, temperature=1.0, seed=2))
@@ -293,16 +293,16 @@ def test_sampling_is_reproducible_per_seed():
 # Learning
 
 
-def test_tiny_model_overfits_a_fixed_batch_with_the_real_optimizers():
+def test_tiny_model_overfits_a_fixed_batch_with_the_real_optimizers(device):
     config = small_config(vocab_size=256, n_kv_head=2)
-    model = build(config)
+    model = build(config, device=device)
     optimizer = model.setup_optimizers()
     kinds = [group["kind"] for group in optimizer.param_groups]
     assert kinds[:2] == ["adamw", "adamw"] and set(kinds[2:]) == {"muon"}  # lm_head, wte; a group per matrix shape
     assert all("initial_lr" in group for group in optimizer.param_groups)
     torch.manual_seed(1)
-    idx = torch.randint(0, 256, (4, 32))
-    targets = torch.randint(0, 256, (4, 32))  # random targets: only memorization lowers the loss
+    idx = torch.randint(0, 256, (4, 32), device=device)
+    targets = torch.randint(0, 256, (4, 32), device=device)  # random targets: only memorization lowers the loss
     losses = []
     for _ in range(40):
         loss = model(idx, targets)
