@@ -64,10 +64,7 @@ tokenizer = RustBPETokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
 tokenizer.save(os.path.join(base_dir, "tokenizer"))
 torch.save(compute_token_bytes(tokenizer), os.path.join(base_dir, "tokenizer", "token_bytes.pt"))
 config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), **dims_for_depth(depth))
-with torch.device("meta"):
-    model = GPT(config)
-model.to_empty(device="cpu")
-model.init_weights()
+model = GPT.create(config, "cpu")
 model_tag = f"d{depth}"
 save_checkpoint(os.path.join(base_dir, CHECKPOINT_DIRS["sft"], model_tag), 0, model.state_dict(), None,
                 {"step": 0, "model_config": vars(config), "user_config": {}, "world_size": 1})
