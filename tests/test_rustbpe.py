@@ -17,7 +17,9 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, HuggingFaceTokenizer
+from hf_tokenizer import HuggingFaceTokenizer
+
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]

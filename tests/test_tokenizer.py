@@ -14,11 +14,11 @@ import tiktoken.load
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hf_tokenizer import HuggingFaceTokenizer
 
 from nanochat.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
-    HuggingFaceTokenizer,
     RustBPETokenizer,
     compute_token_bytes,
     get_token_bytes,
