@@ -41,9 +41,6 @@ class ARC(Task):
         if source == "train":
             self.rows = train_or_val(self.rows, split, lambda row: row["question"])
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         letters, choices = list(row["choices"]["label"]), list(row["choices"]["text"])

@@ -46,8 +46,8 @@ VAL_EVERY = 10  # 1 in 10 examples of a train split is held out for validation (
 
 class Task:
     """A view over a dataset of conversations: `task[i]` is example start + i*step of the underlying data
-    (stop excluded, clipped to its size). Subclasses define num_examples() and get_example(index), and, for
-    evaluation tasks, eval_type and evaluate()."""
+    (stop excluded, clipped to its size). Subclasses define get_example(index) (and num_examples() unless they keep
+    their dataset in self.rows), and, for evaluation tasks, eval_type and evaluate()."""
 
     eval_type = None  # "generative" (sample, then check) or "categorical" (pick the likeliest answer letter)
 
@@ -61,8 +61,9 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self):
-        """Size of the underlying dataset, before slicing."""
-        raise NotImplementedError
+        """Size of the underlying dataset, before slicing: by default its rows (a task that loads a dataset keeps them
+        in self.rows)."""
+        return len(self.rows)
 
     def get_example(self, index):
         """The conversation at physical index (0 <= index < num_examples())."""

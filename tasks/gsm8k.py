@@ -108,9 +108,6 @@ class GSM8K(Task):
         if source == "train":
             self.rows = train_or_val(self.rows, split, lambda row: row["question"])
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         return {

@@ -49,9 +49,6 @@ class HumanEval(Task):
         self.rows = load_dataset_rows("openai/openai_humaneval", None, "test",
                                       lambda: read_jsonl(local_path("humaneval", "HumanEval.jsonl.gz")))
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         return {

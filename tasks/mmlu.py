@@ -49,9 +49,6 @@ class MMLU(Task):
         self.subset, self.split = subset, split
         self.rows = load_dataset_rows("cais/mmlu", subset, split, lambda: read_local_mmlu(split))
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         if self.subset == "auxiliary_train":

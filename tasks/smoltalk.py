@@ -27,9 +27,6 @@ class SmolTalk(Task):
             self.rows = load_dataset_rows("HuggingFaceTB/smol-smoltalk", None, split,
                                           lambda: read_conversations(local_path("smoltalk", f"{split}.jsonl")))
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         messages = self.rows[index]["messages"]
         check_messages(messages, f"SmolTalk {self.split} example {index}")
