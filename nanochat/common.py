@@ -320,14 +320,20 @@ class StopOnSignal:
         self.requested = True
 
 
-def grad_accum_steps(total, per_micro_step, total_name, per_micro_step_name):
-    """Micro-steps per optimizer step: total / per_micro_step, which must divide exactly, so that every optimizer
-    step sees the same amount of data whatever the hardware. The names say how each number is made up, for the
-    error, e.g. ("total_batch_size", "device_batch_size * max_seq_len * world_size = 8 * 512 * 2")."""
+def grad_accum_steps(total_name, total, device_batch_size, world_size, row_tokens=None):
+    """Micro-steps per optimizer step, printed with how a step is made up: `total` (the setting total_name) tokens
+    per step when row_tokens (max_seq_len) is given, else rows (conversations). It must divide exactly by what one
+    micro-step of every process takes, so that a step sees the same data whatever the hardware."""
+    per_micro_step = device_batch_size * (row_tokens or 1) * world_size
+    factors = ["device_batch_size", "max_seq_len", "world_size"] if row_tokens else ["device_batch_size", "world_size"]
+    values = [device_batch_size, row_tokens, world_size] if row_tokens else [device_batch_size, world_size]
     if total % per_micro_step != 0:
-        raise UserError(f"{total_name}={total:,} is not a multiple of {per_micro_step_name} = {per_micro_step:,}; "
-                        f"change one of these settings")
-    return total // per_micro_step
+        raise UserError(f"{total_name}={total:,} is not a multiple of {' * '.join(factors)} = "
+                        f"{' * '.join(map(str, values))} = {per_micro_step:,}; change one of these settings")
+    steps = total // per_micro_step
+    print0(f"{'Tokens' if row_tokens else 'Rows'} per step: {total:,} = {world_size} process(es) x {steps} micro-step(s) "
+           f"x {device_batch_size} rows" + (f" x {row_tokens} tokens" if row_tokens else ""))
+    return steps
 
 
 def should_compile(setting, device):

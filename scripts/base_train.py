@@ -107,10 +107,7 @@ print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model
        f"{model_dims['n_embd'] // model_dims['n_head']}")
 
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size  # one micro-step of every process
-accum_steps = grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size", "device_batch_size * "
-                               f"max_seq_len * world_size = {device_batch_size} * {max_seq_len} * {world_size}")
-print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {accum_steps} micro-step(s) x "
-       f"{device_batch_size} rows x {max_seq_len} tokens")
+accum_steps = grad_accum_steps("total_batch_size", total_batch_size, device_batch_size, world_size, max_seq_len)
 use_compile = should_compile(compile, device)
 
 tokenizer = get_tokenizer()

@@ -90,10 +90,7 @@ is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
 master_process = rank == 0
 wandb_run = init_wandb(run, user_config, master_process, project="nanochat-sft")
 
-accum_steps = grad_accum_steps(target_examples_per_step, device_batch_size * world_size, "target_examples_per_step",
-                               f"device_batch_size * world_size = {device_batch_size} * {world_size}")
-print0(f"Conversations per step: {target_examples_per_step} = {world_size} process(es) x {accum_steps} "
-       f"micro-step(s) x {device_batch_size} rows")
+accum_steps = grad_accum_steps("target_examples_per_step", target_examples_per_step, device_batch_size, world_size)
 
 model, tokenizer, meta = load_model(source, device, phase="train", model_tag=model_tag or None,
                                     step=None if model_step < 0 else model_step)

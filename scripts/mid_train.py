@@ -92,10 +92,7 @@ synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 wandb_run = init_wandb(run, user_config, master_process, project="nanochat-mid")
 
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size  # one micro-step of every process
-accum_steps = grad_accum_steps(total_batch_size, world_tokens_per_fwdbwd, "total_batch_size", "device_batch_size * "
-                               f"max_seq_len * world_size = {device_batch_size} * {max_seq_len} * {world_size}")
-print0(f"Tokens per step: {total_batch_size:,} = {world_size} process(es) x {accum_steps} micro-step(s) x "
-       f"{device_batch_size} rows x {max_seq_len} tokens")
+accum_steps = grad_accum_steps("total_batch_size", total_batch_size, device_batch_size, world_size, max_seq_len)
 use_compile = should_compile(compile, device)
 
 model, tokenizer, meta = load_model("base", device, phase="train", model_tag=model_tag or None,
