@@ -104,7 +104,7 @@ TAG = f"d{PIPE['depth']}"
 # What each stage imports beyond what every stage needs (the environment stage checks them all for real)
 BASE_IMPORTS = ["torch", "numpy", "tiktoken", "pyarrow", "regex", "requests", "filelock", "psutil", "tqdm", "yaml"]
 STAGE_IMPORTS = {"report": ["matplotlib"], "model_tests": ["pytest"],
-                 "chat_web": ["fastapi", "uvicorn", "pydantic", "scripts.chat_web", "openai"]}
+                 "chat_web": ["fastapi", "uvicorn", "pydantic", "nanochat.server", "openai"]}
 
 # -----------------------------------------------------------------------------
 # Running commands
@@ -132,8 +132,9 @@ def tail(text, lines=20):
 def run(log_name, command, base_dir=PIPELINE_DIR, env=None, limit_s=None):
     """Run a command from the repo root in its own process group, its output appended to logs/<log_name>.log, until it
     ends, limit_s passes or the whole run's time is up (then it and everything it started are killed). Returns its
-    output; a non-zero exit raises StageFailed with the tail of the output."""
-    limit_s = limit_s or float("inf")
+    output; a non-zero exit raises StageFailed with the tail of the output. A stage's own limit is sized for a GPU:
+    the dry run, on whatever CPU and load it finds, is bound by its budget only."""
+    limit_s = float("inf") if DRY or not limit_s else limit_s
     timeout, out_of_budget = min(remaining(), limit_s), remaining() < limit_s
     if timeout < 1:
         raise OutOfTime(f"no time left to start: {' '.join(command)}")

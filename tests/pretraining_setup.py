@@ -68,7 +68,7 @@ def make_aligned_base_dir(base_dir, rows_per_row_group, row_len, num_train_row_g
     return Path(base_dir)
 
 
-def run_base_train(base_dir, *args, nproc=1, timeout=600, check=True):
+def run_base_train(base_dir, *args, nproc=1, timeout=1800, check=True):
     """Run scripts.base_train (under torchrun when nproc > 1) with NANOCHAT_BASE_DIR=base_dir, one thread per process
     (deterministic and kind to a shared machine). Returns the CompletedProcess (stdout + stderr in .stdout)."""
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def run_cli(base_dir, *args, stdin=""):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args], cwd=REPO_ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_one_shot_prompt_prints_a_reply_and_exits(isolated_base_dir):

@@ -117,7 +117,7 @@ KILL_MID_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("target", ["optim_000002", "model_000002", "meta_000002"])
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, target):
     result = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(tmp_path), target], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == -9, result.stderr
     assert not (tmp_path / "meta_000002.json").exists()
     assert any(name.startswith(target) and ".tmp" in name for name in os.listdir(tmp_path))  # it really died mid-write

@@ -20,7 +20,7 @@ def gpu_check(tmp_path, *args, env=None):
     """Run dev/gpu_check.sh; returns (exit status, the summary from its last line, all output)."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(["bash", "dev/gpu_check.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=1200)
+                            text=True, timeout=4000)  # ends only a check that hangs: its budget is the limit
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     return result.returncode, summary, result.stdout + result.stderr
@@ -28,14 +28,15 @@ def gpu_check(tmp_path, *args, env=None):
 
 @pytest.mark.slow
 def test_the_dry_run_goes_through_every_stage_and_prints_one_json_summary(tmp_path):
-    code, summary, output = gpu_check(tmp_path, "--dry_run")
+    # the 8 minutes are a GPU's budget; on a CPU under load the dry run may take longer, and that is no failure
+    code, summary, output = gpu_check(tmp_path, "--dry_run", "--budget_s=3600")
     stages = summary["stages"]
     assert code == 0 and summary["ok"], json.dumps(stages, indent=1)[-4000:]
     assert list(stages) == STAGES and all(stage["status"] == "ok" for stage in stages.values())
     assert summary["dry_run"] is True and summary["failed"] == summary["skipped"] == summary["out_of_time"] == []
     environment = stages["environment"]
     assert environment["check_cuda"].startswith("device_type=cpu, as asked")
-    assert environment["imports"]["scripts.chat_web"] == "ok" and environment["why_this_python"]
+    assert environment["imports"]["nanochat.server"] == "ok" and environment["why_this_python"]
     assert stages["tokenizer"] == {**stages["tokenizer"], "vocab_size": 512, "kind": "tok_train"}
     train = stages["base_train"]
     assert train["steps"] == 12 and train["loss_first_last"][1] < train["loss_first_last"][0]

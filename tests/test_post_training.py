@@ -26,7 +26,7 @@ MID_SKIP = "mmlu_aux,gsm8k"
 SFT_SKIP = "arc_easy,arc_challenge,gsm8k"
 
 
-def run_script(base_dir, module, *args, nproc=1, timeout=600, check=True):
+def run_script(base_dir, module, *args, nproc=1, timeout=1800, check=True):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
