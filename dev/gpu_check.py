@@ -348,8 +348,10 @@ def chat_eval(source):
         output = run(f"chat_eval_{source}", script(
             "chat_eval", "-i", source, "-x", str(PIPE["chat_problems"]), "-m", str(PIPE["max_new_tokens"]), DEVICE),
             limit_s=120)
-        scores = dict(re.findall(r"^([\w-]+): ([\d.]+) \([\d.]+s\)$", output, re.M))
-        return {"tasks": {name: float(value) for name, value in scores.items()}} | figures(
+        # "ARC-Easy: 31.2 ± 5.8 (n=64, base 25.0)* (12.3s)": accuracy in percent, one standard error, baseline
+        scores = re.findall(r"^([\w-]+): ([\d.]+) ± ([\d.]+) \(n=(\d+), base ([\d.]+)\)\*? \([\d.]+s\)$", output, re.M)
+        return {"tasks": {name: {"accuracy": float(accuracy) / 100, "stderr": float(stderr) / 100, "n": int(n),
+                                 "baseline": float(base) / 100} for name, accuracy, stderr, n, base in scores}} | figures(
             output, chatcore=r"^ChatCORE: (-?[\d.]+)")
     return evaluate
 
