@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DEMO = {"DEMO_BASE_STEPS": "20", "DEMO_MID_STEPS": "4", "DEMO_SFT_STEPS": "4", "DEMO_RL_STEPS": "2",
              "DEMO_EVAL_PROBLEMS": "4", "DEMO_CORE_PER_TASK": "2"}
 NUMBER = r"-?\d+(?:\.\d+)?"
+SCORE = rf"{NUMBER} ± {NUMBER} \(n=\d+, base {NUMBER}\)\*?"  # chat_eval's line: accuracy ± SE, n, baseline
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_every_stage_runs_and_the_report_summary_holds_numbers(demo):
     core = next(label for label in rows if label.startswith("CORE"))
     assert re.fullmatch(r"CORE \(over \d+ of 22 tasks\)", core) and re.fullmatch(NUMBER, rows[core][0]), rows[core]
     spelling = rows["SpellingBee"]
-    assert all(re.fullmatch(NUMBER, cell) for cell in spelling[1:]), spelling  # evaluated after mid, SFT and RL
-    assert all(re.fullmatch(NUMBER, cell) for cell in rows["SimpleSpelling"][1:]), rows["SimpleSpelling"]
+    assert all(re.fullmatch(SCORE, cell) for cell in spelling[1:]), spelling  # evaluated after mid, SFT and RL
+    assert all(re.fullmatch(SCORE, cell) for cell in rows["SimpleSpelling"][1:]), rows["SimpleSpelling"]
     bpb = re.search(rf"Base model val bpb: ({NUMBER}) \(unigram baseline: ({NUMBER})\)", summary)
     assert bpb and 0 < float(bpb.group(1)) and 0 < float(bpb.group(2)), summary
     assert re.search(r"Total wall clock time: (\d+h\d\dm|\d+m\d\ds|\d+s)$", summary, re.M)
