@@ -273,10 +273,10 @@ class GPT(nn.Module):
         else:
             if kv_cache.k.dtype != COMPUTE_DTYPE:
                 raise ValueError(f"KVCache dtype {kv_cache.k.dtype} != the model's compute dtype {COMPUTE_DTYPE}")
-            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) absolute positions
-            attend_len = int(kv_cache.pos.max()) + T  # keys 0..attend_len-1 are read (the one host sync per forward)
+            # keys 0..attend_len-1 are read; the length is known on the host, so nothing is read back from the device
+            attend_len = kv_cache.attend_len(T)
             assert attend_len <= self.rotary_seq_len, f"position {attend_len}: past the rotary table ({self.rotary_seq_len})"
-            kv_cache.reserve(attend_len)
+            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) absolute positions
             cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
             # query at position p sees keys 0..p: the whole prefix plus causal within the chunk; for one token,
             # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
@@ -347,12 +347,17 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, preallocated so decoding appends in place.
+    """Keys and values of the tokens seen so far, for every layer, preallocated at full length so decoding writes in
+    place and never reallocates.
 
-    k, v: (num_layers, batch_size, seq_len, num_heads, head_dim); pos: (batch_size,) tokens cached per row. Rows
-    may sit at different positions (prompts of different lengths): each row writes at its own pos and the
-    attention mask hides every slot past it, so an engine may also rewind a row by lowering pos[row].
-    Protocol per forward (GPT.forward does it): reserve(length) -> insert() in every layer -> advance(T).
+    k, v: (num_layers, batch_size, seq_len, num_heads, head_dim); pos: (batch_size,) tokens cached per row, on the
+    device. Rows may sit at different positions (prompts of different lengths): each row writes at its own pos and the
+    attention mask hides every slot past it, so a row may also be rewound by lowering its position.
+    max_pos is the host's upper bound of pos: it sizes the attention (keys 0..max_pos) without reading pos back from
+    the device. A fixed-length view (rows(..., fixed_len=n): the first n slots of some rows) always attends to all its
+    n slots instead, masked by pos, and keeps no host state, so that a compiled or CUDA-graph-captured decode step sees
+    the same shapes at every token.
+    Protocol per forward (GPT.forward does it): attend_len(T) -> insert() in every layer -> advance(T).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=COMPUTE_DTYPE):
@@ -360,48 +365,92 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_pos = 0
+        self.fixed = False
+        self.row_index = torch.arange(batch_size, device=device)[:, None]  # (B, 1): the rows of a write, made once
+
+    @property
+    def batch_size(self):
+        return self.k.size(1)
 
     @property
     def seq_len(self):
         return self.k.size(2)
 
+    def rows(self, start, stop, fixed_len=None):
+        """A KVCache over rows [start, stop), sharing this cache's storage: a forward on it reads and writes those
+        rows in place (their pos too). fixed_len: attend to that many slots at every forward (see the class)."""
+        if fixed_len is not None and not 0 < fixed_len <= self.seq_len:
+            raise ValueError(f"fixed_len={fixed_len}: must be in [1, {self.seq_len}]")
+        slots = slice(None, fixed_len)
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = self.k[:, start:stop, slots], self.v[:, start:stop, slots], self.pos[start:stop]
+        view.row_index = self.row_index[:stop - start]
+        view.max_pos, view.fixed = self.max_pos, fixed_len is not None
+        return view
+
+    def set_positions(self, positions):
+        """Set every row's position (a list of ints, one per row): rows keep their first positions[i] tokens."""
+        if len(positions) != self.batch_size or not all(0 <= p <= self.seq_len for p in positions):
+            raise ValueError(f"positions {positions}: expected {self.batch_size} ints in [0, {self.seq_len}]")
+        self.pos.copy_(torch.tensor(positions, dtype=torch.long))
+        self.max_pos = max(positions)
+
     def reset(self):
         self.pos.zero_()
+        self.max_pos = 0
 
-    def reserve(self, length):
-        """Make room for `length` positions, keeping the contents: new tensors and a copy (resize_ would scramble
-        the layout); capacity grows in steps of 1024 so that decoding does not reallocate every token."""
-        if length <= self.seq_len:
-            return
-        new_len = -(-length // 1024) * 1024
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (new_len,) + old.shape[3:])
-            new[:, :, :old.size(2)] = old
-            setattr(self, name, new)
+    def attend_len(self, num_new):
+        """How many key slots the next forward of num_new tokens per row reads."""
+        if self.fixed:
+            return self.seq_len
+        length = self.max_pos + num_new
+        if length > self.seq_len:
+            raise ValueError(f"KV cache full: {self.max_pos} tokens cached + {num_new} new > seq_len {self.seq_len}")
+        return length
 
     def insert(self, layer_idx, k, v, positions, length):
         """Write k, v (B, T, H, D) at `positions` (B, T) of layer layer_idx; return that layer's keys and values
         (B, length, H, D) for attention."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), broadcast against positions
-        self.k[layer_idx, rows, positions] = k
-        self.v[layer_idx, rows, positions] = v
+        self.k[layer_idx].index_put_((self.row_index, positions), k)
+        self.v[layer_idx].index_put_((self.row_index, positions), v)
         return self.k[layer_idx, :, :length], self.v[layer_idx, :, :length]
 
     def advance(self, num_tokens):
         self.pos += num_tokens
+        if not self.fixed:
+            self.max_pos += num_tokens
 
-    def prefill(self, other):
-        """Copy another cache's contents into this one, e.g. a prompt prefilled once with batch 1, then decoded as
-        batch_size independent samples. Grows this cache if the other holds more positions than fit."""
+    def prefill(self, other, rows=None):
+        """Copy another cache's contents and positions into this one: row i gets other's row rows[i] (rows: a list
+        of ints or a long tensor; None = other's rows one to one, or its single row into every row). E.g. a prompt
+        prefilled once with batch 1, then decoded as batch_size samples; or shared prefixes, one per group of rows."""
         if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
             raise ValueError(f"cannot prefill a cache of shape {tuple(self.k.shape)} from one of shape "
                              f"{tuple(other.k.shape)}: layers, heads and head_dim must match")
-        if other.k.size(1) not in (1, self.k.size(1)):
-            raise ValueError(f"cannot prefill batch size {self.k.size(1)} from batch size {other.k.size(1)} "
-                             f"(must be 1 or equal)")
-        length = int(other.pos.max())
-        self.reserve(length)
-        self.k[:, :, :length] = other.k[:, :, :length]  # a batch of 1 broadcasts to every row
-        self.v[:, :, :length] = other.v[:, :, :length]
-        self.pos.copy_(other.pos.expand_as(self.pos))
+        if rows is None and other.batch_size not in (1, self.batch_size):
+            raise ValueError(f"cannot prefill batch size {self.batch_size} from batch size {other.batch_size} "
+                             f"(must be 1 or equal, or name the rows)")
+        length = other.max_pos
+        if length > self.seq_len:
+            raise ValueError(f"cannot prefill {length} positions into a cache of seq_len {self.seq_len}")
+        if rows is None:  # a batch of 1 broadcasts to every row
+            self.k[:, :, :length] = other.k[:, :, :length]
+            self.v[:, :, :length] = other.v[:, :, :length]
+            self.pos.copy_(other.pos.expand_as(self.pos))
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long).to(self.k.device)
+            if rows.shape != (self.batch_size,):
+                raise ValueError(f"rows: expected one row of the other cache per row ({self.batch_size}), "
+                                 f"got shape {tuple(rows.shape)}")
+            self.k[:, :, :length] = other.k[:, rows, :length]
+            self.v[:, :, :length] = other.v[:, rows, :length]
+            self.pos.copy_(other.pos[rows])
+        self.max_pos = length
+
+    def copy_row(self, source, target, length):
+        """Row target becomes a copy of row source's first `length` slots and its position, e.g. to share one prefilled
+        prompt between samples, or to move a row when compacting a batch."""
+        self.k[:, target, :length] = self.k[:, source, :length]
+        self.v[:, target, :length] = self.v[:, source, :length]
+        self.pos[target] = self.pos[source]
