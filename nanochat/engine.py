@@ -269,17 +269,22 @@ class _Readback:
 # The decode step: one token per row, on the device
 
 
-def _decode_step(model, view, tokens, temperatures, top_ks, uniforms, active, max_top_k, full_vocab):
+def _decode_step(model, weights, view, tokens, temperatures, top_ks, uniforms, active, max_top_k, full_vocab):
     """Feed each row of `view` its token in `tokens` (B,), and put the row's next token in its place. Rows not
-    active go back to position 0, so an idle row never runs past the cache. No host reads, no host data."""
-    logits = model(tokens[:, None], kv_cache=view)[:, -1]  # (B, V)
+    active go back to position 0, so an idle row never runs past the cache. No host reads, no host data. weights:
+    GPT.decode_weights() for GPT.decode_step, or None: the model's forward (any model, e.g. a stand-in in a test)."""
+    if weights is None:
+        logits = model(tokens[:, None], kv_cache=view)[:, -1]  # (B, V)
+    else:
+        logits = model.decode_step(tokens, view, weights)
     tokens.copy_(sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab))
     view.pos.mul_(active)
 
 
-def _fixed_step(model, cache, tokens, temperatures, top_ks, uniforms, active, width, length, max_top_k, full_vocab):
+def _fixed_step(model, weights, cache, tokens, temperatures, top_ks, uniforms, active, width, length, max_top_k,
+                full_vocab):
     """_decode_step over rows [0, width) and slots [0, length) of the whole cache: the fixed-shape step."""
-    _decode_step(model, cache.rows(0, width, fixed_len=length), tokens[:width], temperatures[:width],
+    _decode_step(model, weights, cache.rows(0, width, fixed_len=length), tokens[:width], temperatures[:width],
                  top_ks[:width], uniforms[:width], active[:width], max_top_k, full_vocab)
 
 
@@ -299,12 +304,16 @@ class _CompiledStep:
         if _compiled_fixed_step is None:
             _compiled_fixed_step = torch.compile(_fixed_step, fullgraph=True, dynamic=True)
         self.cuda = device.type == "cuda"
-        self.graphs = {}
+        self.graphs, self.weights_memory = {}, None
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None  # one memory pool: graphs run one at a time
 
     def __call__(self, key, *args):
         if not self.cuda:
             return _compiled_fixed_step(*args)
+        weights = args[1]
+        memory = None if weights is None else [w.data_ptr() for layer in weights for w in layer]
+        if memory != self.weights_memory:  # the graphs read the weights where they were when captured
+            self.graphs, self.weights_memory = {}, memory
         graph = self.graphs.get(key)
         if graph is None:
             side = torch.cuda.Stream()
@@ -491,16 +500,17 @@ class BatchDecoder:
                     uniforms[self.slot_of[request.row_id]] = request.rng.random()
             _upload(uniforms, torch.float32, self.device, out=self.uniforms[:width])
         longest = max(request.position for request in requests) + 1  # slots the step reads
+        weights = self.model.decode_weights() if hasattr(self.model, "decode_weights") else None
         if self.compiled:
             length = _bucket(longest, 16, self.max_seq_len)
-            self.compiled((width, length, max_top_k, full_vocab), self.model, self.cache, self.tokens,
+            self.compiled((width, length, max_top_k, full_vocab), self.model, weights, self.cache, self.tokens,
                           self.temperatures, self.top_ks, self.uniforms, self.active, width, length, max_top_k,
                           full_vocab)
         else:
             view = self.cache.rows(0, width)
             view.max_pos = longest - 1
-            _decode_step(self.model, view, self.tokens[:width], self.temperatures[:width], self.top_ks[:width],
-                         self.uniforms[:width], self.active[:width], max_top_k, full_vocab)
+            _decode_step(self.model, weights, view, self.tokens[:width], self.temperatures[:width],
+                         self.top_ks[:width], self.uniforms[:width], self.active[:width], max_top_k, full_vocab)
 
     def _compact(self):
         """When at most half the rows up to the highest active one are active, move the highest down into free

@@ -528,9 +528,10 @@ def test_completions_report_stops_masks_and_drop_the_rest_of_a_prompt(isolated_b
 class SteeredModel(torch.nn.Module):
     """A real GPT whose logits get a large bonus along a chain of tokens, so that every reply starts with a calculator
     call (<|python_start|> 1+2 <|python_end|>, then the tool's forced output) and goes on as the model likes. The
-    bonus is looked up by the input token on the device: it adds no host wait."""
+    bonus is looked up by the input token on the device: it adds no host wait. With fast=False the engine decodes
+    through forward instead of GPT.decode_step (as for any model without decode weights)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, fast=True):
         super().__init__()
         special = tokenizer.encode_special
         chain = [special("<|assistant_start|>"), special("<|python_start|>"), *tokenizer.encode("1+2"),
@@ -538,7 +539,7 @@ class SteeredModel(torch.nn.Module):
         bonus = torch.zeros(model.config.vocab_size, model.config.vocab_size)
         for token, next_token in zip(chain, chain[1:]):
             bonus[token, next_token] = 40.0
-        self.inner, self.config, self.rotary_seq_len = model, model.config, model.rotary_seq_len
+        self.inner, self.config, self.rotary_seq_len, self.fast = model, model.config, model.rotary_seq_len, fast
         self.register_buffer("bonus", bonus)
 
     def get_device(self):
@@ -546,6 +547,12 @@ class SteeredModel(torch.nn.Module):
 
     def forward(self, idx, kv_cache=None, logits_from=0):
         return self.inner(idx, kv_cache=kv_cache, logits_from=logits_from) + self.bonus[idx[:, -1]][:, None]
+
+    def decode_weights(self):
+        return self.inner.decode_weights() if self.fast else None
+
+    def decode_step(self, idx, kv_cache, weights):
+        return self.inner.decode_step(idx, kv_cache, weights) + self.bonus[idx]
 
 
 class HostWaits(torch.overrides.TorchFunctionMode):
@@ -607,11 +614,12 @@ def host_waits(monkeypatch):
     return counter
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["decode_step", "forward"])
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 20), (0.8, None)],
                          ids=["greedy", "top-k", "whole-vocabulary"])
-def test_a_decode_step_waits_for_the_device_once(chat_model, host_waits, temperature, top_k):
+def test_a_decode_step_waits_for_the_device_once(chat_model, host_waits, temperature, top_k, fast):
     model, tokenizer = chat_model
-    steered = SteeredModel(model, tokenizer)
+    steered = SteeredModel(model, tokenizer, fast)
     results, masks = Engine(steered, tokenizer).generate_batch(prompt_of(tokenizer, "1+2?"), num_samples=3,
                                                                max_tokens=12, temperature=temperature, top_k=top_k)
     assert all(0 in mask for mask in masks)  # the calculator fired in every row
@@ -630,8 +638,8 @@ def test_the_fixed_shape_step_has_no_host_wait(chat_model, host_waits):
     decoder.add(prompt_of(tokenizer, "a"), temperature=0.0)
     decoder.add(prompt_of(tokenizer, "bb"), temperature=1.0, top_k=5)
     with host_waits, torch.inference_mode():
-        engine_module._fixed_step(model, decoder.cache, decoder.tokens, decoder.temperatures, decoder.top_ks,
-                                  decoder.uniforms, decoder.active, 3, 16, 5, True)
+        engine_module._fixed_step(model, model.decode_weights(), decoder.cache, decoder.tokens, decoder.temperatures,
+                                  decoder.top_ks, decoder.uniforms, decoder.active, 3, 16, 5, True)
     assert host_waits.blocking == [] and host_waits.waits == 0
     assert decoder.cache.pos.tolist() == [len(prompt_of(tokenizer, "a")) + 1, len(prompt_of(tokenizer, "bb")) + 1, 0]
 

@@ -2,6 +2,7 @@
 per-row positions, row views, fixed-length views, cache copies), the logit softcap, ignored targets, naive sampling, and that a tiny
 model learns with the real optimizer setup in fp32 and in bf16 compute."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth, norm, unembed
 
@@ -223,6 +225,53 @@ def test_a_fixed_length_view_attends_to_the_same_keys_as_the_exact_length():
     assert fixed_view.max_pos == 6  # a fixed-length view keeps no host state (its shapes never change)
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_decode_step_gives_the_forward_logits_for_rows_at_different_positions(n_kv_head):
+    config = small_config(n_head=4, n_kv_head=n_kv_head)
+    model = build(config, perturb=0.02)
+    idx = torch.randint(0, config.vocab_size, (3, 9))
+    with torch.no_grad():
+        caches = [KVCache(3, n_kv_head, 16, 16, config.n_layer) for _ in range(3)]
+        for cache in caches:
+            model(idx[:, :6], kv_cache=cache)
+            cache.set_positions([6, 2, 4])
+        views = [caches[0], caches[1], caches[2].rows(0, 3, fixed_len=12)]
+        weights = model.decode_weights()
+        for t in range(6, 9):
+            expected = model(idx[:, t:t + 1], kv_cache=views[0])[:, -1]
+            torch.testing.assert_close(model.decode_step(idx[:, t], views[1], weights), expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.decode_step(idx[:, t], views[2], weights), expected, atol=ATOL, rtol=0)
+    assert [c.pos.tolist() for c in caches] == [[9, 5, 7]] * 3
+
+
+def test_decode_weights_follow_in_place_updates_and_other_dtypes(monkeypatch):
+    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.bfloat16)  # fp32 masters, bf16 compute: RL rollouts
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    qkv = model.decode_weights()[0][0]
+    assert all(w.dtype == torch.bfloat16 for layer in model.decode_weights() for w in layer)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_k.weight.mul_(2)  # an optimizer step, in place
+    # refreshed where it is (a captured CUDA graph reads it there): rows of q (64), then k (32), then v (32)
+    assert model.decode_weights()[0][0] is qkv and not qkv.requires_grad
+    assert torch.equal(qkv.t()[64:96], model.transformer.h[0].attn.c_k.weight.to(torch.bfloat16))
+    idx = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        caches = [KVCache(2, 2, 8, 16, config.n_layer, dtype=torch.bfloat16) for _ in range(2)]
+        for cache in caches:
+            model(idx[:, :6], kv_cache=cache)
+        torch.testing.assert_close(model.decode_step(idx[:, 6], caches[0], model.decode_weights()),
+                                   model(idx[:, 6:], kv_cache=caches[1])[:, -1], atol=5e-2, rtol=0)
+
+
+def test_decode_step_is_off_for_architectures_it_does_not_know():
+    @dataclasses.dataclass
+    class NewConfig(GPTConfig):
+        new_option: str = "x"
+
+    assert build(NewConfig(**vars(small_config()))).decode_weights() is None
+
+
 def test_a_full_cache_refuses_with_the_numbers():
     config = small_config()
     model = build(config)
@@ -406,6 +455,7 @@ def test_cpu_training_memory_is_reused_without_page_faults():
 
 BF16_TRAINING = """
 import math, torch
+import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig
 assert COMPUTE_DTYPE == torch.bfloat16
