@@ -337,8 +337,9 @@ class GPT(nn.Module):
     def decode_step(self, idx, kv_cache, weights):
         """Logits (B, vocab_size) of one new token per row, idx (B,), continuing kv_cache: what
         forward(idx[:, None], kv_cache=kv_cache)[:, -1] computes, in fewer ops (the engine's decode step; weights from
-        decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + roll(x) * sin,
-        the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together."""
+        decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + swap(x) * sin,
+        the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together; the attention mask is
+        additive and made once for all layers."""
         B = idx.size(0)
         H, Hkv = self.config.n_head, self.config.n_kv_head
         D = self.config.n_embd // H
@@ -346,13 +347,18 @@ class GPT(nn.Module):
         positions = kv_cache.pos  # (B,)
         cos, sin = self.cos[positions], self.sin[positions]  # (B, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (B, 1, D)
-        attn_mask = (torch.arange(length, device=idx.device) <= positions[:, None])[:, None, None]  # (B, 1, 1, length)
+        # additive, made once: SDPA would turn a boolean mask into this in every layer
+        hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
+        attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device).masked_fill_(hidden, float("-inf"))
+        attn_mask = attn_mask[:, None, None]  # (B, 1, 1, length)
+        positions = positions[:, None]  # (B, 1)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, C)
         for layer_idx, (qkv_weight, proj, fc, fc_out) in enumerate(weights):
             qkv = torch.mm(norm(x), qkv_weight).view(B, H + 2 * Hkv, D)
             qk = qkv[:, :H + Hkv]
-            qk = norm(qk * cos + qk.roll(D // 2, -1) * sin)  # rotary, then QK-norm
-            keys, values = kv_cache.insert(layer_idx, qk[:, None, H:], qkv[:, None, H + Hkv:], positions[:, None], length)
+            halves_swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
+            qk = norm(qk * cos + halves_swapped * sin)  # rotary, then QK-norm
+            keys, values = kv_cache.insert(layer_idx, qk[:, None, H:], qkv[:, None, H + Hkv:], positions, length)
             y = F.scaled_dot_product_attention(qk[:, :H, None], keys.transpose(1, 2), values.transpose(1, 2),
                                                attn_mask=attn_mask, enable_gqa=True)  # (B, H, 1, D)
             x = x + torch.mm(y.view(B, -1), proj)
