@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import KVCache
+from nanochat.gpt import KVCache, softcap
 
 # -----------------------------------------------------------------------------
 # The calculator tool: a whitelist interpreter over Python's ast, never eval
@@ -195,13 +195,16 @@ def _check_sampling(temperature, top_k, max_tokens):
 # Sampling on the device
 
 
-def sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab):
+def sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab, cap=None):
     """Next token per row (B,) from logits (B, V), each row with its own settings, all on the device:
     temperatures (B,) (0 = argmax), top_ks (B,) (0 = the whole vocabulary), uniforms (B,) in [0, 1).
     A sampled row takes the token where its uniform falls in the cumulative softmax(logits / temperature) of its
     top_k largest logits (in descending order) or of the whole vocabulary (in id order): inverse-CDF sampling, so one
     host-drawn number per row decides it. max_top_k (the largest top_k of the sampled rows, at most V; 0 if none)
-    and full_vocab (whether a sampled row has no top-k) say which of the two are computed at all."""
+    and full_vocab (whether a sampled row has no top-k) say which of the two are computed at all. cap: a monotonic
+    function still to apply to the logits (the softcap), applied only to those sampled from: argmax and top-k are the
+    same before and after it."""
+    cap = cap or (lambda values: values)
     greedy = logits.argmax(dim=-1)
     if not max_top_k and not full_vocab:
         return greedy
@@ -212,9 +215,9 @@ def sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab)
     if max_top_k:
         values, indices = torch.topk(logits, max_top_k, dim=-1)  # (B, K), largest first
         beyond = (torch.arange(max_top_k, device=logits.device) >= top_ks[:, None]) & (top_ks[:, None] > 0)
-        sampled = indices.gather(-1, _inverse_cdf(values.masked_fill(beyond, float("-inf")) / scale, uniforms))
+        sampled = indices.gather(-1, _inverse_cdf(cap(values).masked_fill(beyond, float("-inf")) / scale, uniforms))
     if full_vocab:
-        whole = _inverse_cdf(logits / scale, uniforms)
+        whole = _inverse_cdf(cap(logits) / scale, uniforms)
         sampled = whole if sampled is None else torch.where(top_ks[:, None] > 0, sampled, whole)
     return torch.where(temperatures > 0, sampled[:, 0], greedy)
 
@@ -274,10 +277,10 @@ def _decode_step(model, weights, view, tokens, temperatures, top_ks, uniforms, a
     active go back to position 0, so an idle row never runs past the cache. No host reads, no host data. weights:
     GPT.decode_weights() for GPT.decode_step, or None: the model's forward (any model, e.g. a stand-in in a test)."""
     if weights is None:
-        logits = model(tokens[:, None], kv_cache=view)[:, -1]  # (B, V)
-    else:
-        logits = model.decode_step(tokens, view, weights)
-    tokens.copy_(sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab))
+        logits, cap = model(tokens[:, None], kv_cache=view)[:, -1], None  # (B, V)
+    else:  # the softcap only where sample_tokens needs it: on the top-k values, or the whole vocabulary
+        logits, cap = model.decode_step(tokens, view, weights, capped=False), softcap
+    tokens.copy_(sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab, cap))
     view.pos.mul_(active)
 
 

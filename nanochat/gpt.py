@@ -94,6 +94,15 @@ def unembed(x, weight):
     return (weight @ few.t()).t()[:rows.size(0)].reshape(*x.shape[:-1], weight.size(0))
 
 
+def softcap(logits, cap=15):
+    """cap * tanh(logits / cap): logits bounded to (-15, 15), which keeps them from running away early in training.
+    Written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to fp32 rounding, but on CPU a vectorized
+    sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values in the forward and again in the backward
+    (d4, vocab 32K, bf16, CPU: softcap + cross-entropy went from 28% to 15% of a training step). Monotonic: the
+    largest logits stay the largest, so a sampler may cap only the ones it keeps."""
+    return (2 * cap) * torch.sigmoid(logits * (2 / cap)) - cap
+
+
 def apply_rotary_emb(x, cos, sin):
     """Rotate each (first half, second half) pair of channels of x (B, T, H, D) by the position's angle."""
     half = x.size(-1) // 2
@@ -302,17 +311,20 @@ class GPT(nn.Module):
         c_q, c_k and c_v fused into one copy; the others transposed views of the weights themselves (copies too when
         the masters are in another dtype, as in RL training). Copies are refreshed in place when their weights change
         (an optimizer step between two rollouts), so that a captured CUDA graph keeps reading the right memory. None
-        when decode_step does not cover this model's architecture."""
+        when decode_step does not cover this model's architecture. Called every decode step: when no weight has moved
+        or changed (one look at each), the same list again."""
         if {f.name for f in fields(self.config)} != self.DECODE_STEP_FIELDS:
             return None
         if not hasattr(self, "_decode_weights"):
-            self._decode_weights = {}
-        layers = []
-        for i, block in enumerate(self.transformer.h):
-            groups = ((block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight), (block.attn.c_proj.weight,),
-                      (block.mlp.c_fc.weight,), (block.mlp.c_proj.weight,))
-            layers.append(tuple(self._decode_weight((i, j), group) for j, group in enumerate(groups)))
-        return layers
+            self._decode_weights, self._decode_layers, self._decode_state = {}, None, None
+            self._decode_groups = [((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight), (b.attn.c_proj.weight,),
+                                    (b.mlp.c_fc.weight,), (b.mlp.c_proj.weight,)) for b in self.transformer.h]
+        state = [(w.data_ptr(), w.dtype, w._version) for groups in self._decode_groups for group in groups for w in group]
+        if state != self._decode_state:
+            self._decode_layers = [tuple(self._decode_weight((i, j), group) for j, group in enumerate(groups))
+                                   for i, groups in enumerate(self._decode_groups)]
+            self._decode_state = state
+        return self._decode_layers
 
     @torch.no_grad()
     def _decode_weight(self, key, group):
@@ -334,12 +346,12 @@ class GPT(nn.Module):
             entry[1] = versions
         return entry[3]
 
-    def decode_step(self, idx, kv_cache, weights):
+    def decode_step(self, idx, kv_cache, weights, capped=True):
         """Logits (B, vocab_size) of one new token per row, idx (B,), continuing kv_cache: what
         forward(idx[:, None], kv_cache=kv_cache)[:, -1] computes, in fewer ops (the engine's decode step; weights from
         decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + swap(x) * sin,
         the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together; the attention mask is
-        additive and made once for all layers."""
+        additive and made once for all layers. capped=False: the logits before the softcap (see head)."""
         B = idx.size(0)
         H, Hkv = self.config.n_head, self.config.n_kv_head
         D = self.config.n_embd // H
@@ -364,22 +376,18 @@ class GPT(nn.Module):
             x = x + torch.mm(y.view(B, -1), proj)
             x = x + torch.mm(F.relu(torch.mm(norm(x), fc)).square(), fc_out)
         kv_cache.advance(1)
-        return self.head(x[:, None], None, None)[:, 0]
+        return self.head(x[:, None], None, None, capped)[:, 0]
 
-    def head(self, x, targets, loss_reduction):
-        """The last blocks' output (B, T, C) -> fp32 logits (B, T, vocab_size), or the loss when targets are given."""
+    def head(self, x, targets, loss_reduction, capped=True):
+        """The last blocks' output (B, T, C) -> fp32 logits (B, T, vocab_size), or the loss when targets are given.
+        capped=False: the logits before the softcap (a sampler that needs only a few of them caps those)."""
         B, T, _ = x.size()
         x = norm(x)
-        softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
         logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size]
         logits = logits.float()  # fp32 before the squashing (bf16 is coarse)
-        # softcap * tanh(logits / softcap), written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to
-        # fp32 rounding, but on CPU a vectorized sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values
-        # in the forward and again in the backward (d4, vocab 32K, bf16, CPU: softcap + cross-entropy went from 28%
-        # to 15% of a training step)
-        logits = (2 * softcap) * torch.sigmoid(logits * (2 / softcap)) - softcap
         if targets is None:
-            return logits
+            return softcap(logits) if capped else logits
+        logits = softcap(logits)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss

@@ -19,6 +19,7 @@ import nanochat.engine as engine_module
 import nanochat.gpt as gpt_module
 from nanochat.engine import (BatchDecoder, Completions, Engine, RowEvent, SpecialTokens, sample_tokens,
                              use_calculator)
+from nanochat.gpt import softcap
 
 from model_setup import make_chat_checkpoint
 
@@ -177,6 +178,12 @@ def test_sample_tokens_per_row_greedy_top_k_and_whole_vocabulary():
     assert sample(0.95) == [3, 0, 3]
     assert sample(1.0) == [3, 0, 3]  # u = 1 is clamped below 1: the last token with probability > 0
     assert sample_tokens(logits, torch.zeros(3), top_ks, torch.zeros(3), 0, False).tolist() == [1, 0, 2]
+    # the softcap applied by the sampler to what it samples from = sampling the capped logits
+    raw = 4 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for uniform in (0.1, 0.5, 0.9):
+        uniforms = torch.full((3,), uniform)
+        assert torch.equal(sample_tokens(raw, temperatures, top_ks, uniforms, 2, True, cap=softcap),
+                           sample_tokens(softcap(raw), temperatures, top_ks, uniforms, 2, True))
 
 
 # -----------------------------------------------------------------------------
@@ -526,10 +533,11 @@ def test_completions_report_stops_masks_and_drop_the_rest_of_a_prompt(isolated_b
 
 
 class SteeredModel(torch.nn.Module):
-    """A real GPT whose logits get a large bonus along a chain of tokens, so that every reply starts with a calculator
-    call (<|python_start|> 1+2 <|python_end|>, then the tool's forced output) and goes on as the model likes. The
-    bonus is looked up by the input token on the device: it adds no host wait. With fast=False the engine decodes
-    through forward instead of GPT.decode_step (as for any model without decode weights)."""
+    """A real GPT steered along a chain of tokens (after one, the next gets +1e4 and every other -1e4, before the
+    softcap or after), so that every reply starts with a calculator call (<|python_start|> 1+2 <|python_end|>, then
+    the tool's forced output) and goes on as the model likes. The steering is looked up by the input token on the
+    device: it adds no host wait. With fast=False the engine decodes through forward instead of GPT.decode_step (as
+    for any model without decode weights)."""
 
     def __init__(self, model, tokenizer, fast=True):
         super().__init__()
@@ -538,7 +546,8 @@ class SteeredModel(torch.nn.Module):
                  special("<|python_end|>")]
         bonus = torch.zeros(model.config.vocab_size, model.config.vocab_size)
         for token, next_token in zip(chain, chain[1:]):
-            bonus[token, next_token] = 40.0
+            bonus[token] = -1e4
+            bonus[token, next_token] = 1e4
         self.inner, self.config, self.rotary_seq_len, self.fast = model, model.config, model.rotary_seq_len, fast
         self.register_buffer("bonus", bonus)
 
@@ -551,8 +560,8 @@ class SteeredModel(torch.nn.Module):
     def decode_weights(self):
         return self.inner.decode_weights() if self.fast else None
 
-    def decode_step(self, idx, kv_cache, weights):
-        return self.inner.decode_step(idx, kv_cache, weights) + self.bonus[idx]
+    def decode_step(self, idx, kv_cache, weights, capped=True):
+        return self.inner.decode_step(idx, kv_cache, weights, capped) + self.bonus[idx]
 
 
 class HostWaits(torch.overrides.TorchFunctionMode):
