@@ -186,6 +186,16 @@ def test_sample_tokens_per_row_greedy_top_k_and_whole_vocabulary():
                            sample_tokens(softcap(raw), temperatures, top_ks, uniforms, 2, True))
 
 
+def test_special_tokens_are_the_tokenizers_ids(isolated_base_dir):
+    _, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    special = SpecialTokens(tokenizer)
+    ids = {name: tokenizer.encode_special(f"<|{name}|>") for name in
+           ("python_start", "python_end", "output_start", "output_end", "assistant_end")}
+    assert {name: getattr(special, name) for name in ids} == ids and special.bos == tokenizer.get_bos_token_id()
+    assert special.stops == {ids["assistant_end"], special.bos}
+    assert special.tool_tokens == {ids["python_start"], ids["python_end"]}
+
+
 # -----------------------------------------------------------------------------
 # The calculator tool inside generation: a scripted model
 
