@@ -203,28 +203,37 @@ def sample_tokens(logits, temperatures, top_ks, uniforms, max_top_k, full_vocab,
     host-drawn number per row decides it. max_top_k (the largest top_k of the sampled rows, at most V; 0 if none)
     and full_vocab (whether a sampled row has no top-k) say which of the two are computed at all. cap: a monotonic
     function still to apply to the logits (the softcap), applied only to those sampled from: argmax and top-k are the
-    same before and after it."""
+    same before and after it. The uniforms must be below 1 in float32 (_uniform draws them so)."""
     cap = cap or (lambda values: values)
-    greedy = logits.argmax(dim=-1)
-    if not max_top_k and not full_vocab:
-        return greedy
-    scale = torch.where(temperatures > 0, temperatures, 1.0)[:, None]  # greedy rows are computed but not used
-    # side="right" and u < 1: a token whose probability underflowed to 0 (a flat stretch of the cdf) is never hit
-    uniforms = uniforms.clamp(max=1 - 2**-24)[:, None]
-    sampled = None
     if max_top_k:
         values, indices = torch.topk(logits, max_top_k, dim=-1)  # (B, K), largest first
+        greedy = indices[:, 0]
+    else:
+        greedy = logits.argmax(dim=-1)
+    if not max_top_k and not full_vocab:
+        return greedy
+    sampling = temperatures > 0
+    scale = torch.where(sampling, temperatures, 1.0)[:, None]  # greedy rows are computed but not used
+    uniforms = uniforms[:, None]
+    sampled = None
+    if max_top_k:
         beyond = (torch.arange(max_top_k, device=logits.device) >= top_ks[:, None]) & (top_ks[:, None] > 0)
         sampled = indices.gather(-1, _inverse_cdf(cap(values).masked_fill(beyond, float("-inf")) / scale, uniforms))
     if full_vocab:
         whole = _inverse_cdf(cap(logits) / scale, uniforms)
         sampled = whole if sampled is None else torch.where(top_ks[:, None] > 0, sampled, whole)
-    return torch.where(temperatures > 0, sampled[:, 0], greedy)
+    return torch.where(sampling, sampled[:, 0], greedy)
 
 
 def _inverse_cdf(logits, uniforms):
+    # side="right" and u < 1: a token whose probability underflowed to 0 (a flat stretch of the cdf) is never hit
     cdf = torch.cumsum(F.softmax(logits, dim=-1), dim=-1)
     return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1)
+
+
+def _uniform(rng):
+    """One uniform in [0, 1 - 2**-24]: below 1 also in float32, which inverse-CDF sampling needs (see _inverse_cdf)."""
+    return min(rng.random(), 1 - 2**-24)
 
 
 def _sampling_shape(requests, vocab_size):
@@ -377,8 +386,9 @@ class BatchDecoder:
         if rotary_seq_len is not None and self.max_seq_len > rotary_seq_len:
             raise ValueError(f"max_seq_len={self.max_seq_len}: the model's rotary table covers {rotary_seq_len}")
         self.device = model.get_device()
-        self.compiled = _CompiledStep(self.device) if (self.device.type == "cuda" if compile_step is None
-                                                        else compile_step) else None
+        if compile_step is None:
+            compile_step = self.device.type == "cuda"
+        self.compiled = _CompiledStep(self.device) if compile_step else None
         rows = max(max_batch, 2) + 1 if self.compiled else max_batch  # the spare row and slot: see _CompiledStep
         config = model.config
         self.cache = KVCache(rows, config.n_kv_head, self.max_seq_len + bool(self.compiled),
@@ -439,7 +449,7 @@ class BatchDecoder:
             requests.append(request)
         # each row's first token, from the prompt's last logits (the row feeds it at its first step)
         rows = _upload(slots, torch.long, self.device)
-        uniforms = [r.rng.random() if temperature > 0 else 0.5 for r in requests]
+        uniforms = [_uniform(r.rng) if temperature > 0 else 0.5 for r in requests]
         first = sample_tokens(logits.expand(num_samples, -1), self.temperatures[rows], self.top_ks[rows],
                               _upload(uniforms, torch.float32, self.device),
                               *_sampling_shape(requests, logits.size(-1)))
@@ -500,7 +510,7 @@ class BatchDecoder:
             uniforms = [0.5] * width
             for request in requests:
                 if request.temperature > 0:
-                    uniforms[self.slot_of[request.row_id]] = request.rng.random()
+                    uniforms[self.slot_of[request.row_id]] = _uniform(request.rng)
             _upload(uniforms, torch.float32, self.device, out=self.uniforms[:width])
         longest = max(request.position for request in requests) + 1  # slots the step reads
         weights = self.model.decode_weights() if hasattr(self.model, "decode_weights") else None

@@ -176,7 +176,7 @@ def test_sample_tokens_per_row_greedy_top_k_and_whole_vocabulary():
     assert sample(0.5) == [1, 0, 2]
     assert sample(0.6) == [3, 0, 2]
     assert sample(0.95) == [3, 0, 3]
-    assert sample(1.0) == [3, 0, 3]  # u = 1 is clamped below 1: the last token with probability > 0
+    assert sample(1 - 2**-24) == [3, 0, 3]  # the largest uniform the engine draws: the last token of the cdf
     assert sample_tokens(logits, torch.zeros(3), top_ks, torch.zeros(3), 0, False).tolist() == [1, 0, 2]
     # the softcap applied by the sampler to what it samples from = sampling the capped logits
     raw = 4 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0))

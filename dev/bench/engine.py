@@ -127,7 +127,7 @@ from nanochat.gpt import dims_for_depth  # noqa: E402
 depths = "4"  # model shapes: the depth dial's (layers, width, heads); with host_overhead, the layer count
 host_overhead = 0  # 1: width 64, 1 head, vocab 512: the arithmetic is negligible, the step is host time
 vocab_size = 32768
-dtype = "float32"  # NANOCHAT_DTYPE for the workers; "default" = what nanochat picks on this machine
+dtype = "default"  # NANOCHAT_DTYPE for the workers; "default" = what nanochat picks (bf16 on CUDA, else fp32)
 batch_sizes = "1,8,32,128"
 prompt_tokens = 64
 num_tokens = 128  # decode steps per run (every row runs all of them)
@@ -214,7 +214,7 @@ for depth in [int(d) for d in depths.split(",")]:
         results.append(row)
         log(json.dumps(row))
     base = results[-len(checkouts)]
-    for row in results[-len(checkouts) + 1:]:  # this checkout's tokens/s over the other's, per batch size
+    for row in results[len(results) - len(checkouts) + 1:]:  # this checkout's tokens/s over the other's, per batch
         row["this_over_it"] = {b: round(base["batches"][b]["tokens_per_s"] / figures["tokens_per_s"], 2)
                                for b, figures in row["batches"].items()}
 
