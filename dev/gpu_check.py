@@ -90,14 +90,14 @@ if not DRY:
     PIPE = dict(depth=6, vocab=8192, chars=20_000_000, seq=1024, batch=16, base_steps=300, mid_steps=30, sft_steps=20,
                 rl_steps=3, core_per_task=32, chat_problems=16, max_new_tokens=128)
     PERF_VOCAB, MFU_STEPS, D20_STEPS = 65536, 25, 8
-    ENGINE = ["--depths=12,20", "--dtypes=default", "--vocab_size=65536", "--num_tokens=128", "--num_samples=8",
-              "--repeats=2", "--naive_tokens=0", "--device_type=cuda"]
+    ENGINE = ["--depths=12,20", "--vocab_size=65536", "--batch_sizes=1,8,32,128", "--num_tokens=128", "--repeats=1",
+              "--device_type=cuda"]
 else:
     PIPE = dict(depth=2, vocab=512, chars=2_000_000, seq=64, batch=4, base_steps=12, mid_steps=3, sft_steps=2,
                 rl_steps=1, core_per_task=2, chat_problems=2, max_new_tokens=16)
     PERF_VOCAB, MFU_STEPS, D20_STEPS = 512, 4, 3
-    ENGINE = ["--depths=2", "--dtypes=default", "--vocab_size=512", "--prompt_tokens=8", "--num_tokens=8",
-              "--num_samples=2", "--repeats=1", "--naive_tokens=0", "--threads=1", "--device_type=cpu"]
+    ENGINE = ["--depths=2", "--vocab_size=512", "--batch_sizes=1,2", "--prompt_tokens=8", "--num_tokens=8",
+              "--repeats=1", "--threads=1", "--device_type=cpu"]
 PIPE_TOKENS = PIPE["seq"] * PIPE["batch"] * NPROC  # one micro-step of every GPU
 TAG = f"d{PIPE['depth']}"
 
@@ -449,7 +449,7 @@ def speedrun_shaped(depth, steps):
 
 
 def engine():
-    output = run("engine", [PY, "-m", "dev.bench.engine", *ENGINE], limit_s=150)
+    output = run("engine", [PY, "-m", "dev.bench.engine", *ENGINE], limit_s=180)
     return {"command": "python -m dev.bench.engine " + " ".join(ENGINE),
             "results": json.loads(output[output.rindex("\n{") + 1:])["results"]}  # its JSON comes last
 

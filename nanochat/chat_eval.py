@@ -21,14 +21,13 @@ split to tune on (tasks/common.py). Not here: loading checkpoints, the command l
 """
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from nanochat.common import UserError, all_ranks_sum, get_dist_info, print0
-from nanochat.engine import BatchDecoder, Engine
+from nanochat.engine import Completions, Engine
 from nanochat.report import NEAR_BASELINE_MARK
 from tasks.arc import ARC, eval_split
 from tasks.gsm8k import GSM8K
@@ -147,44 +146,22 @@ def decide_problems(engine, prompts, is_correct, num_samples=1, max_new_tokens=5
 
     The (problem, sample) pairs share gen_batch decoder rows, a finished row taking the next pair at once, so the
     work is batched across problems instead of within one. A completion is the generated tokens with the calculator's
-    forced ones (none when engine.calculator is off), the stop token left out, as in Engine.generate_batch; greedy
-    completions are the ones generate_batch gives (up to float rounding of batched matmuls). Sample s of every
-    problem is seeded with seed + s, so sampled completions do not depend on gen_batch, the rank or the other
-    problems (they are not generate_batch's, whose samples of a prompt share one generator)."""
-    if not prompts:
-        return
-    # Room for the longest prompt and its reply, as generate_batch allocates per prompt (the rotary table is the limit)
-    max_seq_len = min(max(len(prompt) for prompt in prompts) + max_new_tokens, engine.model.rotary_seq_len)
-    decoder = BatchDecoder(engine.model, engine.tokenizer, min(gen_batch, len(prompts) * num_samples), max_seq_len,
-                           calculator=engine.calculator)
-    waiting = deque((problem, sample) for problem in range(len(prompts)) for sample in range(num_samples))
-    samples_left = [num_samples] * len(prompts)  # 0 = decided
-    rows = {}  # row_id -> (problem, its completion so far)
-    while waiting or rows:
-        while waiting and decoder.num_free:
-            problem, sample = waiting.popleft()
-            if samples_left[problem]:
-                row_id = decoder.add(prompts[problem], max_new_tokens, temperature, top_k, seed + sample)
-                rows[row_id] = (problem, [])
-        for event in decoder.step():
-            if event.row_id not in rows:  # a sibling sample passed earlier in this step and dropped it
-                continue
-            problem, completion = rows[event.row_id]
-            if event.finish_reason != "stop":  # the stop token ends the reply but is not part of it
-                completion.append(event.token)
-            if not event.finished:
-                continue
-            del rows[event.row_id]
-            if is_correct(problem, completion):
-                samples_left[problem] = 0
-                for row_id in [row_id for row_id, (other, _) in rows.items() if other == problem]:
-                    decoder.remove(row_id)
-                    del rows[row_id]
-                yield problem, True
-            else:
-                samples_left[problem] -= 1
-                if samples_left[problem] == 0:
-                    yield problem, False
+    forced ones (none when engine.calculator is off), the stop token left out, as in Engine.generate_batch. Sample s
+    of every problem is seeded with seed + s, as generate_batch seeds its rows, so a completion does not depend on
+    gen_batch, the rank or the other problems (up to float rounding of batched matmuls)."""
+    completions = Completions(engine.model, engine.tokenizer, prompts, num_samples, max_new_tokens, temperature,
+                              top_k, seed_of=lambda problem, sample: seed + sample, max_batch=gen_batch,
+                              calculator=engine.calculator, compile_step=engine.compile_step)
+    samples_left = [num_samples] * len(prompts)
+    for completion in completions:
+        problem = completion.prompt
+        if is_correct(problem, completion.tokens):
+            completions.drop(problem)  # its other samples: queued ones never start, running ones stop
+            yield problem, True
+        else:
+            samples_left[problem] -= 1
+            if samples_left[problem] == 0:
+                yield problem, False
 
 
 def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,

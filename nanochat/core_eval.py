@@ -271,10 +271,8 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
         # 2) every row continues from its item's prefix
         suffixes = _pad([row[q:] for row, q in zip(rows, row_shared)], pad_id).to(device)  # (R, S)
         cache = new_cache(len(rows), prefixes.size(1) + suffixes.size(1))
-        item_of_row = torch.tensor([e for e, item in enumerate(items) for _ in item["rows"]], device=device)
-        cache.k[:, :, :prefixes.size(1)] = prefix_cache.k[:, item_of_row]
-        cache.v[:, :, :prefixes.size(1)] = prefix_cache.v[:, item_of_row]
-        cache.pos.copy_(torch.tensor(row_shared, device=device))
+        cache.prefill(prefix_cache, rows=[e for e, item in enumerate(items) for _ in item["rows"]])
+        cache.set_positions(row_shared)  # a row keeps only its own item's prefix (padding past it is hidden)
         # (R, S - first, V): logits position j of row r is token row_shared[r] + first + j
         logits = model(suffixes, kv_cache=cache, logits_from=first)
     else:

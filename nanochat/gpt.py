@@ -13,7 +13,7 @@ tools and stopping rules (nanochat/engine.py), the training loop (scripts/base_t
 import ctypes
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -90,6 +90,15 @@ def unembed(x, weight):
         return F.linear(x, weight)
     few = rows.expand(2, -1).contiguous() if rows.size(0) == 1 else rows
     return (weight @ few.t()).t()[:rows.size(0)].reshape(*x.shape[:-1], weight.size(0))
+
+
+def softcap(logits, cap=15):
+    """cap * tanh(logits / cap): logits bounded to (-15, 15), which keeps them from running away early in training.
+    Written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to fp32 rounding, but on CPU a vectorized
+    sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values in the forward and again in the backward
+    (d4, vocab 32K, bf16, CPU: softcap + cross-entropy went from 28% to 15% of a training step). Monotonic: the
+    largest logits stay the largest, so a sampler may cap only the ones it keeps."""
+    return (2 * cap) * torch.sigmoid(logits * (2 / cap)) - cap
 
 
 def apply_rotary_emb(x, cos, sin):
@@ -271,12 +280,12 @@ class GPT(nn.Module):
             positions = attn_mask = None
             cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]  # (1, T, 1, D/2)
         else:
-            if kv_cache.k.dtype != COMPUTE_DTYPE:
-                raise ValueError(f"KVCache dtype {kv_cache.k.dtype} != the model's compute dtype {COMPUTE_DTYPE}")
-            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) absolute positions
-            attend_len = int(kv_cache.pos.max()) + T  # keys 0..attend_len-1 are read (the one host sync per forward)
+            if kv_cache.dtype != COMPUTE_DTYPE:
+                raise ValueError(f"KVCache dtype {kv_cache.dtype} != the model's compute dtype {COMPUTE_DTYPE}")
+            # keys 0..attend_len-1 are read; the length is known on the host, so nothing is read back from the device
+            attend_len = kv_cache.attend_len(T)
             assert attend_len <= self.rotary_seq_len, f"position {attend_len}: past the rotary table ({self.rotary_seq_len})"
-            kv_cache.reserve(attend_len)
+            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T) absolute positions
             cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
             # query at position p sees keys 0..p: the whole prefix plus causal within the chunk; for one token,
             # everything cached. Per-row positions make it (B, 1, T, attend_len), broadcast over heads.
@@ -293,20 +302,92 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return head(x[:, logits_from:], targets, loss_reduction)
 
-    def head(self, x, targets, loss_reduction):
-        """The last blocks' output (B, T, C) -> fp32 logits (B, T, vocab_size), or the loss when targets are given."""
+    # The GPTConfig fields decode_step was written for: a field it does not know (a new architecture option) turns it
+    # off, and the engine decodes through forward instead (slower, never wrong).
+    DECODE_STEP_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
+
+    def decode_weights(self):
+        """decode_step's weights, per layer (qkv, proj, fc, fc_out), each in COMPUTE_DTYPE and laid out for x @ w:
+        c_q, c_k and c_v fused into one copy; the others transposed views of the weights themselves (copies too when
+        the masters are in another dtype, as in RL training). Copies are refreshed in place when their weights change
+        (an optimizer step between two rollouts), so that a captured CUDA graph keeps reading the right memory. None
+        when decode_step does not cover this model's architecture. Called every decode step: when no weight has moved
+        or changed (one look at each), the same list again."""
+        if {f.name for f in fields(self.config)} != self.DECODE_STEP_FIELDS:
+            return None
+        if not hasattr(self, "_decode_weights"):
+            self._decode_weights, self._decode_layers, self._decode_state = {}, None, None
+            self._decode_groups = [((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight), (b.attn.c_proj.weight,),
+                                    (b.mlp.c_fc.weight,), (b.mlp.c_proj.weight,)) for b in self.transformer.h]
+        state = [(w.data_ptr(), w.dtype, w._version) for groups in self._decode_groups for group in groups for w in group]
+        if state != self._decode_state:
+            self._decode_layers = [tuple(self._decode_weight((i, j), group) for j, group in enumerate(groups))
+                                   for i, groups in enumerate(self._decode_groups)]
+            self._decode_state = state
+        return self._decode_layers
+
+    @torch.no_grad()
+    def _decode_weight(self, key, group):
+        """The weights of `group` stacked, in COMPUTE_DTYPE, transposed: kept under `key`, rebuilt when a weight has
+        moved, refreshed in place when one has changed."""
+        identity = [(w.data_ptr(), w.dtype) for w in group]
+        versions = [w._version for w in group]
+        entry = self._decode_weights.get(key)
+        if entry is None or entry[0] != identity:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: refreshable in or out of inference mode
+                if len(group) == 1 and group[0].dtype == COMPUTE_DTYPE:
+                    entry = [identity, versions, None, group[0].t()]  # a view: it never needs refreshing
+                else:
+                    copy = torch.cat(group).to(COMPUTE_DTYPE)
+                    entry = [identity, versions, copy, copy.t()]
+            self._decode_weights[key] = entry
+        elif entry[2] is not None and entry[1] != versions:
+            entry[2].copy_(torch.cat(group))
+            entry[1] = versions
+        return entry[3]
+
+    def decode_step(self, idx, kv_cache, weights, capped=True):
+        """Logits (B, vocab_size) of one new token per row, idx (B,), continuing kv_cache: what
+        forward(idx[:, None], kv_cache=kv_cache)[:, -1] computes, in fewer ops (the engine's decode step; weights from
+        decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + swap(x) * sin,
+        the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together; the attention mask is
+        additive and made once for all layers. capped=False: the logits before the softcap (see head)."""
+        B = idx.size(0)
+        H, Hkv = self.config.n_head, self.config.n_kv_head
+        D = self.config.n_embd // H
+        length = kv_cache.attend_len(1)
+        positions = kv_cache.pos  # (B,)
+        cos, sin = self.cos[positions], self.sin[positions]  # (B, D/2)
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (B, 1, D)
+        # additive, made once: SDPA would turn a boolean mask into this in every layer
+        hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
+        attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device).masked_fill_(hidden, float("-inf"))
+        attn_mask = attn_mask[:, None, None]  # (B, 1, 1, length)
+        positions = positions[:, None]  # (B, 1)
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, C)
+        for layer_idx, (qkv_weight, proj, fc, fc_out) in enumerate(weights):
+            qkv = torch.mm(norm(x), qkv_weight).view(B, H + 2 * Hkv, D)
+            qk = qkv[:, :H + Hkv]
+            halves_swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
+            qk = norm(qk * cos + halves_swapped * sin)  # rotary, then QK-norm
+            keys, values = kv_cache.insert(layer_idx, qk[:, None, H:], qkv[:, None, H + Hkv:], positions, length)
+            y = F.scaled_dot_product_attention(qk[:, :H, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=attn_mask, enable_gqa=True)  # (B, H, 1, D)
+            x = x + torch.mm(y.view(B, -1), proj)
+            x = x + torch.mm(F.relu(torch.mm(norm(x), fc)).square(), fc_out)
+        kv_cache.advance(1)
+        return self.head(x[:, None], None, None, capped)[:, 0]
+
+    def head(self, x, targets, loss_reduction, capped=True):
+        """The last blocks' output (B, T, C) -> fp32 logits (B, T, vocab_size), or the loss when targets are given.
+        capped=False: the logits before the softcap (a sampler that needs only a few of them caps those)."""
         B, T, _ = x.size()
         x = norm(x)
-        softcap = 15  # logits bounded to (-15, 15): keeps them from running away early in training
         logits = unembed(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size]
         logits = logits.float()  # fp32 before the squashing (bf16 is coarse)
-        # softcap * tanh(logits / softcap), written with sigmoid (tanh(z) = 2 sigmoid(2z) - 1): the same function to
-        # fp32 rounding, but on CPU a vectorized sigmoid is ~6x cheaper than tanh, and this runs over B*T*vocab values
-        # in the forward and again in the backward (d4, vocab 32K, bf16, CPU: softcap + cross-entropy went from 28%
-        # to 15% of a training step)
-        logits = (2 * softcap) * torch.sigmoid(logits * (2 / softcap)) - softcap
         if targets is None:
-            return logits
+            return softcap(logits) if capped else logits
+        logits = softcap(logits)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
@@ -347,61 +428,115 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, preallocated so decoding appends in place.
+    """Keys and values of the tokens seen so far, for every layer, preallocated at full length so decoding writes in
+    place and never reallocates.
 
-    k, v: (num_layers, batch_size, seq_len, num_heads, head_dim); pos: (batch_size,) tokens cached per row. Rows
-    may sit at different positions (prompts of different lengths): each row writes at its own pos and the
-    attention mask hides every slot past it, so an engine may also rewind a row by lowering pos[row].
-    Protocol per forward (GPT.forward does it): reserve(length) -> insert() in every layer -> advance(T).
+    k, v: one (batch_size, seq_len, num_heads, head_dim) tensor per layer (separate tensors, so that a compiled step
+    writes each in place); pos: (batch_size,) tokens cached per row, on the device. Rows may sit at different positions
+    (prompts of different lengths): each row writes at its own pos and the attention mask hides every slot past it,
+    so a row may also be rewound by lowering its position. max_pos is the host's upper bound of pos: it sizes the
+    attention (keys 0..max_pos) without reading pos back from the device. rows(start, stop) is a view of some rows;
+    with fixed_len=n it always attends to its first n slots, masked by pos, and keeps no host state, so that a
+    compiled or CUDA-graph-captured decode step sees the same shapes at every token.
+    Protocol per forward (GPT.forward does it): attend_len(T) -> insert() in every layer -> advance(T).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=COMPUTE_DTYPE):
-        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, seq_len, num_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_pos = 0
+        self.start, self.stop, self.fixed_len = 0, batch_size, None  # the rows of k and v this cache covers
+        self.row_index = torch.arange(batch_size, device=device)[:, None]  # (B, 1): the rows of a write, made once
+
+    @property
+    def batch_size(self):
+        return self.stop - self.start
 
     @property
     def seq_len(self):
-        return self.k.size(2)
+        return self.k[0].size(1)
+
+    @property
+    def dtype(self):
+        return self.k[0].dtype
+
+    def rows(self, start, stop, fixed_len=None):
+        """A KVCache over rows [start, stop), sharing this cache's storage: a forward on it reads and writes those
+        rows in place (their pos too). fixed_len: attend to that many slots at every forward (see the class)."""
+        if fixed_len is not None and not 0 < fixed_len <= self.seq_len:
+            raise ValueError(f"fixed_len={fixed_len}: must be in [1, {self.seq_len}]")
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = self.k, self.v, self.pos[start:stop]
+        view.start, view.stop = self.start + start, self.start + stop
+        view.row_index = self.row_index[start:stop]
+        view.max_pos, view.fixed_len = self.max_pos, fixed_len
+        return view
+
+    def set_positions(self, positions):
+        """Set every row's position (a list of ints, one per row): rows keep their first positions[i] tokens."""
+        if len(positions) != self.batch_size or not all(0 <= p <= self.seq_len for p in positions):
+            raise ValueError(f"positions {positions}: expected {self.batch_size} ints in [0, {self.seq_len}]")
+        self.pos.copy_(torch.tensor(positions, dtype=torch.long))
+        self.max_pos = max(positions)
 
     def reset(self):
         self.pos.zero_()
+        self.max_pos = 0
 
-    def reserve(self, length):
-        """Make room for `length` positions, keeping the contents: new tensors and a copy (resize_ would scramble
-        the layout); capacity grows in steps of 1024 so that decoding does not reallocate every token."""
-        if length <= self.seq_len:
-            return
-        new_len = -(-length // 1024) * 1024
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (new_len,) + old.shape[3:])
-            new[:, :, :old.size(2)] = old
-            setattr(self, name, new)
+    def attend_len(self, num_new):
+        """How many key slots the next forward of num_new tokens per row reads."""
+        if self.fixed_len is not None:
+            return self.fixed_len
+        length = self.max_pos + num_new
+        if length > self.seq_len:
+            raise ValueError(f"KV cache full: {self.max_pos} tokens cached + {num_new} new > seq_len {self.seq_len}")
+        return length
 
     def insert(self, layer_idx, k, v, positions, length):
         """Write k, v (B, T, H, D) at `positions` (B, T) of layer layer_idx; return that layer's keys and values
         (B, length, H, D) for attention."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), broadcast against positions
-        self.k[layer_idx, rows, positions] = k
-        self.v[layer_idx, rows, positions] = v
-        return self.k[layer_idx, :, :length], self.v[layer_idx, :, :length]
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        keys.index_put_((self.row_index, positions), k)  # into the layer's whole tensor: in place when compiled
+        values.index_put_((self.row_index, positions), v)
+        return keys[self.start:self.stop, :length], values[self.start:self.stop, :length]
 
     def advance(self, num_tokens):
         self.pos += num_tokens
+        if self.fixed_len is None:
+            self.max_pos += num_tokens
 
-    def prefill(self, other):
-        """Copy another cache's contents into this one, e.g. a prompt prefilled once with batch 1, then decoded as
-        batch_size independent samples. Grows this cache if the other holds more positions than fit."""
-        if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
-            raise ValueError(f"cannot prefill a cache of shape {tuple(self.k.shape)} from one of shape "
-                             f"{tuple(other.k.shape)}: layers, heads and head_dim must match")
-        if other.k.size(1) not in (1, self.k.size(1)):
-            raise ValueError(f"cannot prefill batch size {self.k.size(1)} from batch size {other.k.size(1)} "
-                             f"(must be 1 or equal)")
-        length = int(other.pos.max())
-        self.reserve(length)
-        self.k[:, :, :length] = other.k[:, :, :length]  # a batch of 1 broadcasts to every row
-        self.v[:, :, :length] = other.v[:, :, :length]
-        self.pos.copy_(other.pos.expand_as(self.pos))
+    def prefill(self, other, rows=None):
+        """Copy another cache's contents and positions into this one: row i gets other's row rows[i] (rows: a list
+        of ints or a long tensor; None = other's rows one to one, or its single row into every row). E.g. a prompt
+        prefilled once with batch 1, then decoded as batch_size samples; or shared prefixes, one per group of rows."""
+        if (len(other.k), other.k[0].shape[2:]) != (len(self.k), self.k[0].shape[2:]):
+            raise ValueError(f"cannot prefill a cache of {len(self.k)} layers of {tuple(self.k[0].shape[2:])} heads "
+                             f"from one of {len(other.k)} of {tuple(other.k[0].shape[2:])}: they must match")
+        if rows is None and other.batch_size not in (1, self.batch_size):
+            raise ValueError(f"cannot prefill batch size {self.batch_size} from batch size {other.batch_size} "
+                             f"(must be 1 or equal, or name the rows)")
+        length = other.max_pos
+        if length > self.seq_len:
+            raise ValueError(f"cannot prefill {length} positions into a cache of seq_len {self.seq_len}")
+        if rows is None:  # a batch of 1 broadcasts to every row
+            rows = slice(other.start, other.stop)
+            self.pos.copy_(other.pos.expand_as(self.pos))
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long).to(self.pos.device)
+            if rows.shape != (self.batch_size,):
+                raise ValueError(f"rows: expected one row of the other cache per row ({self.batch_size}), "
+                                 f"got shape {tuple(rows.shape)}")
+            self.pos.copy_(other.pos[rows])
+            rows = rows + other.start
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[self.start:self.stop, :length] = theirs[rows, :length]
+        self.max_pos = length
+
+    def copy_row(self, source, target, length):
+        """Row target becomes a copy of row source's first `length` slots and its position, e.g. to share one prefilled
+        prompt between samples, or to move a row when compacting a batch."""
+        for tensor in self.k + self.v:
+            tensor[self.start + target, :length] = tensor[self.start + source, :length]
+        self.pos[target] = self.pos[source]

@@ -29,7 +29,7 @@ from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpo
 from nanochat.common import UserError, all_ranks_sum, compute_cleanup, compute_init, init_wandb, print0
 from nanochat.configurator import check_positive, configure
 from nanochat.dataloader import masked_batch
-from nanochat.engine import BatchDecoder
+from nanochat.engine import Completions
 from nanochat.optim import lr_multiplier
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
@@ -117,35 +117,18 @@ def sample_answers(prompts, count, seed):
     answer ids, their masks (0 on the prompt and on the calculator's output) and the answer texts. An answer that
     ended by itself gets its <|assistant_end|> back (sampled, mask 1), so that stopping is trained too. Answer j
     of prompt i is seeded by (seed, i, j): it does not depend on the batching."""
-    longest = max(len(prompt) for prompt in prompts) + max_new_tokens
-    decoder = BatchDecoder(model, tokenizer, max_batch=min(generation_batch_size, len(prompts) * count),
-                           max_seq_len=min(longest, model.rotary_seq_len))
-    waiting = [(i, j) for i in range(len(prompts)) for j in range(count)]
-    waiting.reverse()  # popped from the end: prompt 0 first
-    owner, answers, stopped = {}, {key: ([], []) for key in waiting}, set()
-    while waiting or decoder.num_active:
-        while waiting and decoder.num_free:
-            i, j = key = waiting.pop()
-            row_id = decoder.add(prompts[i], max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 seed=hash((seed, i, j)) & 0x7FFFFFFF)
-            owner[row_id] = key
-        for event in decoder.step():
-            key = owner[event.row_id]
-            if event.finish_reason == "stop":  # the stop token ends the row; it is not part of the answer text
-                stopped.add(key)
-                continue
-            answers[key][0].append(event.token)
-            answers[key][1].append(event.mask)
+    answers = Completions(model, tokenizer, prompts, count, max_new_tokens, temperature, top_k,
+                          seed_of=lambda i, j: hash((seed, i, j)) & 0x7FFFFFFF, max_batch=generation_batch_size)
+    finished = {(answer.prompt, answer.sample): answer for answer in answers}
     results = []
     for i, prompt in enumerate(prompts):
         sequences, masks, texts = [], [], []
         for j in range(count):
-            tokens, token_masks = answers[(i, j)]
-            texts.append(tokenizer.decode(tokens))
-            if (i, j) in stopped:
-                tokens, token_masks = tokens + [assistant_end], token_masks + [1]
-            sequences.append(prompt + tokens)
-            masks.append([0] * len(prompt) + token_masks)
+            answer = finished[(i, j)]
+            texts.append(tokenizer.decode(answer.tokens))
+            stop = [assistant_end] if answer.stopped else []
+            sequences.append(prompt + answer.tokens + stop)
+            masks.append([0] * len(prompt) + answer.masks + [1] * len(stop))
         results.append((sequences, masks, texts))
     return results
 

@@ -1,21 +1,25 @@
 """The inference engine: cached sampling equal to the uncached reference, per-row sampling, seeds, max_tokens,
-the calculator tool (forced and masked output; hostile input refused quickly, from many threads), and continuous
-batching (a request's greedy tokens do not depend on who shares the batch; rows are freed; finish reasons).
+the calculator tool (forced and masked output, or off; hostile input refused with bounded work, from many threads),
+continuous batching (a request's greedy tokens do not depend on who shares the batch; rows are freed; finish
+reasons), the work queue of (prompt, sample) pairs, and the GPU path tested on the CPU: a decode step makes one
+blocking host wait (the readback one step behind) and none inside the fixed-shape step, and the compiled
+fixed-shape step gives the eager path's tokens.
 
 Exactness tests run the model in fp32: the compute dtype is fixed at import (bf16 on CPUs with native bf16), so
 the `fp32` fixture switches the modules' COMPUTE_DTYPE before the model is built."""
 
-import gc
+import ast
 import math
 import threading
-import time
 
 import pytest
 import torch
 
 import nanochat.engine as engine_module
 import nanochat.gpt as gpt_module
-from nanochat.engine import BatchDecoder, Engine, RowEvent, sample_next_token, use_calculator
+from nanochat.engine import (BatchDecoder, Completions, Engine, RowEvent, SpecialTokens, sample_tokens,
+                             use_calculator)
+from nanochat.gpt import softcap
 
 from model_setup import make_chat_checkpoint
 
@@ -160,14 +164,37 @@ def test_bad_arguments_are_refused_with_the_value(chat_model):
         next(engine.generate([]))
 
 
-def test_sample_next_token_greedy_top_k_and_seeded():
-    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
-    assert sample_next_token(logits, None, temperature=0).tolist() == [[1], [0]]
-    generator = torch.Generator().manual_seed(0)
-    samples = torch.cat([sample_next_token(logits, generator, 1.0, top_k=2) for _ in range(200)], dim=1)
-    assert set(samples[0].tolist()) == {1, 3} and set(samples[1].tolist()) <= {0, 1, 2, 3}
-    first = sample_next_token(logits, torch.Generator().manual_seed(5), 1.0, top_k=0)
-    assert torch.equal(first, sample_next_token(logits, torch.Generator().manual_seed(5), 1.0, top_k=None))
+def test_sample_tokens_per_row_greedy_top_k_and_whole_vocabulary():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    temperatures, top_ks = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([2, 0, 0])
+
+    def sample(uniform, max_top_k=2, full_vocab=True):
+        return sample_tokens(logits, temperatures, top_ks, torch.full((3,), uniform), max_top_k, full_vocab).tolist()
+
+    # row 0: top-2 of its logits, largest first: token 1 (p = 0.525), then token 3; row 1: greedy; row 2: the
+    # whole vocabulary in id order, token 2 holding p = e^2 / (e^2 + 3) = 0.711 between cdf 0.193 and 0.904
+    assert sample(0.0) == [1, 0, 0]
+    assert sample(0.5) == [1, 0, 2]
+    assert sample(0.6) == [3, 0, 2]
+    assert sample(0.95) == [3, 0, 3]
+    assert sample(1 - 2**-24) == [3, 0, 3]  # the largest uniform the engine draws: the last token of the cdf
+    assert sample_tokens(logits, torch.zeros(3), top_ks, torch.zeros(3), 0, False).tolist() == [1, 0, 2]
+    # the softcap applied by the sampler to what it samples from = sampling the capped logits
+    raw = 4 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for uniform in (0.1, 0.5, 0.9):
+        uniforms = torch.full((3,), uniform)
+        assert torch.equal(sample_tokens(raw, temperatures, top_ks, uniforms, 2, True, cap=softcap),
+                           sample_tokens(softcap(raw), temperatures, top_ks, uniforms, 2, True))
+
+
+def test_special_tokens_are_the_tokenizers_ids(isolated_base_dir):
+    _, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    special = SpecialTokens(tokenizer)
+    ids = {name: tokenizer.encode_special(f"<|{name}|>") for name in
+           ("python_start", "python_end", "output_start", "output_end", "assistant_end")}
+    assert {name: getattr(special, name) for name in ids} == ids and special.bos == tokenizer.get_bos_token_id()
+    assert special.stops == {ids["assistant_end"], special.bos}
+    assert special.tool_tokens == {ids["python_start"], ids["python_end"]}
 
 
 # -----------------------------------------------------------------------------
@@ -269,45 +296,67 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("expression", HOSTILE, ids=lambda e: repr(e[:30]))
-def test_calculator_refuses_hostile_input_fast(expression):
-    # the work is bounded: under 100 ms of this thread's CPU time (wall time also counts other processes' turns)
-    start, start_cpu = time.perf_counter(), time.thread_time()
-    assert use_calculator(expression) is None
-    assert time.thread_time() - start_cpu < 0.1
-    assert time.perf_counter() - start < 0.5
+@pytest.fixture
+def calculator_work(monkeypatch):
+    """What use_calculator does inside, counted: the expressions it parses, the nodes its interpreter visits, the
+    operands of every arithmetic operation and the bit sizes of the integer powers it computes."""
+    work = {"parsed": [], "visits": 0, "operands": [], "power_bits": []}
+    parse, evaluate = ast.parse, engine_module._evaluate
+
+    def counting_parse(source, *args, **kwargs):
+        work["parsed"].append(source)
+        return parse(source, *args, **kwargs)
+
+    def counting_evaluate(node, depth=0):
+        work["visits"] += 1
+        return evaluate(node, depth)  # its recursive calls come back through this module attribute
+
+    def recording(operation):
+        def run(a, b):
+            work["operands"] += [a, b]
+            result = operation(a, b)
+            if operation is engine_module._power and isinstance(result, int):
+                work["power_bits"].append(result.bit_length())
+            return result
+        return run
+
+    monkeypatch.setattr(ast, "parse", counting_parse)
+    monkeypatch.setattr(engine_module, "_evaluate", counting_evaluate)
+    for op, operation in list(engine_module._BINARY_OPS.items()):
+        monkeypatch.setitem(engine_module._BINARY_OPS, op, recording(operation))
+    return work
 
 
-def test_calculator_is_safe_from_16_threads_at_once():
-    slowest, slowest_cpu, failures = [0.0], [0.0], []
+@pytest.mark.parametrize("expression", HOSTILE + ["1+2", "2**10*3", "'strawberry'.count('r')", "-(5 // 2) % 3"],
+                         ids=lambda e: repr(e[:30]))
+def test_calculator_work_is_bounded_by_its_input(expression, calculator_work):
+    # "never slow", as the code enforces it (no timing): nothing over MAX_EXPRESSION_CHARS is parsed, the interpreter
+    # visits at most one node per character (each node takes one), every operand stays within MAX_NUMBER (each result
+    # is checked before use) and an integer power is computed only when its result fits MAX_POWER_BITS
+    result = use_calculator(expression)
+    assert (result is None) == (expression in HOSTILE)
+    if len(expression) > engine_module.MAX_EXPRESSION_CHARS:
+        assert calculator_work["parsed"] == []
+    assert calculator_work["visits"] <= len(expression)
+    assert all(isinstance(x, str) or abs(x) <= engine_module.MAX_NUMBER for x in calculator_work["operands"])
+    assert all(bits <= engine_module.MAX_POWER_BITS for bits in calculator_work["power_bits"])
+
+
+def test_calculator_gives_the_same_answers_from_16_threads_at_once():
+    # no shared state, no signals: every thread gets every answer right, hostile input included
+    expected = {expression: None for expression in HOSTILE} | {"6*7": 42, "2**10": 1024, "'banana'.count('a')": 3}
+    start, answers = threading.Barrier(16), []
 
     def worker():
-        for expression in HOSTILE:
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            result = use_calculator(expression)
-            slowest_cpu[0] = max(slowest_cpu[0], time.thread_time() - start_cpu)
-            slowest[0] = max(slowest[0], time.perf_counter() - start)
-            if result is not None:
-                failures.append(expression)
-        if use_calculator("6*7") != 42:
-            failures.append("6*7")
+        start.wait()
+        answers.append({expression: use_calculator(expression) for expression in expected})
 
     threads = [threading.Thread(target=worker) for _ in range(16)]
-    # a full garbage collection of what earlier tests left (models, tensors) can take >0.1 s and lands in
-    # whichever thread triggers it: collect first and keep the collector out of the timed calls
-    gc.collect()
-    gc.disable()
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        gc.enable()
-    assert failures == []
-    assert slowest_cpu[0] < 0.1
-    # 16 threads share one interpreter lock: a call may wait for the others' slices, hence the looser wall bound
-    assert slowest[0] < 1.0
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [expected] * 16
 
 
 # -----------------------------------------------------------------------------
@@ -404,5 +453,236 @@ def test_context_limit_ends_a_request_with_length(chat_model):
         decoder.add(prompt * 2)
     row = decoder.add(prompt, max_tokens=None, temperature=0)
     events = run_to_completion(decoder)[row]
-    # 24 cache slots hold the prompt and 12 fed tokens; the 13th is emitted but never needs a slot
-    assert len(events) == 13 and events[-1].finish_reason == "length"
+    # a row holds at most max_seq_len tokens: the 12 of the prompt and 12 of the reply
+    assert len(events) == 12 and events[-1].finish_reason == "length"
+
+
+def test_rows_left_alone_high_up_move_down_and_keep_their_tokens(chat_model):
+    # once at most half the rows up to the highest active one are active, the active ones move down (their cache
+    # rows copied), so that the rows above are not computed; the moved request goes on as it would have
+    model, tokenizer = chat_model
+    prompt = prompt_of(tokenizer, "Once upon a time")
+    alone = BatchDecoder(model, tokenizer, max_batch=1)
+    row = alone.add(prompt, max_tokens=20, temperature=0)
+    expected = [e.token for e in run_to_completion(alone)[row]]
+
+    decoder = BatchDecoder(model, tokenizer, max_batch=4)
+    for text in ("a", "b", "c"):
+        decoder.add(prompt_of(tokenizer, text), max_tokens=3, temperature=0)
+    row = decoder.add(prompt, max_tokens=20, temperature=0)
+    assert decoder.slot_of[row] == 3
+    events = run_to_completion(decoder)
+    assert decoder.slot_of == {} and [e.token for e in events[row]] == expected
+    decoder.add(prompt, max_tokens=20, temperature=0)  # the same check with the move observed
+    for _ in range(3):
+        decoder.add(prompt_of(tokenizer, "x"), max_tokens=2, temperature=0)
+    decoder.step(), decoder.step(), decoder.step()
+    assert list(decoder.slot_of.values()) == [0]
+
+
+def test_calculator_off_leaves_python_blocks_to_the_model(isolated_base_dir):
+    _, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    prompt = prompt_of(tokenizer, "1+2?")
+    script = tool_script(tokenizer, "1+2")
+    model = ScriptedModel(tokenizer, len(prompt), script)
+    results, masks = Engine(model, tokenizer, calculator=False).generate_batch(prompt, max_tokens=64, temperature=0)
+    assert results[0][len(prompt):] == script and set(masks[0][len(prompt):]) == {1}
+    decoder = BatchDecoder(model, tokenizer, max_batch=1, calculator=False)
+    row = decoder.add(prompt, max_tokens=64, temperature=0)
+    assert [(e.token, e.mask) for e in run_to_completion(decoder)[row]][:-1] == [(t, 1) for t in script]
+
+
+# -----------------------------------------------------------------------------
+# Completions: the work queue of (prompt, sample) pairs
+
+
+def test_completions_do_not_depend_on_the_batch_and_match_the_engine(chat_model):
+    model, tokenizer = chat_model
+    prompts = [prompt_of(tokenizer, text) for text in ("The sky is", "2+2=", "Once upon a time", "Hi")]  # lengths differ
+
+    def complete(max_batch, prompts=prompts, temperature=1.0):
+        completions = Completions(model, tokenizer, prompts, num_samples=3, max_tokens=10, temperature=temperature,
+                                  top_k=20, seed_of=lambda prompt, sample: 100 + sample, max_batch=max_batch)
+        return {(c.prompt, c.sample): (c.tokens, c.masks, c.stopped) for c in completions}
+
+    one_row = complete(1)  # a finished row takes the next pair at once: one row does them all, in order
+    assert len(one_row) == 12 and complete(5) == one_row and complete(12) == one_row
+    assert complete(5, prompts[2:]) == {(p - 2, s): c for (p, s), c in one_row.items() if p >= 2}
+    assert one_row[0, 0] != one_row[0, 1]  # the samples of a prompt differ
+    greedy = complete(4, temperature=0.0)
+    engine = Engine(model, tokenizer)
+    for i, prompt in enumerate(prompts):
+        results, masks = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+        assert greedy[i, 0][:2] == (results[0][len(prompt):], masks[0][len(prompt):])
+
+
+def test_completions_report_stops_masks_and_drop_the_rest_of_a_prompt(isolated_base_dir):
+    _, tokenizer = make_chat_checkpoint(isolated_base_dir)
+    special = tokenizer.encode_special
+    prompt = prompt_of(tokenizer, "6*7?")
+    model = ScriptedModel(tokenizer, len(prompt), tool_script(tokenizer, "6*7"))
+    completions = Completions(model, tokenizer, [prompt, prompt], num_samples=3, max_tokens=64, max_batch=2)
+    seen = []
+    for completion in completions:
+        seen.append((completion.prompt, completion.sample))
+        if completion.prompt == 0:
+            completions.drop(0)  # as pass@k does once a sample is right
+    # prompt 0's first two samples ran together and finished in the same step: the second was dropped with the
+    # rest; its third never started; prompt 1 ran all three
+    assert seen == [(0, 0), (1, 0), (1, 1), (1, 2)]
+    assert completion.stopped and completion.tokens[-1] == tokenizer.encode("k")[0]
+    forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
+    start = completion.tokens.index(forced[0])
+    assert completion.tokens[start:start + len(forced)] == forced
+    assert completion.masks == [0 if start <= i < start + len(forced) else 1 for i in range(len(completion.tokens))]
+    short = list(Completions(model, tokenizer, [prompt], max_tokens=2))
+    assert [(c.tokens, c.stopped) for c in short] == [([special("<|python_start|>"), tokenizer.encode("6")[0]], False)]
+
+
+# -----------------------------------------------------------------------------
+# The GPU path, on the CPU: host waits and the compiled fixed-shape step
+
+
+class SteeredModel(torch.nn.Module):
+    """A real GPT steered along a chain of tokens (after one, the next gets +1e4 and every other -1e4, before the
+    softcap or after), so that every reply starts with a calculator call (<|python_start|> 1+2 <|python_end|>, then
+    the tool's forced output) and goes on as the model likes. The steering is looked up by the input token on the
+    device: it adds no host wait. With fast=False the engine decodes through forward instead of GPT.decode_step (as
+    for any model without decode weights)."""
+
+    def __init__(self, model, tokenizer, fast=True):
+        super().__init__()
+        special = tokenizer.encode_special
+        chain = [special("<|assistant_start|>"), special("<|python_start|>"), *tokenizer.encode("1+2"),
+                 special("<|python_end|>")]
+        bonus = torch.zeros(model.config.vocab_size, model.config.vocab_size)
+        for token, next_token in zip(chain, chain[1:]):
+            bonus[token] = -1e4
+            bonus[token, next_token] = 1e4
+        self.inner, self.config, self.rotary_seq_len, self.fast = model, model.config, model.rotary_seq_len, fast
+        self.register_buffer("bonus", bonus)
+
+    def get_device(self):
+        return self.inner.get_device()
+
+    def forward(self, idx, kv_cache=None, logits_from=0):
+        return self.inner(idx, kv_cache=kv_cache, logits_from=logits_from) + self.bonus[idx[:, -1]][:, None]
+
+    def decode_weights(self):
+        return self.inner.decode_weights() if self.fast else None
+
+    def decode_step(self, idx, kv_cache, weights, capped=True):
+        return self.inner.decode_step(idx, kv_cache, weights, capped) + self.bonus[idx]
+
+
+class HostWaits(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls that would make the host wait for a CUDA device: reading a tensor's values (.item(),
+    .tolist(), bool(), int(), float(), indexing a list with it, .cpu(), .numpy()) and host data turned into tensors
+    (torch.tensor, as_tensor, from_numpy, list indices). The engine's own transfers are exempt, as `transfer()` marks
+    them: _upload (pinned memory, non_blocking) and _Readback, whose wait() is counted apart: the step's one wait."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+    FROM_HOST = {torch.tensor, torch.as_tensor, torch.from_numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.blocking, self.waits, self.exempt = [], 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.exempt:
+            host_index = func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and any(
+                isinstance(i, list) for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+            if func in self.READS or func in self.FROM_HOST or host_index:
+                self.blocking.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+    def transfer(self, function, wait=False):
+        def exempt(*args, **kwargs):
+            self.exempt += 1
+            self.waits += wait
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.exempt -= 1
+        return exempt
+
+
+def test_the_interposer_sees_every_kind_of_host_wait():
+    t = torch.arange(4)
+    with HostWaits() as counter:
+        t.tolist(), t[0].item(), bool(t[1]), int(t.max()), t[[0, 1]], torch.tensor([1, 2])
+        t[0] = 3  # a scalar written on the device: no wait
+    assert counter.blocking == ["tolist", "item", "__bool__", "__int__", "__getitem__", "tensor"]
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """A HostWaits active during every BatchDecoder.step, with the steps counted."""
+    counter = HostWaits()
+    counter.steps = 0
+    monkeypatch.setattr(engine_module, "_upload", counter.transfer(engine_module._upload))
+    monkeypatch.setattr(engine_module._Readback, "start", counter.transfer(engine_module._Readback.start))
+    monkeypatch.setattr(engine_module._Readback, "wait", counter.transfer(engine_module._Readback.wait, wait=True))
+    step = BatchDecoder.step
+
+    def counted_step(decoder):
+        counter.steps += 1
+        with counter:
+            return step(decoder)
+    monkeypatch.setattr(BatchDecoder, "step", counted_step)
+    return counter
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["decode_step", "forward"])
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 20), (0.8, None)],
+                         ids=["greedy", "top-k", "whole-vocabulary"])
+def test_a_decode_step_waits_for_the_device_once(chat_model, host_waits, temperature, top_k, fast):
+    model, tokenizer = chat_model
+    steered = SteeredModel(model, tokenizer, fast)
+    results, masks = Engine(steered, tokenizer).generate_batch(prompt_of(tokenizer, "1+2?"), num_samples=3,
+                                                               max_tokens=12, temperature=temperature, top_k=top_k)
+    assert all(0 in mask for mask in masks)  # the calculator fired in every row
+    decoder = BatchDecoder(steered, tokenizer, max_batch=3)
+    for i, text in enumerate(("a", "a longer prompt", "mid")):  # rows at different positions, finishing apart
+        decoder.add(prompt_of(tokenizer, text), max_tokens=8 + 4 * i, temperature=temperature, top_k=top_k, seed=i)
+    events = run_to_completion(decoder)
+    assert all(any(e.mask == 0 for e in row) for row in events.values())
+    assert host_waits.steps >= 20
+    assert host_waits.blocking == [] and host_waits.waits == host_waits.steps
+
+
+def test_the_fixed_shape_step_has_no_host_wait(chat_model, host_waits):
+    model, tokenizer = chat_model
+    decoder = BatchDecoder(model, tokenizer, max_batch=3, max_seq_len=32)
+    decoder.add(prompt_of(tokenizer, "a"), temperature=0.0)
+    decoder.add(prompt_of(tokenizer, "bb"), temperature=1.0, top_k=5)
+    with host_waits, torch.inference_mode():
+        engine_module._fixed_step(model, model.decode_weights(), decoder.cache, decoder.tokens, decoder.temperatures,
+                                  decoder.top_ks, decoder.uniforms, decoder.active, 3, 16, 5, True)
+    assert host_waits.blocking == [] and host_waits.waits == 0
+    assert decoder.cache.pos.tolist() == [len(prompt_of(tokenizer, "a")) + 1, len(prompt_of(tokenizer, "bb")) + 1, 0]
+
+
+def test_the_compiled_fixed_shape_step_gives_the_eager_tokens(chat_model):
+    # torch.compile(fullgraph=True) would fail on any host read or graph break; on CUDA the same graph is replayed
+    # as CUDA graphs. One compile covers every shape here (dynamic widths, lengths and top-k).
+    model, tokenizer = chat_model
+    steered = SteeredModel(model, tokenizer)
+    prompts = [prompt_of(tokenizer, text) for text in ("Hi", "What is one plus two?", "ok", "Tell me", "more")]
+
+    def scenario(compile_step):
+        decoder = BatchDecoder(steered, tokenizer, max_batch=4, max_seq_len=48, compile_step=compile_step)
+        rows = [decoder.add(prompts[0], 30, temperature=0.0), decoder.add(prompts[1], 12, 1.0, 5, seed=1),
+                decoder.add(prompts[2], 20, 0.9, None, seed=2)]
+        joins = {4: lambda: rows.append(decoder.add(prompts[3], 16, 1.0, 50, seed=3)),
+                 13: lambda: rows.append(decoder.add(prompts[4], 9, 0.0))}
+        events = run_to_completion(decoder, joins)
+        samples = Engine(steered, tokenizer, compile_step=compile_step).generate_batch(
+            prompts[1], num_samples=3, max_tokens=14, temperature=1.0, top_k=50, seed=5)
+        return {row: [(e.token, e.mask, e.finish_reason) for e in events[row]] for row in rows}, samples
+
+    eager, samples = scenario(compile_step=False)
+    assert len({len(tokens) for tokens in eager.values()}) == 5  # rows finish apart
+    assert all(any(mask == 0 for _, mask, _ in tokens) for tokens in eager.values())  # the calculator fired
+    assert scenario(compile_step=True) == (eager, samples)

@@ -1,7 +1,8 @@
 """The GPT model: shapes and parameter counts, init, KV-cached inference equal to a full forward (MHA, GQA, MQA,
-per-row positions, cache copy and growth), the logit softcap, ignored targets, naive sampling, and that a tiny
+per-row positions, row views, fixed-length views, cache copies), the logit softcap, ignored targets, naive sampling, and that a tiny
 model learns with the real optimizer setup in fp32 and in bf16 compute."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth, norm, unembed
 
@@ -139,7 +141,7 @@ def test_rows_at_different_positions_decode_like_their_own_full_forward(device):
     with torch.no_grad():
         cache = KVCache(2, 2, 16, 16, config.n_layer, device=device)
         model(idx, kv_cache=cache)
-        cache.pos[1] = 3  # row 1's prompt is only 3 tokens long: the rest of its prefill was padding
+        cache.set_positions([8, 3])  # row 1's prompt is only 3 tokens long: the rest of its prefill was padding
         logits = model(next_tokens, kv_cache=cache)[:, -1]  # (2, V)
         row0 = model(torch.cat([idx[:1], next_tokens[:1]], dim=1))[0, -1]
         row1 = model(torch.cat([idx[1:, :3], next_tokens[1:]], dim=1))[0, -1]
@@ -148,30 +150,137 @@ def test_rows_at_different_positions_decode_like_their_own_full_forward(device):
     torch.testing.assert_close(logits[1], row1, atol=ATOL, rtol=0)
 
 
-def test_prefill_copies_a_batch_1_cache_into_every_row_and_grows_it(device):
+def test_prefill_copies_a_batch_1_cache_into_every_row(device):
     config = small_config(n_head=4, n_kv_head=2)
     model = build(config, perturb=0.02, device=device)
     prompt = torch.randint(0, config.vocab_size, (1, 10), device=device)
     with torch.no_grad():
-        single = KVCache(1, 2, 4, 16, config.n_layer, device=device)  # too short: grows while prefilling
+        single = KVCache(1, 2, 10, 16, config.n_layer, device=device)
         model(prompt, kv_cache=single)
-        assert single.seq_len >= 10
-        batch = KVCache(3, 2, 4, 16, config.n_layer, device=device)
+        batch = KVCache(3, 2, 16, 16, config.n_layer, device=device)
         batch.prefill(single)
-        assert batch.seq_len >= 10 and batch.pos.tolist() == [10, 10, 10]
+        assert batch.pos.tolist() == [10, 10, 10] and batch.max_pos == 10
         next_tokens = torch.tensor([[1], [2], [3]], device=device)
         logits = model(next_tokens, kv_cache=batch)[:, -1]
         expected = model(torch.cat([prompt.expand(3, -1), next_tokens], dim=1))[:, -1]
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
-def test_cache_growth_keeps_every_layer_row_and_position_in_place():
-    cache = KVCache(2, 3, 5, 4, 2)
-    cache.k.copy_(torch.randn_like(cache.k))
-    before = cache.k.clone()
-    cache.reserve(6)
-    assert cache.k.shape == (2, 2, 1024, 3, 4)
-    assert torch.equal(cache.k[:, :, :5], before) and not cache.k[:, :, 5:].any()
+def test_prefill_of_named_rows_then_own_positions_continues_each_rows_prefix():
+    # CORE's way: each item's shared prefix once, then each of its options continues from the prefix's own length
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    prefixes = torch.randint(0, config.vocab_size, (2, 6))
+    with torch.no_grad():
+        prefix_cache = KVCache(2, 2, 6, 16, config.n_layer)
+        model(prefixes, kv_cache=prefix_cache)
+        cache = KVCache(3, 2, 8, 16, config.n_layer)
+        cache.prefill(prefix_cache, rows=[0, 1, 1])
+        cache.set_positions([6, 6, 4])  # row 2 uses only the first 4 tokens of prefix 1
+        suffixes = torch.randint(0, config.vocab_size, (3, 2))
+        logits = model(suffixes, kv_cache=cache)
+        expected = [model(torch.cat([prefixes[0], suffixes[0]])[None])[0, -2:],
+                    model(torch.cat([prefixes[1], suffixes[1]])[None])[0, -2:],
+                    model(torch.cat([prefixes[1, :4], suffixes[2]])[None])[0, -2:]]
+    assert cache.pos.tolist() == [8, 8, 6]
+    torch.testing.assert_close(logits, torch.stack(expected), atol=ATOL, rtol=0)
+
+
+def test_a_row_view_decodes_its_rows_in_place_and_a_copied_row_continues_the_same():
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    prompt = torch.randint(0, config.vocab_size, (1, 5))
+    with torch.no_grad():
+        cache = KVCache(3, 2, 12, 16, config.n_layer)
+        view = cache.rows(1, 2)
+        model(prompt, kv_cache=view)  # fills row 1 only
+        assert cache.pos.tolist() == [0, 5, 0]
+        cache.copy_row(1, 2, length=5)
+        assert cache.pos.tolist() == [0, 5, 5]
+        cache.set_positions([0, 5, 5])  # the host's bound (max_pos) of the whole cache: 5
+        logits = model(torch.tensor([[7], [3], [3]]), kv_cache=cache)[1:, -1]
+        expected = model(torch.cat([prompt, torch.tensor([[3]])], dim=1))[0, -1]
+    assert cache.pos.tolist() == [1, 6, 6]
+    torch.testing.assert_close(logits, expected.expand(2, -1), atol=ATOL, rtol=0)
+
+
+def test_a_fixed_length_view_attends_to_the_same_keys_as_the_exact_length():
+    # the compiled decode step reads all fixed_len slots, masked by each row's position: same logits
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    idx = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        exact, fixed = KVCache(2, 2, 16, 16, config.n_layer), KVCache(2, 2, 16, 16, config.n_layer)
+        for cache in (exact, fixed):
+            model(idx[:, :6], kv_cache=cache)
+            cache.set_positions([6, 2])
+        fixed_view = fixed.rows(0, 2, fixed_len=16)
+        for t in range(6, 9):
+            torch.testing.assert_close(model(idx[:, t:t + 1], kv_cache=fixed_view),
+                                       model(idx[:, t:t + 1], kv_cache=exact), atol=ATOL, rtol=0)
+    assert fixed.pos.tolist() == exact.pos.tolist() == [9, 5]
+    assert fixed_view.max_pos == 6  # a fixed-length view keeps no host state (its shapes never change)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_decode_step_gives_the_forward_logits_for_rows_at_different_positions(n_kv_head):
+    config = small_config(n_head=4, n_kv_head=n_kv_head)
+    model = build(config, perturb=0.02)
+    idx = torch.randint(0, config.vocab_size, (3, 9))
+    with torch.no_grad():
+        caches = [KVCache(3, n_kv_head, 16, 16, config.n_layer) for _ in range(3)]
+        for cache in caches:
+            model(idx[:, :6], kv_cache=cache)
+            cache.set_positions([6, 2, 4])
+        views = [caches[0], caches[1], caches[2].rows(0, 3, fixed_len=12)]
+        weights = model.decode_weights()
+        for t in range(6, 9):
+            expected = model(idx[:, t:t + 1], kv_cache=views[0])[:, -1]
+            torch.testing.assert_close(model.decode_step(idx[:, t], views[1], weights), expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.decode_step(idx[:, t], views[2], weights), expected, atol=ATOL, rtol=0)
+    assert [c.pos.tolist() for c in caches] == [[9, 5, 7]] * 3
+
+
+def test_decode_weights_follow_in_place_updates_and_other_dtypes(monkeypatch):
+    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.bfloat16)  # fp32 masters, bf16 compute: RL rollouts
+    config = small_config(n_head=4, n_kv_head=2)
+    model = build(config, perturb=0.02)
+    qkv = model.decode_weights()[0][0]
+    assert all(w.dtype == torch.bfloat16 for layer in model.decode_weights() for w in layer)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_k.weight.mul_(2)  # an optimizer step, in place
+    # refreshed where it is (a captured CUDA graph reads it there): rows of q (64), then k (32), then v (32)
+    assert model.decode_weights()[0][0] is qkv and not qkv.requires_grad
+    assert torch.equal(qkv.t()[64:96], model.transformer.h[0].attn.c_k.weight.to(torch.bfloat16))
+    idx = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        caches = [KVCache(2, 2, 8, 16, config.n_layer, dtype=torch.bfloat16) for _ in range(2)]
+        for cache in caches:
+            model(idx[:, :6], kv_cache=cache)
+        torch.testing.assert_close(model.decode_step(idx[:, 6], caches[0], model.decode_weights()),
+                                   model(idx[:, 6:], kv_cache=caches[1])[:, -1], atol=5e-2, rtol=0)
+
+
+def test_decode_step_is_off_for_architectures_it_does_not_know():
+    @dataclasses.dataclass
+    class NewConfig(GPTConfig):
+        new_option: str = "x"
+
+    assert build(NewConfig(**vars(small_config()))).decode_weights() is None
+
+
+def test_a_full_cache_refuses_with_the_numbers():
+    config = small_config()
+    model = build(config)
+    cache = KVCache(1, 4, 8, 16, config.n_layer)
+    with torch.no_grad():
+        model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="6 tokens cached \\+ 3 new > seq_len 8"):
+            model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="positions \\[9\\]"):
+        cache.set_positions([9])
+    with pytest.raises(ValueError, match="fixed_len=9"):
+        cache.rows(0, 1, fixed_len=9)
 
 
 # -----------------------------------------------------------------------------
@@ -345,6 +454,7 @@ def test_cpu_training_keeps_freed_memory_for_the_next_step(mode):
 
 BF16_TRAINING = """
 import math, torch
+import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig
 assert COMPUTE_DTYPE == torch.bfloat16

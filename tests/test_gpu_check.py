@@ -51,7 +51,7 @@ def test_the_dry_run_goes_through_every_stage_and_prints_one_json_summary(tmp_pa
     for name in ("d12_mfu", "d20_memory"):
         assert stages[name]["steps"] >= 3 and stages[name]["peak_memory"].endswith("(process RSS)")
     assert stages["engine"]["command"].startswith("python -m dev.bench.engine --depths=2")
-    assert stages["engine"]["results"][0]["engine_batch_1"]["tokens_per_s"] > 0
+    assert stages["engine"]["results"][0]["batches"]["1"]["tokens_per_s"] > 0
     logs = (tmp_path / "out" / "gpu_check_logs.txt").read_text()
     for name in ("base_train", "mid_train", "chat_web", "d20", "engine"):
         assert f"===== {name}.log" in logs
