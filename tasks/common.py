@@ -124,25 +124,6 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
-class TaskSequence(Task):
-    """Several tasks one after the other, in order (a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.lengths = [len(task) for task in self.tasks]
-
-    def num_examples(self):
-        return sum(self.lengths)
-
-    def get_example(self, index):
-        for task, length in zip(self.tasks, self.lengths):
-            if index < length:
-                return task[index]
-            index -= length
-        raise IndexError(index)
-
-
 def build_mixture(builders, skip, stage):
     """The training tasks of a stage's mixture. builders: {source name: function returning that source's list of
     tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,

@@ -16,7 +16,7 @@ from nanochat.common import MissingFileError, UserError
 from nanochat.engine import use_calculator
 from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
-from tasks.common import Task, TaskMixture, TaskSequence, held_out, render_mc, shuffled
+from tasks.common import Task, TaskMixture, held_out, render_mc, shuffled
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreements
 from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
@@ -62,7 +62,7 @@ def full_text(conversation):
 
 
 # -----------------------------------------------------------------------------
-# Task, TaskMixture, TaskSequence, render_mc
+# Task, TaskMixture, render_mc
 
 
 def test_slicing_selects_start_stop_step():
@@ -100,10 +100,9 @@ def test_mixture_oversamples_a_task_passed_twice():
     assert all(counts[100:105] == 2) and all(counts[:20] == 1)
 
 
-def test_mixture_of_sliced_tasks_and_sequence_order():
+def test_mixture_of_sliced_tasks():
     mixture = TaskMixture([Numbers(10, stop=4), Numbers(10, offset=50, start=8)], stop=3)
     assert len(mixture) == 3 and set(values(TaskMixture([Numbers(10, stop=4)]))) == {0, 1, 2, 3}
-    assert values(TaskSequence([Numbers(3), Numbers(2, offset=10)])) == [0, 1, 2, 10, 11]
 
 
 def test_render_mc_puts_the_letter_right_after_each_choice():
