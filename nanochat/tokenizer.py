@@ -210,11 +210,6 @@ class RustBPETokenizer:
             add([special["<|assistant_end|>"]], 1)
         return ids, mask
 
-    def visualize_tokenization(self, ids, mask):
-        """Debugging aid: the tokens joined by '|', supervised ones green, the rest red (ANSI colors)."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
-
 
 def _chat_messages(conversation):
     """The messages of a conversation, checked, with a leading system message merged into the first user message.

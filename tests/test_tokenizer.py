@@ -393,12 +393,6 @@ def test_malformed_conversation_is_rejected_naming_message_and_problem(tok, conv
         tok.render_conversation(conversation)
 
 
-def test_visualize_tokenization_shows_every_token_green_if_supervised(tok):
-    ids, mask = tok.render_conversation({"messages": [user("Hi"), assistant("Hello there")]})
-    shown = re.findall(r"\x1b\[(\d+)m(.*?)\x1b\[0m", tok.visualize_tokenization(ids, mask), flags=re.DOTALL)
-    assert shown == [("92" if m else "91", tok.id_to_token(i)) for i, m in zip(ids, mask)]
-
-
 # -----------------------------------------------------------------------------
 # HuggingFace comparison tokenizer
 
