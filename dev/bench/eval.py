@@ -106,33 +106,29 @@ if "core" in parts:
 # HumanEval canonical solutions through the sandbox
 
 if "humaneval" in parts:
-    try:
-        from nanochat.execution import execute_code
-    except ImportError as e:
-        result["humaneval"] = {"error": f"nanochat.execution not available: {e}"}
-        execute_code = None
-    if execute_code is not None:
-        with gzip.open(humaneval_path, "rt", encoding="utf-8") as f:
-            problems = [json.loads(line) for line in f]
-        programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
-                    for p in problems]
-        result["humaneval"] = {"programs": len(programs), "workers": workers}
-        for name, use_bwrap in (("bwrap", True), ("no_bwrap", False)):
-            def run(program, use_bwrap=use_bwrap):
-                return execute_code(program, timeout=timeout, use_bwrap=use_bwrap)
-            try:
-                run("print(1)")  # warm-up: a failure to start bwrap shows here, not 164 times
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(workers) as pool:
-                    outcomes = list(pool.map(run, programs))
-                seconds = time.perf_counter() - t0
-                failed = [problems[i]["task_id"] for i, o in enumerate(outcomes) if not o.success]
-                result["humaneval"][name] = {"seconds": round(seconds, 2),
-                                             "programs_per_s": round(len(programs) / seconds, 1),
-                                             "passed": len(programs) - len(failed), "failed": failed[:10]}
-                log(f"HumanEval {name}: {len(programs) - len(failed)}/{len(programs)} passed in {seconds:.1f}s")
-            except Exception as e:  # e.g. bwrap missing or not permitted here
-                result["humaneval"][name] = {"error": f"{type(e).__name__}: {e}"}
+    from nanochat.execution import execute_code
+
+    with gzip.open(humaneval_path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f]
+    programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
+                for p in problems]
+    result["humaneval"] = {"programs": len(programs), "workers": workers}
+    for name, use_bwrap in (("bwrap", True), ("no_bwrap", False)):
+        def run(program, use_bwrap=use_bwrap):
+            return execute_code(program, timeout=timeout, use_bwrap=use_bwrap)
+        try:
+            run("print(1)")  # warm-up: a failure to start bwrap shows here, not 164 times
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                outcomes = list(pool.map(run, programs))
+            seconds = time.perf_counter() - t0
+            failed = [problems[i]["task_id"] for i, o in enumerate(outcomes) if not o.success]
+            result["humaneval"][name] = {"seconds": round(seconds, 2),
+                                         "programs_per_s": round(len(programs) / seconds, 1),
+                                         "passed": len(programs) - len(failed), "failed": failed[:10]}
+            log(f"HumanEval {name}: {len(programs) - len(failed)}/{len(programs)} passed in {seconds:.1f}s")
+        except Exception as e:  # e.g. bwrap missing or not permitted here
+            result["humaneval"][name] = {"error": f"{type(e).__name__}: {e}"}
 
 result["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
 print(json.dumps(result, indent=2))
