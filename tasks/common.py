@@ -1,15 +1,12 @@
 """The Task base class, task mixtures, the multiple-choice renderer and dataset loading for the chat tasks.
 
-A task is a list of conversations (`{"messages": [...]}`, the format of tokenizer.render_conversation) that can be
-sliced, mixed and, for evaluation tasks, scored. Datasets come from the Hugging Face hub by their real names
-(`datasets.load_dataset`), or, when NANOCHAT_DATA_DIR is set, from a local directory laid out like
-../shared/data (arc/, mmlu/, gsm8k/, humaneval/, words/, chat/). Both are shuffled with seed 42 into the same
-order, so offline and online runs pick the same examples. Not here: tokenization, sampling, the scoring loop
-(nanochat/chat_eval.py).
+A task is a list of conversations (the format of tokenizer.render_conversation) that can be sliced, mixed and, for
+evaluation tasks, scored. Datasets come from the Hugging Face hub, or from NANOCHAT_DATA_DIR laid out like
+../shared/data; both are shuffled with seed 42 into the same order, so offline and online runs pick the same
+examples. Not here: tokenization, sampling, the scoring loop (nanochat/chat_eval.py).
 
-Which split each task trains on, which one settings are tuned on (validation: chat_eval --split=val, the training
-scripts' own evaluations) and which one is reported (test: chat_eval's default). Never train on either of the
-last two; never tune on test.
+Splits: train on the first column, tune on validation (chat_eval --split=val, the training scripts' evaluations),
+report test (chat_eval's default). Never train on the last two; never tune on test.
 
 | task                         | trained on (mid/SFT/RL)        | validation ("val")         | test (reported)          |
 |------------------------------|--------------------------------|----------------------------|--------------------------|
@@ -21,10 +18,8 @@ last two; never tune on test.
 | CustomJSON (identity)        | the whole file                 | never                      | never                    |
 | SpellingBee / SimpleSpelling | split="train" (seeds train/i)  | split="val" (seeds val/i)  | split="test" (test/i)    |
 
-The held-out slice of a train split is 1 in VAL_EVERY examples, chosen by a hash of the question text
-(`held_out`): the same examples on the hub and in a local subset, whatever the order, and a question that occurs
-twice stays on one side. Asking a task for split "train" leaves the slice out; "val" gives only the slice. ARC's
-own "validation" split stands in for test where a local copy has no test file (tasks/arc.py).
+The held-out slice is 1 in VAL_EVERY examples of a train split, chosen by a hash of the question text (`held_out`):
+the same examples on the hub and in a local subset, and a question that occurs twice stays on one side.
 """
 
 import csv
