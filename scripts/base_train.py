@@ -2,20 +2,15 @@
 Pretrain the base model on the parquet shards in <base>/base_data with the tokenizer in <base>/tokenizer.
 
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
-training horizon (target_param_data_ratio tokens per parameter) follow from it. The batch is total_batch_size
-tokens per optimizer step whatever the hardware: each process runs device_batch_size rows a micro-step and
-accumulates gradients over as many micro-steps as needed. There is no DDP wrapper: the optimizer
-averages the gradients.
+training horizon (target_param_data_ratio tokens per parameter) follow from it. A step is total_batch_size tokens
+whatever the hardware: each process accumulates gradients over as many micro-steps as it takes.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
 data position, RNG and loop state, so on CPU in fp32 the losses after the resume equal an uninterrupted run's
 bit for bit. Ctrl+C or SIGTERM saves a checkpoint at the end of the current step and exits cleanly.
-
-Evaluation: val bpb every eval_every steps, and always once at the end (also with --eval_every=-1), over
-eval_tokens tokens of the val split. The default (--eval_tokens=-1) is 20 optimizer steps' worth
-(20 * total_batch_size), but never more tokens than the run trains on: a 40-step demo run is not followed by
-minutes of evaluation. Long evaluations print their progress and an ETA.
+Val bpb is measured every eval_every steps and always at the end, over eval_tokens tokens (default: 20 steps'
+worth, but never more than the run trains on).
 
 Usage:
     python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192

@@ -2,26 +2,21 @@
 Supervised fine-tuning (SFT): train a midtrained (or base) model on whole conversations, one per row, learning only
 the assistant's replies.
 
-Each row is one rendered conversation, padded to the longest row of its micro-batch; the loss is completion-only:
-a target counts only where the render mask says the assistant wrote it (its text, its calculator calls and the
-<|assistant_end|> that stops it), never on the user's turns, the tool's outputs or the padding. The loss of a step
-is the mean over every supervised token of the step (all micro-steps, all ranks), as if it were one big batch.
-Steps are optimizer steps: target_examples_per_step conversations each, split into device_batch_size rows per
-micro-step per rank; the LR multiplier falls linearly from 1 to 0 over num_iterations (clamped at 0, the same on
-every rank). Periodically: the validation loss, the categorical accuracy on MMLU and ARC-Easy, and SpellingBee
-accuracy on a few problems (sampled with the engine and its calculator).
+Rows are padded to the longest of their micro-batch; a target counts only where the render mask says the assistant
+wrote it (its text, its calculator calls, the <|assistant_end|> that stops it). The loss of a step is the mean over
+every supervised token of the step (all micro-steps, all ranks), as if it were one big batch. A step is
+target_examples_per_step conversations; the LR multiplier falls linearly from 1 to 0 over num_iterations.
+Periodically: the validation loss, MMLU and ARC-Easy accuracy, and SpellingBee sampled with the calculator.
 
-The mixture (the original's): ARC-Easy and ARC-Challenge train, GSM8K train, SmolTalk train (first smoltalk_size),
-the identity conversations, SimpleSpelling and SpellingBee. As in mid_train, a missing source is an error unless
-named in --skip, and --smoltalk_file gives a local SmolTalk stand-in (offline, ARC train and SmolTalk exist only
-on the hub).
-
-Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
+The mixture (the original's): ARC-Easy and ARC-Challenge train, GSM8K train, the first smoltalk_size SmolTalk
+conversations, the identity conversations, SimpleSpelling and SpellingBee. --skip and --smoltalk_file work as in
+mid_train (offline, ARC train and SmolTalk exist only on the hub). Checkpoints go to
+<base>/chatsft_checkpoints/<model_tag>/.
 
 Usage:
     python -m scripts.chat_sft
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
-    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_sft --skip=arc_easy,arc_challenge \\
+    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_sft --skip=arc_easy,arc_challenge \
         --smoltalk_file=data/tasks/chat/chatterbot_corpus_english.jsonl --device_batch_size=8 --num_iterations=100
 """
 
