@@ -1,23 +1,18 @@
 """
-Tokenization: a byte-level BPE trained by our Rust `rustbpe`, run by tiktoken, the chat format that turns
-a conversation into token ids plus a training mask, and back: a reply's tokens as streamed text (ReplyText).
-
-rustbpe only trains (fast, parallel); tiktoken only encodes/decodes (fast, thread-parallel batches). This file
-glues the two together and owns the on-disk format. It is not a general tokenizer library: there is one split
-pattern and one set of special tokens (HuggingFace `tokenizers` trained the same way, the point of comparison, is
-in tests/hf_tokenizer.py).
+Tokenization: a byte-level BPE trained by our Rust `rustbpe` and run by tiktoken; the chat format that turns a
+conversation into token ids plus a training mask; and back, a reply's tokens as streamed text (ReplyText).
+Not a general tokenizer library: one split pattern, one set of special tokens.
 
 On disk (`<base>/tokenizer/`, written by `python -m scripts.tok_train`), no pickle anywhere:
     tokenizer.tiktoken  one line per mergeable token, `base64(token bytes) rank` (tiktoken's own rank format)
     tokenizer.json      {"format": "nanochat-tokenizer-v1", "pattern", "special_tokens", "vocab_size"}
     token_bytes.pt      int32 tensor: bytes per token id, 0 for special tokens (for bits-per-byte)
-Plain tiktoken reads it without nanochat:
+Plain tiktoken reads it without nanochat (with TIKTOKEN_CACHE_DIR="": load_tiktoken_bpe otherwise caches each file
+by its path, and after a retrain would return the old ranks):
     from tiktoken.load import load_tiktoken_bpe
     meta = json.load(open("tokenizer.json", encoding="utf-8"))
     enc = tiktoken.Encoding("nanochat", pat_str=meta["pattern"], special_tokens=meta["special_tokens"],
                             mergeable_ranks=load_tiktoken_bpe("tokenizer.tiktoken"))
-Set TIKTOKEN_CACHE_DIR="" first: load_tiktoken_bpe otherwise caches each file it reads by its path, and after a
-retrain would return the old ranks.
 """
 
 import base64
