@@ -6,14 +6,10 @@ Layout, one directory per source and model tag (the tag defaults to d<depth>):
         model_<step:06d>.pt            the model's state_dict (tensors only; written by rank 0)
         optim_<step:06d>_rank<r>.pt    rank r's optimizer state (sharded across ranks, so every rank writes one)
         meta_<step:06d>.json           model_config, user_config, step, loop and dataloader state, ...
-Every file is written to a temporary name in the same directory and renamed into place, and the meta file is
-written last, after every rank has written its files: a checkpoint counts only once its meta exists. A process
-killed mid-save therefore never leaves something that looks complete, and the previous checkpoint still loads.
-Weights and optimizer states are read with torch.load(weights_only=True): loading runs no pickled code.
-
-Also here, for an exact resume: every rank's RNG state as JSON-able text (rng_state / restore_rng_state) and the
-checks that a checkpoint belongs to the run that resumes it (load_resume_checkpoint). Not a training loop: what
-goes into the meta and optimizer files is the caller's business.
+Every file is written atomically, and the meta last, once every rank has written its files: a checkpoint counts
+only once its meta exists, so a process killed mid-save never leaves something that looks complete. Loading uses
+torch.load(weights_only=True): it runs no pickled code. Also here, for an exact resume: every rank's RNG state as
+JSON-able text and the checks that a checkpoint belongs to the run that resumes it.
 """
 
 import base64

@@ -3,11 +3,9 @@ Evaluate a chat model (mid, SFT or RL checkpoint) on the chat tasks and report C
 
 Each accuracy is printed as "80.1 ± 2.5 (n=256, base 59.0)": percent, one standard error, the number of problems
 and the baseline of answering without reading the question; a "*" marks one within two standard errors of its
-baseline. How tasks are scored, and the baselines: nanochat/chat_eval.py. The test split is reported by default;
-tune on --split=val (which split is which: tasks/common.py). --calculator=off scores the model without its tool:
-its python blocks are not run, and it must continue on its own. Results go to the report section
-"Chat evaluation <source>" (with " val" / " no calculator" appended for those runs, which the summary table leaves
-out). Runs alone or under torchrun (ranks take every world_size-th problem).
+baseline (nanochat/chat_eval.py says how tasks are scored). The test split is reported by default; tune on
+--split=val. --calculator=off scores the model without its tool. Results go to the report section
+"Chat evaluation <source>" (" val" / " no calculator" appended for those runs, which the summary table leaves out).
 
 Usage:
     python -m scripts.chat_eval -i sft

@@ -5,15 +5,10 @@ Hub: openai/gsm8k, subsets main / socratic, splits train / test. Local: gsm8k/<s
 (expr) and a python_output part (result) between the text parts, so the model learns to call the calculator.
 
 The scoring rule, a choice: a reply's answer is the number after its FIRST "#### " (commas removed), and it is right
-when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen).
-- First, as the official grade-school-math scorer and the original nanochat: "#### N" ends a solution, so the first
-  one is the answer the model committed to; whatever it writes after that can neither rescue nor sink it (nor can
-  a reply hedge with several "####").
-- As a number, where the official scorer compares strings: the question asks for a quantity, and "#### 18." (a
-  sentence's full stop) or "#### 18.00" names the right one. So ours passes every reply the official rule passes,
-  and also those that write the right number in another form; `rule_disagreements` counts those on real replies.
-Splits: train, val (a held-out slice of train, which train leaves out: tasks/common.py) and test. Mid-training,
-SFT and RL train on train; chat_eval reports test.
+when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen). First, as the
+official scorer and the original nanochat: "#### N" ends a solution, so the first one is the answer the model
+committed to. As a number, where the official scorer compares strings: "#### 18." (a full stop) names the right
+quantity. So ours passes every reply the official rule passes, and more; `rule_disagreements` counts those.
 """
 
 import re
