@@ -1,13 +1,12 @@
 """
-Measure our tokenizer's compression, bytes of UTF-8 text per token (higher means fewer tokens for the same text,
-so more text fits in the context and each step sees more of it), and compare it with GPT-2's and GPT-4's.
+Measure our tokenizer's compression, bytes of UTF-8 text per token (higher means more text fits in the context),
+and compare it with GPT-2's and GPT-4's.
 
 Texts: a few short fixed samples of different kinds (news, Korean, code, math, science), and the first num_docs
-documents of the train and val splits. Our own figures are always printed and reported. The comparison needs
-tiktoken's rank files for GPT-2 (r50k_base: the same ranks as "gpt2") and GPT-4 (cl100k_base); the repo ships
-both in data/tiktoken/ (MIT, see the README there), so it runs offline. NANOCHAT_TIKTOKEN_DIR points at another
-directory holding <name>.tiktoken; only when no local file exists does tiktoken download it. A baseline that
-cannot be had is skipped with a warning. Not a tokenizer benchmark for speed: see dev/bench/tokenizer.py.
+documents of the train and val splits. The comparison reads tiktoken's rank files for GPT-2 (r50k_base) and GPT-4
+(cl100k_base) from data/tiktoken/ (shipped, so it runs offline) or NANOCHAT_TIKTOKEN_DIR; only without a local
+file does tiktoken download it, and a baseline that cannot be had is skipped with a warning. Not a speed
+benchmark: see dev/bench/tokenizer.py.
 
 Usage:
     python -m scripts.tok_eval

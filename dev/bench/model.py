@@ -2,11 +2,10 @@
 Model throughput: forward+backward tokens/s and MFU of the GPT alone (no data, no optimizer), per depth, compute
 dtype and execution mode (eager / torch.compile). Prints one JSON object.
 
-MFU = estimate_flops() * tokens/s / peak. On CPU the process keeps freed memory (gpt.keep_freed_cpu_memory), as
-base_train does. On CPU the peak is this machine's own best square matmul in the layout
-F.linear uses (x @ W^T), timed in the same run for each dtype (a CPU without native bf16, AVX2 only, multiplies
-bf16 far slower than fp32: its bf16 MFU is against its bf16 peak); on CUDA it is the datasheet table in
-nanochat.common. Each dtype runs in its own subprocess: the compute dtype is fixed at import (NANOCHAT_DTYPE).
+MFU = estimate_flops() * tokens/s / peak. The peak is nanochat.common's datasheet table on CUDA; on CPU it is this
+machine's best F.linear matmul per dtype, timed in the same run (an AVX2-only CPU multiplies bf16 far slower than
+fp32: its bf16 MFU is against its bf16 peak). Each dtype runs in its own subprocess (NANOCHAT_DTYPE is read at
+import); on CPU the process keeps freed memory, as base_train does.
 
 Usage:
     python -m dev.bench.model                                   # d4,d8 x fp32,bf16 x eager,compiled; vocab 32768, B 4, T 512

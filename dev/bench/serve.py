@@ -5,11 +5,8 @@ JSON object; `speedup_16_vs_1` is the aggregate tokens/s of 16 clients over that
 of a batch share each decode step).
 
 The model is a random d<depth> GPT with a byte-level tokenizer (265 tokens), saved as an sft checkpoint in a
-throwaway base dir: the speed of serving does not depend on what the weights say. Its near-uniform output stops
-at <|assistant_end|> about once in 265 tokens, so most replies run to max_tokens. Each client sends streaming
-OpenAI requests (stream_options.include_usage gives the exact token count) back to back for `seconds`; the
-clients run in this process, the server in its own, both on the same CPU, so on a small shared machine the
-figures are noisy: compare levels of one run.
+throwaway base dir: most replies run to max_tokens. Each client sends streaming OpenAI requests back to back for
+`seconds`; clients and server share the CPU, so on a small shared machine compare levels of one run.
 
 Usage:
     python -m dev.bench.serve
