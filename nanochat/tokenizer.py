@@ -163,13 +163,13 @@ class RustBPETokenizer:
     def render_conversation(self, conversation, max_tokens=2048):
         """(ids, mask) of a chat conversation; mask is 1 on the tokens the assistant is trained to produce.
         See _render for the format. Both lists are cut to max_tokens."""
-        ids, mask = self._render(_chat_messages(conversation))
+        ids, mask = self._render(chat_messages(conversation))
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
         """Ids of the conversation without its final assistant message, ending in <|assistant_start|>: the prompt
         from which the model writes that message (RL, generative evaluation). Not truncated."""
-        messages = _chat_messages(conversation)
+        messages = chat_messages(conversation)
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"message {len(conversation['messages']) - 1}: render_for_completion needs a conversation "
                              f"ending with an assistant message (it is replaced by <|assistant_start|>), "
@@ -206,7 +206,7 @@ class RustBPETokenizer:
         return ids, mask
 
 
-def _chat_messages(conversation):
+def chat_messages(conversation):
     """The messages of a conversation, checked, with a leading system message merged into the first user message.
     The input is not modified."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
