@@ -258,9 +258,7 @@ def test_gsm8k_the_first_answer_counts_when_a_reply_has_two():
 def test_gsm8k_rule_disagreements_count_replies_right_by_one_rule_only():
     references = ["#### 18", "#### 18", "#### 1,200", "#### 7", "#### 7"]
     replies = ["#### 18", "#### 18.", "#### 1200.0", "#### 8\n#### 7", "no answer"]
-    assert rule_disagreements(references, replies) == {
-        "replies": 5, "disagree": 2, "ours_only": 2, "official_only": 0,
-        "examples": [("18.", "18"), ("1200.0", "1200")]}
+    assert rule_disagreements(references, replies) == {"replies": 5, "ours_only": 2, "official_only": 0}
 
 
 def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
@@ -269,7 +267,7 @@ def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
         conversations = [task[i] for i in range(len(task))]
         finals = [conversation["messages"][1]["content"][-1]["text"] for conversation in conversations]
         counts = rule_disagreements(finals, [full_text(conversation) for conversation in conversations])
-        assert counts["replies"] == len(task) and counts["disagree"] == 0
+        assert counts == {"replies": len(task), "ours_only": 0, "official_only": 0}
 
 
 # -----------------------------------------------------------------------------
