@@ -303,16 +303,13 @@ def _section_time(text):
 
 
 def core_cell(section_text):
-    """(value, "over N of 22 tasks" or None) of the base evaluation's CORE. base_eval writes a partial CORE as
-    `- CORE: 0.1234 (over 19 of 22 tasks)`; a separate `- CORE tasks: 19 of 22` line is read too."""
+    """(value, "over N of 22 tasks" or None) of the base evaluation's CORE, which base_eval writes as
+    `- CORE: 0.1234 (over 19 of 22 tasks)` when only some of the tasks ran."""
     value = read_metric(section_text, "CORE")
     if value is None:
         return None, None
-    counted = re.search(r"over (\d+) of (\d+) tasks", value) or re.search(r"(\d+) of (\d+)", read_metric(section_text, "CORE tasks") or "")
-    number = value.split()[0]
-    if counted and counted.group(1) != counted.group(2):
-        return number, f"over {counted.group(1)} of {counted.group(2)} tasks"
-    return number, None
+    counted = re.search(r"over \d+ of \d+ tasks", value)
+    return value.split()[0], counted.group(0) if counted else None
 
 
 def summary_table(sections):
@@ -348,22 +345,10 @@ def read_metric(section_text, metric):
 
 
 class DummyReport:
-    """What ranks other than 0 get: every method does nothing."""
+    """What ranks other than 0 get: every method (log, log_curve, read_curve, ...) does nothing and returns None."""
 
-    def log(self, *args, **kwargs):
-        pass
-
-    def log_curve(self, *args, **kwargs):
-        pass
-
-    def read_curve(self, *args, **kwargs):
-        return None
-
-    def reset(self, *args, **kwargs):
-        pass
-
-    def generate(self, *args, **kwargs):
-        pass
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def get_report():
