@@ -118,8 +118,6 @@ train_tasks, source_sizes, skipped = build_mixture({
 train_dataset = TaskMixture(train_tasks)
 val_dataset = SmolTalk("test", filepath=smoltalk_file or None) if "smoltalk" in source_sizes else \
     SpellingBee(size=1000, split="val")
-print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
-       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id will do: padded positions are never targets
 

@@ -135,8 +135,6 @@ val_tasks = [task for name in source_sizes if name in val_builders for task in v
 if not val_tasks:  # only the synthetic sources are left: validate on their val split
     val_tasks = [SpellingBee(size=1000, split="val"), SimpleSpelling(size=1000, split="val")]
 train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
-print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
-       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 if len(train_dataset) < world_size:
     raise UserError(f"{len(train_dataset)} training conversations for {world_size} ranks")
 

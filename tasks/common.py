@@ -33,7 +33,7 @@ from collections import Counter
 
 import numpy as np
 
-from nanochat.common import MissingFileError, UserError
+from nanochat.common import MissingFileError, UserError, print0
 
 SHUFFLE_SEED = 42  # every dataset is shuffled with this seed at load, hub and local alike
 VAL_EVERY = 10  # 1 in 10 examples of a train split is held out for validation (ARC-Easy: ~225 of 2,251)
@@ -120,8 +120,8 @@ class TaskMixture(Task):
 
 
 def build_mixture(builders, skip, stage):
-    """The training tasks of a stage's mixture. builders: {source name: function returning that source's list of
-    tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,
+    """The training tasks of a stage's mixture, printed. builders: {source name: function returning that source's
+    list of tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,
     {source: examples}, [skipped sources]). UserError for an unknown name, for a source whose data is missing (saying
     how to leave it out) and for a mixture left empty."""
     skipped = [name.strip() for name in skip.split(",") if name.strip()]
@@ -141,6 +141,8 @@ def build_mixture(builders, skip, stage):
         sizes[name] = sum(len(task) for task in source_tasks)
     if not tasks:
         raise UserError(f"--skip={skip} leaves no {stage} data")
+    print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in sizes.items()) +
+           f" = {sum(sizes.values()):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
     return tasks, sizes, skipped
 
 
