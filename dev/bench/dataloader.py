@@ -7,13 +7,11 @@ Pretraining dataloader throughput on this machine. Prints one JSON object with:
   - train_step: tokens/s a d<depth> forward+backward consumes on the CPU at B=4, T=512, i.e. whether the loader
     keeps up with training here.
 
-Needs data in <base>/base_data (`python -m nanochat.dataset --embedded` is enough) and a tokenizer: the trained
-one in <base>/tokenizer (`python -m scripts.tok_train`), or GPT-2's (r50k_base, shipped in data/tiktoken/) with
---tokenizer_name=gpt2.
+Needs data in <base>/base_data (`python -m nanochat.dataset --embedded` is enough) and the trained tokenizer in
+<base>/tokenizer (`python -m scripts.tok_train`).
 
 Usage:
     python -m dev.bench.dataloader
-    python -m dev.bench.dataloader --tokenizer_name=gpt2
     python -m dev.bench.dataloader --batch_sizes=4,8,32 --seq_lens=512,1024,2048 --num_tokens=4000000
 """
 
@@ -30,9 +28,9 @@ from nanochat.common import cpu_name
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
+from nanochat.tokenizer import get_tokenizer
 
 # Settings
-tokenizer_name = "nanochat"  # "nanochat" (the trained <base>/tokenizer) or "gpt2" (tiktoken r50k_base)
 batch_sizes = "4,32"  # comma-separated B values
 seq_lens = "512,2048"  # comma-separated T values
 num_tokens = 2_000_000  # tokens timed per (B, T); keep it many row groups long (FineWeb: ~1M tokens each, embedded: ~0.25M)
@@ -43,43 +41,7 @@ train_steps = 5  # timed forward+backward steps (0 = skip)
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Gpt2Tokenizer:
-    """GPT-2's BPE behind the interface the loader uses; <|endoftext|> serves as BOS."""
-
-    def __init__(self):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
-        pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-        ranks = load_tiktoken_bpe(os.path.join(os.path.dirname(__file__), "..", "..", "data", "tiktoken",
-                                               "r50k_base.tiktoken"))
-        self.enc = tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": 50256})
-
-    def get_vocab_size(self):
-        return self.enc.n_vocab
-
-    def get_bos_token_id(self):
-        return self.enc.eot_token
-
-    def encode(self, text, prepend=None, num_threads=None):
-        prefix = [] if prepend is None else [prepend]
-        if isinstance(text, str):
-            return prefix + self.enc.encode_ordinary(text)
-        return [prefix + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads or 4)]
-
-
-if tokenizer_name == "gpt2":
-    tokenizer = Gpt2Tokenizer()
-elif tokenizer_name == "nanochat":
-    from nanochat.tokenizer import get_tokenizer
-    tokenizer = get_tokenizer()
-else:
-    raise SystemExit(f"--tokenizer_name={tokenizer_name!r}: expected 'nanochat' or 'gpt2'")
+tokenizer = get_tokenizer()
 
 
 def log(message):
@@ -144,7 +106,7 @@ print(json.dumps({
     "benchmark": "dataloader",
     "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count()},
     "settings": user_config,
-    "tokenizer": {"name": tokenizer_name, "vocab_size": tokenizer.get_vocab_size()},
+    "tokenizer": {"vocab_size": tokenizer.get_vocab_size()},
     "train_shards": len(list_parquet_files(split="train")),
     "loader": loader_results,
     "plain_loop": plain_loop,
