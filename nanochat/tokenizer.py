@@ -157,9 +157,6 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)  # bytes that are not valid UTF-8 become U+FFFD
 
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
-
     def render_conversation(self, conversation, max_tokens=2048):
         """(ids, mask) of a chat conversation; mask is 1 on the tokens the assistant is trained to produce.
         See _render for the format. Both lists are cut to max_tokens."""

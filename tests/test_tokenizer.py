@@ -148,15 +148,6 @@ def test_encode_rejects_other_types(tok):
         tok.encode(b"bytes")
 
 
-def test_id_to_token_decodes_one_token(tok):
-    assert tok.id_to_token(ord("a")) == "a"
-    assert tok.id_to_token(special(tok, "<|user_start|>")) == "<|user_start|>"
-
-
-# -----------------------------------------------------------------------------
-# Saving and loading
-
-
 def test_save_then_load_gives_identical_encodings(tok, saved_dir):
     loaded = RustBPETokenizer.from_directory(str(saved_dir))
     assert loaded.get_vocab_size() == tok.get_vocab_size()
