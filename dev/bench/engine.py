@@ -1,16 +1,14 @@
 """
 Decode speed of nanochat.engine, measured as an inference benchmark does: the time of one decode step at each batch
-size with stop tokens disabled (every row runs num_tokens), tokens/s, time to first token (the prompt's prefill and
-first sample), and on CUDA the memory bandwidth a step uses against the GPU's datasheet figure. Prints one JSON object.
+size with stop tokens disabled (every row runs num_tokens), tokens/s, time to first token, and on CUDA the memory
+bandwidth a step uses against the GPU's datasheet figure. Prints one JSON object.
 
-The model has random weights of the shape of a depth (--depths=20 --vocab_size=65536: d20-shaped); speed does not
-depend on what the weights say. --host_overhead=1 makes it a d12-deep model only 64 wide (1 head, vocab 512), whose
-arithmetic is negligible: the step time is then what the host spends per step (op dispatch, the engine's own work),
-i.e. what a GPU would wait on. --repos measures other checkouts of nanochat the same way in the same run, interleaved
-(each repeat runs every checkout once): this repo at another commit (git worktree add), or the original nanochat
-(whose Engine.generate takes the same arguments). Every measurement runs in a subprocess that imports nanochat from
-its checkout; the compute dtype is fixed at import (NANOCHAT_DTYPE). Figures are medians over the repeats, with the
-spread; cpu_step_ms divides this process's CPU time instead of wall time (less sensitive to other processes).
+The model has random weights of the shape of a depth (speed does not depend on what the weights say).
+--host_overhead=1 makes it d12-deep but only 64 wide (1 head, vocab 512): the step time is then what the host spends
+per step, i.e. what a GPU would wait on. --repos measures other checkouts of nanochat (this repo at another commit,
+or the original) in the same run, interleaved; each measurement runs in a subprocess that imports nanochat from its
+checkout. Figures are medians over the repeats, with the spread; cpu_step_ms divides this process's CPU time
+instead of wall time (less sensitive to other processes).
 
 Usage:
     python -m dev.bench.engine --depths=4 --batch_sizes=1,8

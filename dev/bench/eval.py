@@ -1,15 +1,11 @@
 """
 Evaluation speed on this machine. Prints one JSON object with:
-  - core: CORE examples/s of a d4 model (random weights, a 4096-token BPE tokenizer trained on the embedded corpus)
-    over the bundle's tasks, in the same run: one example per forward with every option's full prompt (the
-    original's way), one example per forward with the options' shared prefix run once (KV cache), and batched
-    (shared prefix + several examples per forward up to batch_tokens padded tokens); and whether all three gave
-    the same results.
-  - humaneval: the 164 HumanEval canonical solutions (prompt + canonical_solution + test + check(entry_point))
-    through nanochat.execution.execute_code, with bubblewrap and without: programs/s, total seconds, passes.
-
+  - core: CORE examples/s of a d4 model (random weights, a 4096-token tokenizer trained on the embedded corpus),
+    three ways in the same run: one example per forward with every option's full prompt (the original's way), one
+    example per forward with the options' shared prefix run once, and batched; and whether all three agree.
+  - humaneval: the 164 HumanEval canonical solutions through nanochat.execution.execute_code, with bubblewrap and
+    without: programs/s, total seconds, passes.
 Random weights make the accuracies meaningless; the speed is what a trained d4 would have (same shapes).
-Results go into dev/BENCHMARKS.md.
 
 Usage:
     python -m dev.bench.eval

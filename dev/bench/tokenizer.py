@@ -2,14 +2,11 @@
 Tokenizer speed on this machine. Prints one JSON object with:
   - train: per vocab size, seconds, chars/s and peak memory of training our Rust trainer (rustbpe) vs HuggingFace
     `tokenizers` (BpeTrainer) on the same text with the same split pattern, and the speedup. Each training runs in
-    its own subprocess, so its peak RSS belongs to one trainer; rss_delta_mib is that peak minus the RSS the child
-    had after loading the text, i.e. what training itself added.
-  - encode: chars/s of encoding the same documents with our vocab (encode_vocab_size) through tiktoken (what
-    nanochat uses), through rustbpe's own encoder and through HF tokenizers, and with GPT-2's (r50k_base) through
-    tiktoken: a one-document-at-a-time loop on one thread, and batched at several thread counts.
-
+    its own subprocess; rss_delta_mib is its peak RSS minus its RSS after loading the text.
+  - encode: chars/s of encoding the same documents with our vocab through tiktoken (what nanochat uses), rustbpe's
+    own encoder and HF tokenizers, and with GPT-2's (r50k_base) through tiktoken: one document at a time on one
+    thread, and batched at several thread counts.
 Text: the prose shards in data_dir (3,715 documents, 27.7M chars: English prose + Python/PostgreSQL/SQLite docs).
-GPT-2's ranks are read from tiktoken_dir (offline). Results go into dev/BENCHMARKS.md.
 
 Usage:
     python -m dev.bench.tokenizer
