@@ -352,11 +352,9 @@ def format_duration(seconds):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
-        # All ranks leave together. gloo aborts a process ("terminate called without an active exception") when a
-        # peer closes its connections while that process is still inside a collective, and a barrier alone does
-        # not prevent it: the first rank out of the barrier can close while the last one still waits for its final
-        # message. So each rank also says "done" through the rendezvous store (which outlives the process group)
-        # and waits for everyone's, and only then are the gloo connections torn down.
+        # All ranks leave together: gloo aborts a process that is still inside a collective (even a barrier's last
+        # message) when a peer closes its connections. So each rank also says "done" through the rendezvous store,
+        # which outlives the process group, and waits for everyone's before the connections are torn down.
         dist.barrier()
         store = dist.distributed_c10d._get_default_store()
         store.set(f"nanochat_cleanup_{dist.get_rank()}", "done")
@@ -413,13 +411,10 @@ def get_peak_flops(device, dtype=None):
 
 
 class DummyWandb:
-    """Stands in for a wandb run when logging is off, so scripts call .log() unconditionally."""
+    """Stands in for a wandb run when logging is off, so scripts call .log() and .finish() unconditionally."""
 
-    def log(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def init_wandb(run, user_config, master_process, project="nanochat"):
