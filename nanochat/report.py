@@ -1,15 +1,14 @@
 """
 The report card of a run: every stage logs a markdown section into <base>/report/, and `generate` puts them
 together into report.md with a summary table (metrics x stages), the time per stage, the total wall clock, a
-cost estimate, and a plot of each training curve (base val bpb, mid/SFT loss, RL reward) after its section.
+cost estimate, and a plot of each training curve after its section.
 
     python -m nanochat.report reset      # start of a run: clear old sections, write the header (git, hardware, code size)
     python -m nanochat.report generate   # end of a run: <base>/report/report.md
 
-In code: `get_report().log(section="Base model training", data=[user_config, {"val_bpb": 0.81}])`. Only rank 0
-writes (other ranks get a no-op DummyReport). Every file is written to a temporary name and renamed, so a
-crash never leaves half a section. Not a metrics database: sections are plain markdown, and the summary table
-reads `- key: value` lines back out of them.
+In code: `get_report().log(section="Base model training", data=[user_config, {"val_bpb": 0.81}])`; only rank 0
+writes, every file atomically. Not a metrics database: sections are plain markdown, and the summary table reads
+`- key: value` lines back out of them.
 """
 
 import datetime
