@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from nanochat.common import UserError, all_ranks_sum, get_dist_info, print0
-from nanochat.engine import Completions, Engine
+from nanochat.engine import Completions
 from nanochat.report import NEAR_BASELINE_MARK
 from tasks.arc import ARC, eval_split
 from tasks.gsm8k import GSM8K
@@ -205,17 +205,6 @@ def score_chat_task(task_name, model, tokenizer, engine, split="test", batch_siz
                                   f"{rules[0]} replies: {rules[1]} right by ours only, {rules[2]} by it only")
     # The baseline is a property of the problems, the same on every rank: computed over all of them
     return Score(num_passed, total, task.baseline([task[i] for i in range(len(task))]), notes)
-
-
-def run_chat_eval(task_name, model, tokenizer, engine, **settings):
-    """Accuracy (in [0, 1]) of the model on one task, over all ranks; settings as score_chat_task's."""
-    return score_chat_task(task_name, model, tokenizer, engine, **settings).accuracy
-
-
-def load_engine(model, tokenizer, calculator=True):
-    """The sampler of the generative tasks (chat_sft and chat_rl build theirs here too). calculator=False: the
-    model's python blocks are not run and nothing is forced into its replies; it continues on its own."""
-    return Engine(model, tokenizer, calculator=calculator)
 
 
 def chatcore(accuracies):

@@ -18,9 +18,10 @@ Offline, point the tasks at a local copy of the data: NANOCHAT_DATA_DIR=data/tas
 import argparse
 import time
 
-from nanochat.chat_eval import CHATCORE_BASELINES, SPLITS, TASKS, chatcore, load_engine, score_chat_task
+from nanochat.chat_eval import CHATCORE_BASELINES, SPLITS, TASKS, chatcore, score_chat_task
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, compute_cleanup, compute_init, print0
+from nanochat.engine import Engine
 from nanochat.report import NEAR_BASELINE_LEGEND, get_report
 from tasks.arc import eval_split
 from tasks.common import local_data_dir
@@ -62,7 +63,7 @@ for flag, value in (("-b", args.batch_size), ("-n", args.num_samples), ("-m", ar
 
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-engine = load_engine(model, tokenizer, calculator=args.calculator == "on")
+engine = Engine(model, tokenizer, calculator=args.calculator == "on")  # off: python blocks are not run
 print0(f"Model: {args.source} step {meta['step']} | {args.split} split | calculator {args.calculator} | "
        f"tasks: {', '.join(task_names)}")
 

@@ -30,6 +30,7 @@ from nanochat.common import (UserError, all_ranks_sum, check_same_on_all_ranks, 
                              grad_accum_steps, init_wandb, print0)
 from nanochat.configurator import check_positive, configure
 from nanochat.dataloader import masked_batch
+from nanochat.engine import Engine
 from nanochat.optim import lr_multiplier
 from nanochat.report import get_report
 
@@ -97,7 +98,7 @@ optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac,
 # -----------------------------------------------------------------------------
 # Data
 
-from nanochat.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
+from nanochat.chat_eval import score_chat_task  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.arc import ARC  # noqa: E402
 from tasks.common import TaskMixture, build_mixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
@@ -166,7 +167,7 @@ def evaluate_val_loss():
     return total_loss / max(1.0, total_tokens)
 
 
-engine = load_engine(model, tokenizer)
+engine = Engine(model, tokenizer)
 
 
 def evaluate_metrics():
@@ -180,8 +181,8 @@ def evaluate_metrics():
         if max_problems <= 0:
             continue
         try:
-            metrics[name] = run_chat_eval(name, model, tokenizer, engine, split="val", batch_size=device_batch_size,
-                                          max_new_tokens=eval_max_new_tokens, max_problems=max_problems)
+            metrics[name] = score_chat_task(name, model, tokenizer, engine, split="val", batch_size=device_batch_size,
+                                            max_new_tokens=eval_max_new_tokens, max_problems=max_problems).accuracy
         except FileNotFoundError as e:
             print0(f"Metric {name} left out: {e}")
     model.train()
