@@ -168,11 +168,6 @@ if eval_tokens <= 0:  # the default: never evaluate on more tokens than the run 
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 print0(f"Val bpb evaluations: {eval_steps * world_tokens_per_fwdbwd:,} tokens each")
 
-
-def build_val_loader():
-    return tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device, bos_aligned=bos_aligned)
-
-
 report = get_report()
 curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
 loop_state = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
@@ -224,7 +219,9 @@ while True:
 
     if last_step or (eval_every > 0 and step % eval_every == 0):
         orig_model.eval()
-        val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        val_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device,
+                                                        bos_aligned=bos_aligned)
+        val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         orig_model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")

@@ -167,15 +167,6 @@ def packed_batches(dataset, loop):
 
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 
-
-def evaluate_val_bpb():
-    orig_model.eval()
-    batches = packed_batches(val_dataset, loop=True)
-    val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
-    orig_model.train()
-    return val_bpb
-
-
 # -----------------------------------------------------------------------------
 # Training loop: iteration `step` evaluates the model after `step` updates, then (unless last) trains once
 
@@ -189,7 +180,9 @@ smooth_train_loss, total_training_time = 0.0, 0.0
 lrm_history = []  # this rank's LR multipliers, compared across ranks at the end
 while True:
     if last_step or (eval_every > 0 and step % eval_every == 0):
-        val_bpb = evaluate_val_bpb()
+        orig_model.eval()
+        val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=True), eval_steps, token_bytes)
+        orig_model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
