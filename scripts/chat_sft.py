@@ -123,24 +123,18 @@ val_dataset = SmolTalk("test", filepath=smoltalk_file or None) if "smoltalk" in 
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id will do: padded positions are never targets
 
 
-def collate(conversations):
-    """(inputs, targets) (B, T) for a list of conversations, one per row: only what the assistant wrote is a target
-    (the render mask), never the user's turns, tool outputs, the BOS or the padding."""
-    rendered = [tokenizer.render_conversation(conversation, max_tokens=max_seq_len + 1) for conversation in conversations]
-    inputs, targets = masked_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], pad_id)
-    return inputs.to(device), targets.to(device)
-
-
 def micro_batches(dataset):
-    """Endless (inputs, targets) of this rank: conversations rank, rank + world_size, ... in groups of
-    device_batch_size, starting over after the end."""
+    """Endless (inputs, targets) (B, T) of this rank: conversations rank, rank + world_size, ... one per row, in
+    groups of device_batch_size, starting over after the end. Only what the assistant wrote is a target (the render
+    mask), never the user's turns, tool outputs, the BOS or the padding."""
     cursor = rank
     while True:
-        conversations = []
+        rendered = []
         for _ in range(device_batch_size):
-            conversations.append(dataset[cursor % len(dataset)])
+            rendered.append(tokenizer.render_conversation(dataset[cursor % len(dataset)], max_tokens=max_seq_len + 1))
             cursor += world_size
-        yield collate(conversations)
+        inputs, targets = masked_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], pad_id)
+        yield inputs.to(device), targets.to(device)
 
 
 if num_iterations < 0:
