@@ -275,7 +275,7 @@ def tokenizer():
     output = run("tokenizer", [PY, "-m", "scripts.tok_train", f"--max_chars={PIPE['chars']}",
                                f"--vocab_size={PIPE['vocab']}"], limit_s=120)
     result = figures(output, train_seconds=r"^train_time_s: ([\d.]+)")
-    output = run("tokenizer", [PY, "-m", "scripts.tok_eval", "--num_docs=20"], limit_s=60)
+    run("tokenizer", [PY, "-m", "scripts.tok_eval", "--num_docs=20"], limit_s=60)
     return result | {"vocab_size": PIPE["vocab"], "kind": "tok_train"}
 
 
@@ -424,10 +424,6 @@ def model_tests():
     return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped|deselected)", output)}
 
 
-def perf_tokenizer():
-    return cl100k_tokenizer(PERF_DIR, PERF_VOCAB)
-
-
 def speedrun_shaped(depth, steps):
     """base_train at the speedrun's shapes (vocab 65,536, 32 rows of 2048 per GPU; the dry run: tiny)."""
     def measure():
@@ -453,7 +449,7 @@ STAGES = {
     "environment": (environment, [], False),
     "data": (data, ["environment"], False),
     "tokenizer": (tokenizer, ["data"], False),
-    "perf_tokenizer": (perf_tokenizer, ["data"], False),
+    "perf_tokenizer": (lambda: cl100k_tokenizer(PERF_DIR, PERF_VOCAB), ["data"], False),
     "base_train": (base_train, ["tokenizer"], False),
     "model_tests": (model_tests, ["environment"], False),
     "base_loss": (base_loss, ["base_train"], False),
