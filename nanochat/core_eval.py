@@ -298,19 +298,14 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
     return correct
 
 
-def forward_tokens(items, share_prefix):
-    """Padded tokens of one forward over these items: the rows (after the shared prefix), plus the prefixes."""
+def forward_size(items, share_prefix):
+    """(padded tokens, positions reached) of one forward over these items: the rows after their shared prefix plus
+    the prefixes; the longest prefix plus the longest padded suffix (rows continue from their own prefix length, so
+    a batch can reach further than any one of its rows)."""
     shared = [item["shared"] if share_prefix else 0 for item in items]
     num_rows = sum(len(item["rows"]) for item in items)
     suffix_len = max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
-    return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared)
-
-
-def forward_length(items, share_prefix):
-    """Positions one forward over these items reaches: the longest shared prefix plus the longest padded suffix
-    (rows continue from their own prefix length, so a batch can reach further than any one of its rows)."""
-    shared = [item["shared"] if share_prefix else 0 for item in items]
-    return max(shared) + max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
+    return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared), max(shared) + suffix_len
 
 
 def make_batches(items, batch_tokens, share_prefix=True, max_len=None):
@@ -320,9 +315,8 @@ def make_batches(items, batch_tokens, share_prefix=True, max_len=None):
     order = sorted(range(len(items)), key=lambda i: max(len(row) for row in items[i]["rows"]), reverse=True)
     batches, current = [], []
     for i in order:
-        candidate = [items[j] for j in current + [i]]
-        if current and (forward_tokens(candidate, share_prefix) > batch_tokens or
-                        (max_len is not None and forward_length(candidate, share_prefix) > max_len)):
+        tokens, length = forward_size([items[j] for j in current + [i]], share_prefix)
+        if current and (tokens > batch_tokens or (max_len is not None and length > max_len)):
             batches.append(current)
             current = []
         current.append(i)
