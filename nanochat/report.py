@@ -294,11 +294,8 @@ class Report:
 
 
 def _section_time(text):
-    found = re.search(r"^timestamp: (.+)$", text, re.M)
-    try:
-        return datetime.datetime.strptime(found.group(1).strip(), TIME_FORMAT) if found else None
-    except ValueError:
-        return None
+    found = re.search(r"^timestamp: (.+)$", text, re.M)  # written by log() in TIME_FORMAT
+    return datetime.datetime.strptime(found.group(1).strip(), TIME_FORMAT) if found else None
 
 
 def core_cell(section_text):
