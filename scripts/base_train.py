@@ -29,13 +29,12 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (checkpoint_dir, load_resume_checkpoint, restore_rng_state, rng_state,
                                          save_checkpoint)
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, compute_cleanup,
-                             compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb, peak_memory,
-                             print0, should_compile)
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, all_ranks_sum,
+                             compute_cleanup, compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb,
+                             peak_memory, print0, should_compile)
 from nanochat.core_eval import evaluate_model as evaluate_core
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
@@ -259,9 +258,7 @@ while True:
     optimizer.update(lrm, muon_momentum(step))
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
     stats = torch.stack([loss, torch.tensor(float(stop_signal.requested), device=device)])
-    if is_ddp:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    train_loss, stop_votes = (stats / world_size).tolist()
+    train_loss, stop_votes = (all_ranks_sum(stats) / world_size).tolist()
     stop_now = stop_votes > 0
     synchronize()
     dt = time.time() - t0
