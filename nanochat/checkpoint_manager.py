@@ -125,10 +125,7 @@ def find_largest_model(checkpoints_dir):
     tags = [name for name in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, name))] \
         if os.path.isdir(checkpoints_dir) else []
     if not tags:
-        source = next((name for name, dirname in CHECKPOINT_DIRS.items()
-                       if os.path.basename(os.path.normpath(checkpoints_dir)) == dirname), None)
-        fix = f". Train a {source} model first: `{TRAIN_COMMANDS[source]}`" if source else ""
-        raise MissingFileError(f"no model checkpoints in {checkpoints_dir}{fix}")
+        raise MissingFileError(f"no model checkpoints in {checkpoints_dir}")
     depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
     if depths:
         return max(depths)[1]
@@ -158,7 +155,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
         model, tokenizer, meta = build_model(directory, step, device, phase)
         return model, tokenizer, {**meta, "model_tag": model_tag}
     except MissingFileError as e:
-        if "tok_train" in str(e) or "Train a" in str(e):  # the message already names the fix
+        if "tok_train" in str(e):  # the message already names the fix
             raise
         raise MissingFileError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from None
 
