@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from dev.bench import log
 from nanochat.common import cpu_name
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
@@ -42,10 +43,6 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON res
     user_config = configure(globals())
 
 tokenizer = get_tokenizer()
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -117,6 +117,7 @@ import contextlib  # noqa: E402
 
 import torch  # noqa: E402
 
+from dev.bench import log  # noqa: E402
 from nanochat.common import autodetect_device_type, cpu_name  # noqa: E402
 from nanochat.configurator import configure  # noqa: E402
 from nanochat.gpt import dims_for_depth  # noqa: E402
@@ -141,10 +142,6 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON res
 
 DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
                        "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.94e12}  # bytes/s
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 this_repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

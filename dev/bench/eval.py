@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import torch
 
+from dev.bench import log
 from nanochat import dataset
 from nanochat.common import COMPUTE_DTYPE, cpu_name
 from nanochat.configurator import configure
@@ -41,10 +42,6 @@ workers = 2  # programs run at once (threads, each waiting on its own subprocess
 timeout = 10.0  # seconds per program
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

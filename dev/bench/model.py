@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from dev.bench import log
 from nanochat.common import cpu_name
 from nanochat.configurator import configure
 
@@ -41,10 +42,6 @@ peak_matmul_size = 2048  # CPU peak: the best square F.linear matmul of this siz
 worker_dtype = ""  # internal: set by this script for the subprocess that measures one dtype
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -83,11 +80,10 @@ from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory  
 
 assert str(COMPUTE_DTYPE) == f"torch.{worker_dtype}", (COMPUTE_DTYPE, worker_dtype)
 device = torch.device(device_type or autodetect_device_type())
+synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 if device.type == "cpu":
     keep_freed_cpu_memory()  # as base_train does: the per-step buffers are reused instead of page-faulted in again
-synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-if device.type == "cpu":  # the same measurement as get_peak_flops, at a size that can be set
-    peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)
+    peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)  # get_peak_flops' measurement, at a set size
 else:
     peak = get_peak_flops(device, COMPUTE_DTYPE)
 log(f"{worker_dtype} peak: {peak / 1e9:.1f} GFLOP/s")

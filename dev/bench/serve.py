@@ -27,6 +27,7 @@ import time
 import httpx
 import torch
 
+from dev.bench import log
 from nanochat.common import cpu_name
 from nanochat.configurator import configure
 
@@ -42,10 +43,6 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON res
     user_config = configure(globals())
 levels = [int(n) for n in clients.split(",")]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

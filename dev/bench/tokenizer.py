@@ -25,6 +25,7 @@ import time
 
 import pyarrow.parquet as pq
 
+from dev.bench import log
 from nanochat.configurator import configure
 
 # Settings
@@ -43,10 +44,6 @@ worker_pattern = ""  # internal: the split pattern, handed over so that workers 
 # whose torch import alone is ~580 MiB of RSS that would swamp the trainers' peaks
 with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
     user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def mib(kib):

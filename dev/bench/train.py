@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from dev.bench import log
 from nanochat.common import COMPUTE_DTYPE, cpu_name, get_base_dir, get_peak_flops
 from nanochat.configurator import configure
 
@@ -58,10 +59,6 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON res
     user_config = configure(globals())
 if steps <= warm_up_steps:
     raise SystemExit(f"steps={steps} must be larger than warm_up_steps={warm_up_steps}")
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
