@@ -15,18 +15,15 @@ Usage:
     python -m dev.bench.dataloader --batch_sizes=4,8,32 --seq_lens=512,1024,2048 --num_tokens=4000000
 """
 
-import contextlib
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-from dev.bench import log
+from dev.bench import log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 from nanochat.tokenizer import get_tokenizer
@@ -39,8 +36,7 @@ tokenizer_threads = 0  # 0 = the loader's default: the CPUs this process may use
 bos_aligned = False
 depth = 4  # model for the train-step measurement
 train_steps = 5  # timed forward+backward steps (0 = skip)
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 tokenizer = get_tokenizer()
 

@@ -113,13 +113,11 @@ if len(sys.argv) == 3 and sys.argv[1] == "--worker":
 # -----------------------------------------------------------------------------
 # Parent: settings, then every (depth, checkout) `repeats` times, interleaved, then one JSON object
 
-import contextlib  # noqa: E402
 
 import torch  # noqa: E402
 
-from dev.bench import log  # noqa: E402
+from dev.bench import REPO_ROOT, log, settings  # noqa: E402
 from nanochat.common import autodetect_device_type, cpu_name  # noqa: E402
-from nanochat.configurator import configure  # noqa: E402
 from nanochat.gpt import dims_for_depth  # noqa: E402
 
 # Settings
@@ -137,15 +135,13 @@ repos = ""  # other nanochat checkouts to measure in the same run, comma-separat
 repeats = 3
 threads = 0  # torch threads; 0 = torch's default (one per core)
 device_type = ""  # cpu | cuda; "" = autodetect
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
                        "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.94e12}  # bytes/s
 
 
-this_repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-checkouts = [this_repo] + [os.path.abspath(path) for path in repos.split(",") if path]
+checkouts = [REPO_ROOT] + [os.path.abspath(path) for path in repos.split(",") if path]
 device = device_type or autodetect_device_type()
 env = dict(os.environ)
 if dtype == "default":
@@ -204,7 +200,7 @@ for depth in [int(d) for d in depths.split(",")]:
             log(f"d{depth} repeat {repeat + 1}/{repeats}: {checkout}")
             runs[checkout].append(measure(checkout, depth))
     for checkout in checkouts:
-        row = {"checkout": "this" if checkout == this_repo else checkout, "depth": depth, "shape": shape_of(depth),
+        row = {"checkout": "this" if checkout == REPO_ROOT else checkout, "depth": depth, "shape": shape_of(depth),
                **summary(runs[checkout])}
         results.append(row)
         log(json.dumps(row))

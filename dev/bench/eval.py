@@ -23,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import torch
 
-from dev.bench import log
+from dev.bench import log, settings
 from nanochat import dataset
 from nanochat.common import COMPUTE_DTYPE, cpu_name
-from nanochat.configurator import configure
 
 # Settings
 parts = "core,humaneval"  # which halves to run
@@ -40,8 +39,7 @@ threads = 0  # torch threads for the CORE half; 0 = torch's default (one per cor
 humaneval_path = "../shared/data/humaneval/HumanEval.jsonl.gz"
 workers = 2  # programs run at once (threads, each waiting on its own subprocess)
 timeout = 10.0  # seconds per program
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 
 result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

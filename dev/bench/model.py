@@ -14,7 +14,6 @@ On a 2-core AVX2 CPU the fp32 half of the default run takes minutes, the bf16 ha
 (--dtypes=float32 skips it).
 """
 
-import contextlib
 import json
 import os
 import platform
@@ -25,9 +24,8 @@ import time
 
 import torch
 
-from dev.bench import log
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 
 # Settings
 depths = "4,8"  # comma-separated model depths
@@ -40,8 +38,7 @@ modes = "eager,compiled"
 device_type = ""  # cpu | cuda; "" = autodetect
 peak_matmul_size = 2048  # CPU peak: the best square F.linear matmul of this size over half a second
 worker_dtype = ""  # internal: set by this script for the subprocess that measures one dtype
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 
 # -----------------------------------------------------------------------------
@@ -53,9 +50,8 @@ if not worker_dtype:
         args = [f"--{name}={value}" for name, value in user_config.items() if name != "worker_dtype"]
         env = dict(os.environ, NANOCHAT_DTYPE=dtype_name)
         log(f"measuring compute dtype {dtype_name}")
-        repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         result = subprocess.run([sys.executable, "-m", "dev.bench.model", *args, f"--worker_dtype={dtype_name}"], env=env,
-                                cwd=repo_root, stdout=subprocess.PIPE, text=True)
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         if result.returncode != 0:
             raise SystemExit(f"the {dtype_name} worker failed (exit {result.returncode}); its log is above")
         worker = json.loads(result.stdout.strip().splitlines()[-1])

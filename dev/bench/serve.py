@@ -14,7 +14,6 @@ Usage:
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -27,9 +26,8 @@ import time
 import httpx
 import torch
 
-from dev.bench import log
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 
 # Settings
 depth = 4
@@ -39,10 +37,8 @@ seconds = 15.0  # per level: clients start requests until then, and the level en
 max_tokens = 64  # per reply
 max_batch = 32  # the server's --max_batch (rows decoded together)
 server_threads = 1  # OMP/torch threads of the server process
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 levels = [int(n) for n in clients.split(",")]
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ Usage:
     python -m dev.bench.tokenizer --max_chars=2000000 --encode_chars=500000 --vocab_sizes=1024 --encode_vocab_size=1024
 """
 
-import contextlib
 import glob
 import json
 import os
@@ -25,8 +24,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from dev.bench import log
-from nanochat.configurator import configure
+from dev.bench import REPO_ROOT, log, settings
 
 # Settings
 data_dir = "../shared/data/pretrain_prose"  # parquet shards with a `text` column
@@ -42,8 +40,7 @@ worker = ""  # internal: "rust:<vocab>" or "hf:<vocab>", the subprocess that tra
 worker_save = ""  # internal: where an hf worker saves its tokenizer.json, so the parent can reuse it for encoding
 worker_pattern = ""  # internal: the split pattern, handed over so that workers need not import nanochat.tokenizer,
 # whose torch import alone is ~580 MiB of RSS that would swamp the trainers' peaks
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 
 def mib(kib):
@@ -129,8 +126,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from nanochat.common import cpu_name  # noqa: E402
 from nanochat.tokenizer import SPLIT_PATTERN, RustBPETokenizer, available_cpus  # noqa: E402
 
-repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-data_dir, tiktoken_dir = os.path.abspath(data_dir), os.path.abspath(tiktoken_dir)  # the workers run in repo_root
+data_dir, tiktoken_dir = os.path.abspath(data_dir), os.path.abspath(tiktoken_dir)  # the workers run in REPO_ROOT
 texts = load_texts()
 text_chars = sum(len(text) for text in texts)
 log(f"{len(texts):,} documents, {text_chars:,} chars")
@@ -144,7 +140,7 @@ def run_worker(name, vocab_size):
     if name == "hf" and vocab_size == encode_vocab_size:
         args.append(f"--worker_save={hf_json}")  # HF training is the slow one: train it once, reuse it to encode
     log(f"training {name} at vocab {vocab_size}")
-    result = subprocess.run([sys.executable, "-m", "dev.bench.tokenizer", *args], cwd=repo_root,
+    result = subprocess.run([sys.executable, "-m", "dev.bench.tokenizer", *args], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise SystemExit(f"the {name}:{vocab_size} worker failed (exit {result.returncode}); its log is above")

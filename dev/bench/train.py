@@ -36,9 +36,8 @@ import time
 
 import torch
 
-from dev.bench import log
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import COMPUTE_DTYPE, cpu_name, get_base_dir, get_peak_flops
-from nanochat.configurator import configure
 
 # Settings
 depth = 4
@@ -55,13 +54,11 @@ compare_repo = ""  # another checkout whose base_train runs alternately with our
 rounds = 1  # loop runs per configuration (and per repo), alternating
 cold_compile = True  # each run gets an empty inductor cache, so that compile_s is the real compile time
 worker = ""  # internal: "model" measures the peer in this process and prints its JSON
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 if steps <= warm_up_steps:
     raise SystemExit(f"steps={steps} must be larger than warm_up_steps={warm_up_steps}")
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # -----------------------------------------------------------------------------
 # Worker: the peer, forward+backward alone, same model and shapes, one fixed batch (own process: the compute dtype
