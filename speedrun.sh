@@ -8,13 +8,10 @@
 #     RUN_RL=1 bash speedrun.sh                      # add the optional RL stage on GSM8K
 #     bash speedrun.sh --device_type=cpu             # no GPU, on purpose (without it, a missing GPU is an error)
 #
-# This is also the $1000 tier's pipeline: run1000.sh sets the numbers below for d32 and runs this file.
-# Settings come from the environment: NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default "dummy" = no wandb),
-# NANOCHAT_BASE_DIR (where data, tokenizer, checkpoints and the report go; default ~/.cache/nanochat), RUN_RL,
-# and the tier's numbers below. Right after set-up it checks that CUDA works with NPROC_PER_NODE GPUs (a driver
-# older than the locked torch gets the matching torch build) and stops with one `error:` line if not.
-# Needs the network (uv, PyPI, FineWeb-Edu shards and the task datasets from Hugging Face). A stage that fails
-# stops the run with a line naming it; the stages before it need not be repeated (comment them out).
+# Settings come from the environment (the examples above, NANOCHAT_BASE_DIR, and the tier's numbers below, which
+# run1000.sh sets for d32 before it runs this file). Right after set-up it checks that CUDA works with
+# NPROC_PER_NODE GPUs (installing the torch build for an older driver) and stops with one `error:` line if not.
+# Needs the network (uv, PyPI, FineWeb-Edu, the task datasets). A failed stage stops the run with a line naming it.
 # The CPU-sized version of this pipeline, offline: dev/runcpu.sh. A lent GPU checks it in miniature: dev/gpu_check.sh.
 set -Eeuo pipefail
 cd "$(dirname "$0")"

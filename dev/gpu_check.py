@@ -1,29 +1,23 @@
 """
-The GPU check (run it through dev/gpu_check.sh): one call on a GPU machine runs speedrun.sh in miniature on CUDA and
-measures what the full run depends on, within a hard time limit for the whole run (default 8 minutes), then prints
-ONE JSON summary as its last line (also $OUT/gpu_check.json, with every stage's log in $OUT/gpu_check_logs.txt).
+The GPU check (run it through dev/gpu_check.sh): speedrun.sh in miniature on CUDA, plus the figures the full run
+depends on, within a hard time limit for the whole run (default 8 minutes). The last line printed is ONE JSON summary
+(also $OUT/gpu_check.json, with every stage's log in $OUT/gpu_check_logs.txt); exit status 0 when every stage passed.
 
-Stages (each a real command of the pipeline, run under torchrun with every GPU where the speedrun uses torchrun):
-    environment   Python, torch, CUDA, driver, GPUs (nanochat.common.check_cuda); every import a stage needs,
-                  imported for real in a subprocess (a compiled package built for another Python fails there)
+Stages (real commands of the pipeline, under torchrun with every GPU where the speedrun uses torchrun):
+    environment   Python, torch, CUDA, driver, GPUs (check_cuda); every import a stage needs, in a subprocess
     data          the embedded corpus (python -m nanochat.dataset --embedded)
     tokenizer     tok_train (8,192 tokens on 20M characters) and tok_eval; without rustbpe, GPT-4's first ranks
     base_train    d6, compiled, bf16, 300 steps of 16 x 1024 tokens per GPU, then base_loss, base_eval (3 CORE
                   tasks), mid_train, chat_sft, chat_rl (a few steps each), chat_eval after each, the report
-    chat_web      the SFT model served, answering the official `openai` client (streaming and not) and the native
-                  stream the web page uses
+    chat_web      the SFT model served to the official `openai` client (streaming and not) and the native stream
     model_tests   tests/test_gpt.py and tests/test_engine.py with their models on the GPU (NANOCHAT_TEST_DEVICE=cuda)
     d12_mfu       base_train d12 as the speedrun shapes it (vocab 65,536, 32 x 2048 per GPU): tokens/s and MFU
     d20_memory    base_train d20 at device_batch_size=32, seq 2048: peak memory (does the speedrun fit?) and MFU
     engine        dev/bench/engine.py at d12 and d20 shapes with random weights
-The pipeline stages start as soon as the stages they need are done, up to 3 at a time; the three measurements run
-alone at the end, so nothing else shares the GPU while they are timed. Each stage's command is stopped when the
-whole run's time is up (its remaining budget is its timeout); a stage that fails is named in the summary with the
-tail of its log, and the stages that needed it are skipped. Exit status 0 when every stage passed, 1 otherwise.
-
---dry_run runs every stage on the CPU at tiny sizes (d2, a 512-token vocab, a few steps; base_train alone goes
-through torchrun, with one gloo process): the test suite runs it, so the script is known to work before a GPU is
-lent. It is not a benchmark suite (dev/bench/ is) nor a test suite: it runs them.
+A stage starts once the stages it needs are done, up to 3 at a time; the three measurements run alone at the end.
+A failed stage is named in the summary with the tail of its log, and the stages that needed it are skipped.
+--dry_run runs every stage on the CPU at tiny sizes: the test suite runs it, so the script is known to work before
+a GPU is lent.
 
 Usage:
     bash dev/gpu_check.sh                                    # on the GPU machine, <= 8 minutes
@@ -281,7 +275,7 @@ def tokenizer():
     output = run("tokenizer", [PY, "-m", "scripts.tok_train", f"--max_chars={PIPE['chars']}",
                                f"--vocab_size={PIPE['vocab']}"], limit_s=120)
     result = figures(output, train_seconds=r"^train_time_s: ([\d.]+)")
-    output = run("tokenizer", [PY, "-m", "scripts.tok_eval", "--num_docs=20"], limit_s=60)
+    run("tokenizer", [PY, "-m", "scripts.tok_eval", "--num_docs=20"], limit_s=60)
     return result | {"vocab_size": PIPE["vocab"], "kind": "tok_train"}
 
 
@@ -430,10 +424,6 @@ def model_tests():
     return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped|deselected)", output)}
 
 
-def perf_tokenizer():
-    return cl100k_tokenizer(PERF_DIR, PERF_VOCAB)
-
-
 def speedrun_shaped(depth, steps):
     """base_train at the speedrun's shapes (vocab 65,536, 32 rows of 2048 per GPU; the dry run: tiny)."""
     def measure():
@@ -459,7 +449,7 @@ STAGES = {
     "environment": (environment, [], False),
     "data": (data, ["environment"], False),
     "tokenizer": (tokenizer, ["data"], False),
-    "perf_tokenizer": (perf_tokenizer, ["data"], False),
+    "perf_tokenizer": (lambda: cl100k_tokenizer(PERF_DIR, PERF_VOCAB), ["data"], False),
     "base_train": (base_train, ["tokenizer"], False),
     "model_tests": (model_tests, ["environment"], False),
     "base_loss": (base_loss, ["base_train"], False),

@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check: speedrun.sh in miniature on CUDA plus the figures the full run depends on, in at most 8 minutes for
-# the whole run (dev/gpu_check.py says what each stage does). One JSON summary is the last line of the output (also
-# $OUT/gpu_check.json, with every stage's log in $OUT/gpu_check_logs.txt); exit status 0 when every stage passed.
+# The GPU check (dev/gpu_check.py says what it runs): speedrun.sh in miniature on CUDA, in at most 8 minutes. The
+# last line of output is one JSON summary (also $OUT/gpu_check.json); exit status 0 when every stage passed.
 #
 #     bash dev/gpu_check.sh                  # on a GPU machine
 #     bash dev/gpu_check.sh --dry_run        # any CPU: every stage at tiny sizes (the test suite runs this)
 #
-# Which Python: the locked environment (.venv, from `uv sync --frozen`) when it is there and its torch can use the
-# GPU; else the machine's own python3 (a lent GPU machine has PyTorch but no internet and no uv). The summary says
-# which, and why, and which torch and CUDA ran. PYTHON=... chooses one. Packages the machine's python3 lacks can
-# ride along in .gpu_vendor/ at the repo root (unpacked wheels for that Python; .gpu_vendor/PYTHON_VERSION, e.g.
-# "3.12", says which): it goes first on PYTHONPATH, so a set brought together (pydantic with its pydantic_core) is
-# used together. `bash dev/gpu_check.sh --vendor=3.12` fills it from PyPI (here, where the registry is reachable).
+# Which Python: the locked .venv when its torch can use the GPU, else the machine's python3 (a lent GPU machine has
+# PyTorch but no internet and no uv); PYTHON=... chooses one, and the summary says which and why. Packages python3
+# lacks can ride along in .gpu_vendor/ (filled by `bash dev/gpu_check.sh --vendor=3.12`, see dev/gpu_vendor.sh).
 set -uo pipefail
 export GPU_CHECK_T0="$(date +%s.%N)"  # the time limit counts from here
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

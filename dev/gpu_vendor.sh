@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Fill .gpu_vendor/ for dev/gpu_check.sh on a GPU machine whose own python has PyTorch but not the rest and cannot
+# Fill .gpu_vendor/ for dev/gpu_check.sh on a GPU machine whose python has PyTorch but not the rest and cannot
 # reach a package registry. Run it HERE, where PyPI is reachable, with that machine's Python version:
 #
 #     bash dev/gpu_vendor.sh 3.12          # (or: bash dev/gpu_check.sh --vendor=3.12)
 #
-# It unpacks, for that Python (cp312 manylinux x86-64 wheels, whatever Python runs this), the chat server and the
-# client the check talks to it with (fastapi, uvicorn, pydantic, openai and what they import) at the versions
-# uv.lock pins, and rustbpe built by maturin when that Python's interpreter (python3.12) is here too; without it
-# the check's tokenizer stage uses GPT-4's ranks instead of training one. .gpu_vendor/PYTHON_VERSION records the
-# version: gpu_check.sh puts the folder first on PYTHONPATH only for that Python. Compiled packages are the reason
-# for all this: a pydantic_core copied from a .venv of another Python is found (importlib's find_spec) but does not
-# import, and took the chat server down at start on the first GPU check.
+# It unpacks that Python's wheels (manylinux x86-64) of the chat server and its client (fastapi, uvicorn, pydantic,
+# openai and what they import, as uv.lock pins them), and rustbpe when that python is here to build it (else the
+# check's tokenizer stage uses GPT-4's ranks). .gpu_vendor/PYTHON_VERSION says for which Python: compiled packages
+# are the reason for all this (a pydantic_core from a .venv of another Python does not import).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${1:?usage: bash dev/gpu_vendor.sh PYTHON_VERSION, the version of the GPU machine python, e.g. 3.12}"

@@ -2,22 +2,18 @@
 Scoring a chat model (mid, SFT or RL) on the chat tasks: each accuracy with its number of problems, one standard
 error and a baseline, and ChatCORE.
 
-Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) are scored without sampling: the prompts of a batch go through
-one forward, and the answer is the letter whose token has the highest logit at the last prompt position. Generative
-tasks (GSM8K, HumanEval, SpellingBee, SimpleSpelling) sample num_samples completions per problem (calculator tool
-included unless switched off) and pass if any is correct (pass@k); the completions of all problems share gen_batch
-decoder rows, a finished row taking the next (problem, sample) at once, since one problem's samples alone would
-leave the batch mostly idle. Ranks take every world_size-th problem; the counts are summed.
+Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) need no sampling: the answer is the letter whose token has the
+highest logit at the last prompt position. Generative tasks (GSM8K, HumanEval, SpellingBee, SimpleSpelling) sample
+num_samples completions per problem (with the calculator unless switched off) and pass if any is correct (pass@k);
+all problems share gen_batch decoder rows, a finished row taking the next (problem, sample) at once. Ranks take
+every world_size-th problem; the counts are summed.
 
-A score is only as good as what it is compared with, so each comes with n, one standard error sqrt(p(1-p)/n) and
-the baseline of answering without reading the question, on the same problems (Task.baseline): chance for the
-categorical tasks, the best constant answer for the exact-answer ones (SpellingBee: always "#### 1", ~59%), 0 for
-HumanEval (no constant reply passes a problem). An accuracy within two standard errors of its baseline is marked:
-it is no evidence that the model learned the task. ChatCORE is the mean over its six tasks of
-(accuracy - b) / (1 - b), with the original's fixed b (0.25 for the four-choice tasks, 0 for the others), so that it
-stays comparable with published numbers. Each task has a test split (reported) and, but HumanEval, a validation
-split to tune on (tasks/common.py). Not here: loading checkpoints, the command line and the report section
-(scripts/chat_eval.py); datasets and answer checks (tasks/).
+A score is only as good as what it is compared with: each comes with n, one standard error sqrt(p(1-p)/n) and the
+baseline of answering without reading the question (Task.baseline: chance, or the best constant answer). An
+accuracy within two standard errors of its baseline is marked: no evidence that the model learned the task.
+ChatCORE is the mean over its six tasks of (accuracy - b) / (1 - b) with the original's fixed b (0.25 for the
+four-choice tasks, 0 for the others), so that it stays comparable with published numbers. Not here: loading
+checkpoints, the command line and the report (scripts/chat_eval.py); datasets and answer checks (tasks/).
 """
 
 import math
@@ -27,7 +23,7 @@ from functools import partial
 import torch
 
 from nanochat.common import UserError, all_ranks_sum, get_dist_info, print0
-from nanochat.engine import Completions, Engine
+from nanochat.engine import Completions
 from nanochat.report import NEAR_BASELINE_MARK
 from tasks.arc import ARC, eval_split
 from tasks.gsm8k import GSM8K
@@ -209,17 +205,6 @@ def score_chat_task(task_name, model, tokenizer, engine, split="test", batch_siz
                                   f"{rules[0]} replies: {rules[1]} right by ours only, {rules[2]} by it only")
     # The baseline is a property of the problems, the same on every rank: computed over all of them
     return Score(num_passed, total, task.baseline([task[i] for i in range(len(task))]), notes)
-
-
-def run_chat_eval(task_name, model, tokenizer, engine, **settings):
-    """Accuracy (in [0, 1]) of the model on one task, over all ranks; settings as score_chat_task's."""
-    return score_chat_task(task_name, model, tokenizer, engine, **settings).accuracy
-
-
-def load_engine(model, tokenizer, calculator=True):
-    """The sampler of the generative tasks (chat_sft and chat_rl build theirs here too). calculator=False: the
-    model's python blocks are not run and nothing is forced into its replies; it continues on its own."""
-    return Engine(model, tokenizer, calculator=calculator)
 
 
 def chatcore(accuracies):

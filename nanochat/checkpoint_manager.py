@@ -6,14 +6,10 @@ Layout, one directory per source and model tag (the tag defaults to d<depth>):
         model_<step:06d>.pt            the model's state_dict (tensors only; written by rank 0)
         optim_<step:06d>_rank<r>.pt    rank r's optimizer state (sharded across ranks, so every rank writes one)
         meta_<step:06d>.json           model_config, user_config, step, loop and dataloader state, ...
-Every file is written to a temporary name in the same directory and renamed into place, and the meta file is
-written last, after every rank has written its files: a checkpoint counts only once its meta exists. A process
-killed mid-save therefore never leaves something that looks complete, and the previous checkpoint still loads.
-Weights and optimizer states are read with torch.load(weights_only=True): loading runs no pickled code.
-
-Also here, for an exact resume: every rank's RNG state as JSON-able text (rng_state / restore_rng_state) and the
-checks that a checkpoint belongs to the run that resumes it (load_resume_checkpoint). Not a training loop: what
-goes into the meta and optimizer files is the caller's business.
+Every file is written atomically, and the meta last, once every rank has written its files: a checkpoint counts
+only once its meta exists, so a process killed mid-save never leaves something that looks complete. Loading uses
+torch.load(weights_only=True): it runs no pickled code. Also here, for an exact resume: every rank's RNG state as
+JSON-able text and the checks that a checkpoint belongs to the run that resumes it.
 """
 
 import base64
@@ -129,10 +125,7 @@ def find_largest_model(checkpoints_dir):
     tags = [name for name in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, name))] \
         if os.path.isdir(checkpoints_dir) else []
     if not tags:
-        source = next((name for name, dirname in CHECKPOINT_DIRS.items()
-                       if os.path.basename(os.path.normpath(checkpoints_dir)) == dirname), None)
-        fix = f". Train a {source} model first: `{TRAIN_COMMANDS[source]}`" if source else ""
-        raise MissingFileError(f"no model checkpoints in {checkpoints_dir}{fix}")
+        raise MissingFileError(f"no model checkpoints in {checkpoints_dir}")
     depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
     if depths:
         return max(depths)[1]
@@ -162,7 +155,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
         model, tokenizer, meta = build_model(directory, step, device, phase)
         return model, tokenizer, {**meta, "model_tag": model_tag}
     except MissingFileError as e:
-        if "tok_train" in str(e) or "Train a" in str(e):  # the message already names the fix
+        if "tok_train" in str(e):  # the message already names the fix
             raise
         raise MissingFileError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from None
 

@@ -37,13 +37,9 @@ class _ColorFormatter(logging.Formatter):
         return f"{color}{message}\033[0m" if color and os.isatty(2) else message
 
 
-def setup_default_logging(level=logging.INFO):
-    handler = logging.StreamHandler()
-    handler.setFormatter(_ColorFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=level, handlers=[handler])
-
-
-setup_default_logging()
+_handler = logging.StreamHandler()
+_handler.setFormatter(_ColorFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+logging.basicConfig(level=logging.INFO, handlers=[_handler])
 logger = logging.getLogger("nanochat")
 
 
@@ -260,10 +256,9 @@ def compute_init(device_type=""):
 def check_same_on_all_ranks(values, what):
     """Raise if `values` (a picklable list, e.g. each step's LR multiplier) differs between ranks: a mismatch would
     silently desynchronize the replicas, which no DDP wrapper re-averages here. A no-op in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    gathered = all_ranks_gather(values)
+    if len(gathered) == 1:
         return
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, values)
     if any(other != gathered[0] for other in gathered):
         raise RuntimeError(f"ranks used different {what}: {gathered}")
     print0(f"{what} identical on all {len(gathered)} ranks ({len(values)} steps)")
@@ -357,11 +352,9 @@ def format_duration(seconds):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
-        # All ranks leave together. gloo aborts a process ("terminate called without an active exception") when a
-        # peer closes its connections while that process is still inside a collective, and a barrier alone does
-        # not prevent it: the first rank out of the barrier can close while the last one still waits for its final
-        # message. So each rank also says "done" through the rendezvous store (which outlives the process group)
-        # and waits for everyone's, and only then are the gloo connections torn down.
+        # All ranks leave together: gloo aborts a process that is still inside a collective (even a barrier's last
+        # message) when a peer closes its connections. So each rank also says "done" through the rendezvous store,
+        # which outlives the process group, and waits for everyone's before the connections are torn down.
         dist.barrier()
         store = dist.distributed_c10d._get_default_store()
         store.set(f"nanochat_cleanup_{dist.get_rank()}", "done")
@@ -418,13 +411,10 @@ def get_peak_flops(device, dtype=None):
 
 
 class DummyWandb:
-    """Stands in for a wandb run when logging is off, so scripts call .log() unconditionally."""
+    """Stands in for a wandb run when logging is off, so scripts call .log() and .finish() unconditionally."""
 
-    def log(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def init_wandb(run, user_config, master_process, project="nanochat"):
@@ -494,15 +484,13 @@ def download_file(url, path, attempts=5, timeout=30, validate=None, desc=None, b
     raise RuntimeError(f"download of {url} failed after {attempt} attempt(s): {last_error}")
 
 
-def download_file_with_lock(url, filename, postprocess_fn=None, **kwargs):
+def download_file_with_lock(url, filename, **kwargs):
     """Download url into <base dir>/filename once, even when every rank asks at the same time:
     the first rank takes the lock and downloads, the others wait and then find the file."""
     path = os.path.join(get_base_dir(), filename)
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             download_file(url, path, **kwargs)
-            if postprocess_fn is not None:
-                postprocess_fn(path)
     return path
 
 

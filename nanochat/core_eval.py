@@ -6,20 +6,15 @@ The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.json
 downloaded once into <base>/eval_bundle. Three task types: multiple_choice (one prompt per choice, same context),
 schema (one prompt per context option, same continuation) and language_modeling (the model's greedy tokens must
 reproduce the continuation). MC and schema pick the option with the lowest mean loss over its answer span.
+A task whose file is missing is skipped, and the result then says "CORE over N of 22 tasks": a partial CORE is never
+to be compared with a published one. Ranks take every world_size-th example and all-reduce.
 
-A task whose file is missing is reported and skipped, and then the result says "CORE over N of 22 tasks": a
-partial CORE is never to be compared with a published one. Ranks take every world_size-th example and all-reduce.
-Examples are batched (all options of an example in one forward, several examples per forward up to a token
-budget, right-padded, each row scored on its own span); causal attention makes a row's scores independent of
-the padding, so results match one example at a time. The prompt that an example's options share (few-shot
-examples + question) runs once into a KV cache that each option continues from, not once per option: the same
-numbers for ~1/3 of the compute on few-shot multiple choice.
-
-Rows are never cropped to the model's training context (sequence_len): like the original, a row runs whole as long
-as it fits the model's rotary table (rotary_seq_len, 10x sequence_len), so CORE is comparable with published numbers
-(at 2,048 context, ~3% of boolq and ~7% of language identification rows are longer). A longer row loses tokens on
-the left; the examples this happens to are counted and printed with the score. Not here: chat evaluations
-(nanochat/chat_eval.py).
+Speed without changing a number: all options of an example, and several examples up to a token budget, go in one
+right-padded forward (causal attention keeps each row's scores independent of the padding), and the prompt the
+options share runs once into a KV cache that each option continues from (~1/3 of the compute on few-shot MC).
+Rows are not cropped to the training context: like the original, a row runs whole while it fits the rotary table
+(10x sequence_len), so CORE stays comparable with published numbers; a longer row loses tokens on the left, and
+those examples are counted and printed with the score. Not here: chat evaluations (nanochat/chat_eval.py).
 """
 
 import csv
@@ -31,12 +26,12 @@ import time
 import zipfile
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import MissingFileError, UserError, download_file_with_lock, get_base_dir, print0
+from nanochat.common import (MissingFileError, UserError, all_ranks_sum, dist_rank_and_size, download_file_with_lock,
+                             get_base_dir, print0)
 from nanochat.gpt import KVCache
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -50,10 +45,6 @@ FALLBACK_FILES = {"language_understanding/hellaswag.jsonl": "eval_data_fallback/
 # padding of bigger forwards (dev/bench/eval.py, d4 on 2 quiet cores: 2048 tokens ran at 1.18x the speed of one
 # example at a time, 8192 at 1.01x).
 BATCH_TOKENS = {"cuda": 8192, "mps": 8192, "cpu": 2048}
-
-
-def default_batch_tokens(device):
-    return BATCH_TOKENS.get(torch.device(device).type, 0)
 
 # -----------------------------------------------------------------------------
 # The bundle: find it, or download and unpack it
@@ -307,19 +298,14 @@ def score_batch(model, items, pad_id, device, share_prefix=True):
     return correct
 
 
-def forward_tokens(items, share_prefix):
-    """Padded tokens of one forward over these items: the rows (after the shared prefix), plus the prefixes."""
+def forward_size(items, share_prefix):
+    """(padded tokens, positions reached) of one forward over these items: the rows after their shared prefix plus
+    the prefixes; the longest prefix plus the longest padded suffix (rows continue from their own prefix length, so
+    a batch can reach further than any one of its rows)."""
     shared = [item["shared"] if share_prefix else 0 for item in items]
     num_rows = sum(len(item["rows"]) for item in items)
     suffix_len = max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
-    return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared)
-
-
-def forward_length(items, share_prefix):
-    """Positions one forward over these items reaches: the longest shared prefix plus the longest padded suffix
-    (rows continue from their own prefix length, so a batch can reach further than any one of its rows)."""
-    shared = [item["shared"] if share_prefix else 0 for item in items]
-    return max(shared) + max(len(row) - q for item, q in zip(items, shared) for row in item["rows"])
+    return num_rows * suffix_len + sum(1 for q in shared if q) * max(shared), max(shared) + suffix_len
 
 
 def make_batches(items, batch_tokens, share_prefix=True, max_len=None):
@@ -329,9 +315,8 @@ def make_batches(items, batch_tokens, share_prefix=True, max_len=None):
     order = sorted(range(len(items)), key=lambda i: max(len(row) for row in items[i]["rows"]), reverse=True)
     batches, current = [], []
     for i in order:
-        candidate = [items[j] for j in current + [i]]
-        if current and (forward_tokens(candidate, share_prefix) > batch_tokens or
-                        (max_len is not None and forward_length(candidate, share_prefix) > max_len)):
+        tokens, length = forward_size([items[j] for j in current + [i]], share_prefix)
+        if current and (tokens > batch_tokens or (max_len is not None and length > max_len)):
             batches.append(current)
             current = []
         current.append(i)
@@ -370,9 +355,8 @@ def score_examples(model, tokenizer, data, task, device, batch_tokens=None, shar
     a row longer than max_row_length(model), which lost tokens on the left. Each rank scores examples rank,
     rank + world_size, ...; both are summed over ranks, so every rank returns the same. batch_tokens: padded tokens
     per forward (None: the device's default, 0: one example per forward)."""
-    batch_tokens = default_batch_tokens(device) if batch_tokens is None else batch_tokens
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    batch_tokens = BATCH_TOKENS.get(torch.device(device).type, 0) if batch_tokens is None else batch_tokens
+    rank, world_size = dist_rank_and_size()
     max_len = max_row_length(model)
     share_prefix = share_prefix and supports_prefix_sharing(model)
     items = prepare_items(data, range(rank, len(data), world_size), task, tokenizer, max_len)
@@ -382,8 +366,7 @@ def score_examples(model, tokenizer, data, task, device, batch_tokens=None, shar
         results = score_batch(model, [items[i] for i in batch], tokenizer.get_bos_token_id(), device, share_prefix)
         for i, right in zip(batch, results):
             counts[items[i]["index"]] = float(right)
-    if distributed and world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # one all-reduce for both
+    all_ranks_sum(counts)  # one all-reduce for both
     return counts[:-1], int(counts[-1].item())
 
 

@@ -7,16 +7,12 @@ on its own into rows of T+1 tokens (inputs = row[:-1], targets = row[1:]):
   - plain: the row group's documents, each BOS-first, are concatenated and cut into rows; documents span rows.
   - bos_aligned: best-fit packing; each row takes whole documents, the longest that still fits first; when none
     fits, the shortest is cropped to fill the row exactly and its tail is dropped. Every row starts with a BOS.
-The incomplete last row of a row group is dropped (fewer than T+1 tokens out of ~1M in a FineWeb row group).
+The incomplete last row of a row group is dropped.
 
-Why rows never span row groups: then a position in the stream is just (epoch, shard name, row group, rows of it
-already served), and that is the state. Resuming re-reads and re-tokenizes that one row group, packs it
-the same deterministic way and skips the rows already served, so the following batches are bit-identical to
-an uninterrupted run. Each rank has its own position: save every rank's state to resume N ranks exactly.
-The batch size B is not part of the position and may change across a resume; T and the packing may not.
-
-Also here, for the chat stages: masked_batch, rows of token ids with the masks that say which to learn (SFT's
-conversations, RL's rollouts) -> padded (inputs, targets).
+Rows never span row groups, so a position in the stream is just (epoch, shard name, row group, rows of it already
+served): resuming re-reads that row group, packs it the same deterministic way and skips the rows served, and the
+following batches are bit-identical to an uninterrupted run. Each rank has its own position; B may change across a
+resume, T and the packing may not. Also here, for the chat stages: masked_batch (ids + masks -> padded batch).
 """
 
 import bisect

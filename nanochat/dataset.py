@@ -1,18 +1,14 @@
 """
 The pretraining corpus on disk: getting the parquet shards into <base>/base_data/ and reading them back.
 
-Two sources fill base_data/. `python -m nanochat.dataset -n 8` downloads FineWeb-Edu shards (karpathy's
-shuffled 100B-token repackaging: 1,823 shards of ~100 MB, one `text` column, row groups of 1,024 documents).
-`python -m nanochat.dataset --embedded` copies the small corpus shipped in data/embedded/ (offline, ~9 MB).
-Either way every shard is a parquet file with a `text` column, one document per row.
+`python -m nanochat.dataset -n 8` downloads FineWeb-Edu shards (karpathy's shuffled 100B-token repackaging: 1,823
+shards of ~100 MB, row groups of 1,024 documents); `--embedded` copies the small corpus shipped in data/embedded/
+(offline, ~9 MB). Every shard is a parquet file with a `text` column, one document per row.
 
-The validation split is PINNED to one file name: `shard_01822.parquet` (VAL_FILENAME, the last FineWeb-Edu
-shard). Every other *.parquet in base_data/ is training data. The downloader always fetches shard 1822 besides
-the N training shards, so the validation data never depends on how many shards were downloaded; --embedded
-installs its own validation shard under that same name and leaves the marker file EMBEDDED.txt, so the two
-corpora are never mixed in one directory.
-
-Not a tokenizer or a batcher: this file yields document strings; nanochat/dataloader.py turns them into batches.
+The validation split is PINNED to one file name, `shard_01822.parquet` (VAL_FILENAME, the last FineWeb-Edu shard),
+whatever else is there: the downloader always fetches it besides the N training shards, and --embedded installs its
+own validation shard under that name (with the marker file EMBEDDED.txt, so the two corpora are never mixed).
+Not a tokenizer or a batcher: nanochat/dataloader.py turns the documents into batches.
 """
 
 import argparse
@@ -33,6 +29,8 @@ VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "embedded")
 EMBEDDED_VAL_SOURCE = "shard_00006.parquet"  # the embedded corpus's validation shard, installed as VAL_FILENAME
 EMBEDDED_MARKER = "EMBEDDED.txt"
+
+
 class MixedCorporaError(UserError, RuntimeError):
     """base_data/ already holds the other corpus; still a RuntimeError for callers that catch that."""
 

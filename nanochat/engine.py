@@ -8,14 +8,13 @@ Inference: sampling from a GPT with a KV cache, the calculator tool, and continu
 - The tool: the tokens between <|python_start|> and <|python_end|> go to `use_calculator`, and its result is forced
   into the stream as <|output_start|> str(result) <|output_end|> with mask 0 (the model did not choose them).
 
-A decode step keeps everything on the device: the positions (in the KVCache; the host keeps its own count), the
-sampled tokens (fed straight back as the next input), the sampling itself (one uniform per row, drawn on the host
-from the request's own seeded stream and uploaded without blocking). The host reads the tokens one step behind,
-while the next step runs: the one blocking wait of a step. On CUDA the step is also compiled (fullgraph) at fixed
-shapes and replayed as CUDA graphs, one per batch-size and length bucket.
+A decode step keeps everything on the device: the positions, the sampled tokens (fed straight back as the next
+input) and the sampling itself (one uniform per row, drawn on the host from the request's own seeded stream and
+uploaded without blocking). The host reads the tokens one step behind, while the next step runs: the one blocking
+wait of a step. On CUDA the step is also compiled (fullgraph) at fixed shapes and replayed as CUDA graphs.
 
 The engine knows token ids only; text goes through the tokenizer solely to run the calculator. Not here: the model
-(nanochat/gpt.py, including KVCache), conversation rendering (nanochat/tokenizer.py), HTTP (nanochat's server).
+(nanochat/gpt.py, including KVCache), conversation rendering (nanochat/tokenizer.py), HTTP (nanochat/server.py).
 """
 
 import ast

@@ -2,20 +2,16 @@
 Runs untrusted Python (model-written programs, HumanEval tests) and reports what happened: `execute_code`.
 
 Each program runs in a fresh interpreter inside bubblewrap (`bwrap`, Debian package `bubblewrap`): its own PID,
-network, IPC and UTS namespaces, a read-only view of only the directories Python needs (/usr, /lib*, the
-interpreter's prefix; not /etc, /home, /root or the repository), and a small private tmpfs as its working dir. A
-trusted guard in that interpreter reads the program from stdin, points stdin at /dev/null, sets rlimits (address
-space, CPU time, file size, open files, processes), drops root to a throwaway uid, and only then runs the program.
-The caller enforces the wall-clock timeout and caps the captured output; killing bwrap tears down the PID
-namespace, so nothing the program started (a setsid'd grandchild included) outlives the call.
+network, IPC and UTS namespaces, a read-only view of only the directories Python needs (not /etc, /home, /root or
+the repository), and a small private tmpfs as its working dir. A trusted guard in that interpreter reads the program
+from stdin, sets rlimits (address space, CPU time, file size, open files, processes), drops root to a throwaway uid,
+and only then runs the program. The caller enforces the wall-clock timeout and caps the captured output; killing
+bwrap tears down the PID namespace, so nothing the program started outlives the call.
 
-Without bwrap (macOS, or a container that forbids namespaces) the same guard runs with the rlimits alone: network
-and filesystem isolation are off (a one-time warning says so). Escaped processes are then hunted by process group
-and, on Linux, by their throwaway uid (root callers: exact) or a marker in their environment (others: a process that
-re-execs with a clean environment escapes); a caller that is not root shares its uid with the program, which may
-then signal the caller's processes and read its files. The program never runs in the calling process, and nothing
-here tries to make Python itself safe (nulling os.kill and friends is undone by any program that wants to): the
-boundary is the operating system's.
+Without bwrap (macOS, or a container that forbids namespaces) the same guard runs with the rlimits alone, and a
+one-time warning says that network and filesystem isolation are off; escaped processes are then hunted by process
+group and by their throwaway uid or an environment marker. Nothing here tries to make Python itself safe (nulling
+os.kill and friends is undone by any program that wants to): the boundary is the operating system's.
 """
 
 import math

@@ -1,15 +1,14 @@
 """
 The report card of a run: every stage logs a markdown section into <base>/report/, and `generate` puts them
 together into report.md with a summary table (metrics x stages), the time per stage, the total wall clock, a
-cost estimate, and a plot of each training curve (base val bpb, mid/SFT loss, RL reward) after its section.
+cost estimate, and a plot of each training curve after its section.
 
     python -m nanochat.report reset      # start of a run: clear old sections, write the header (git, hardware, code size)
     python -m nanochat.report generate   # end of a run: <base>/report/report.md
 
-In code: `get_report().log(section="Base model training", data=[user_config, {"val_bpb": 0.81}])`. Only rank 0
-writes (other ranks get a no-op DummyReport). Every file is written to a temporary name and renamed, so a
-crash never leaves half a section. Not a metrics database: sections are plain markdown, and the summary table
-reads `- key: value` lines back out of them.
+In code: `get_report().log(section="Base model training", data=[user_config, {"val_bpb": 0.81}])`; only rank 0
+writes, every file atomically. Not a metrics database: sections are plain markdown, and the summary table reads
+`- key: value` lines back out of them.
 """
 
 import datetime
@@ -295,24 +294,18 @@ class Report:
 
 
 def _section_time(text):
-    found = re.search(r"^timestamp: (.+)$", text, re.M)
-    try:
-        return datetime.datetime.strptime(found.group(1).strip(), TIME_FORMAT) if found else None
-    except ValueError:
-        return None
+    found = re.search(r"^timestamp: (.+)$", text, re.M)  # written by log() in TIME_FORMAT
+    return datetime.datetime.strptime(found.group(1).strip(), TIME_FORMAT) if found else None
 
 
 def core_cell(section_text):
-    """(value, "over N of 22 tasks" or None) of the base evaluation's CORE. base_eval writes a partial CORE as
-    `- CORE: 0.1234 (over 19 of 22 tasks)`; a separate `- CORE tasks: 19 of 22` line is read too."""
+    """(value, "over N of 22 tasks" or None) of the base evaluation's CORE, which base_eval writes as
+    `- CORE: 0.1234 (over 19 of 22 tasks)` when only some of the tasks ran."""
     value = read_metric(section_text, "CORE")
     if value is None:
         return None, None
-    counted = re.search(r"over (\d+) of (\d+) tasks", value) or re.search(r"(\d+) of (\d+)", read_metric(section_text, "CORE tasks") or "")
-    number = value.split()[0]
-    if counted and counted.group(1) != counted.group(2):
-        return number, f"over {counted.group(1)} of {counted.group(2)} tasks"
-    return number, None
+    counted = re.search(r"over \d+ of \d+ tasks", value)
+    return value.split()[0], counted.group(0) if counted else None
 
 
 def summary_table(sections):
@@ -348,22 +341,10 @@ def read_metric(section_text, metric):
 
 
 class DummyReport:
-    """What ranks other than 0 get: every method does nothing."""
+    """What ranks other than 0 get: every method (log, log_curve, read_curve, ...) does nothing and returns None."""
 
-    def log(self, *args, **kwargs):
-        pass
-
-    def log_curve(self, *args, **kwargs):
-        pass
-
-    def read_curve(self, *args, **kwargs):
-        return None
-
-    def reset(self, *args, **kwargs):
-        pass
-
-    def generate(self, *args, **kwargs):
-        pass
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def get_report():

@@ -1,13 +1,12 @@
 """
 The chat server: one model served to many people at once over HTTP, as a FastAPI app (scripts/chat_web.py loads
 the model and runs it). Endpoints: the chat page at / (nanochat/ui.html); POST /chat/completions, the original's
-streaming endpoint; an OpenAI-compatible API under /v1 (chat completions, streaming or not, and the model list), so
-that the `openai` client and tools built on it work with base_url=http://host:port/v1; GET /health and /stats.
+streaming endpoint; an OpenAI-compatible API under /v1 (chat completions, streaming or not, and the model list);
+GET /health and /stats.
 
-/openapi.json is the contract. Every rule a request must follow is a constraint in the request models below, from
+/openapi.json is the contract: every rule a request must follow is a constraint in the request models below, from
 which FastAPI both validates and writes the schema, and every error status is documented. An error is
-{"error": {"message", "type", "param", "code"}}, as from OpenAI's API. The one rule a schema cannot state: the
-conversation must fit the model's context (else 400, code context_length_exceeded).
+{"error": {"message", "type", "param", "code"}}, as from OpenAI's API.
 
 Native stream, Server-Sent Events, one JSON object per `data:` line:
     {"token": "Hello", "gpu": 0}                          reply text
@@ -15,14 +14,13 @@ Native stream, Server-Sent Events, one JSON object per `data:` line:
     {"token": "84", "gpu": 0, "part": "python_output"}     the calculator's result, forced in by the engine
     {"done": true, "finish_reason": "stop" | "length"}
 The tool's delimiter tokens are not sent as text: a change of "part" marks them. Assistant messages sent back may
-carry these parts as content [{"type": "text" | "python" | "python_output", "text": ...}], so that the next prompt
-is rendered exactly as in training. OpenAI replies are plain strings in which a calculator call reads <<12*7=84>>.
+carry these parts as content (Part below), so that the next prompt is rendered exactly as in training. OpenAI
+replies are plain strings in which a calculator call reads <<12*7=84>>.
 
-Scheduling: a Worker (one per GPU, or one on CPU/MPS) holds an engine BatchDecoder and runs ONE decode loop in its
-own thread. A request is prefilled into a free row and decodes alongside the others from the next step; a finished
+Scheduling: a Worker (one per GPU, or one on CPU/MPS) runs ONE decode loop over an engine BatchDecoder in its own
+thread. A request is prefilled into a free row and decodes alongside the others from the next step; a finished
 request, or a client that went away, frees its row at once. Requests that find every row busy wait in one queue of
-at most max_queue; one that cannot start within request_timeout seconds gets a 503, never a hung connection.
-
+at most max_queue, and get a 503 if they cannot start within request_timeout seconds.
 Not for: authentication, per-user rate limits or several models at once (put a proxy in front for those).
 """
 

@@ -1,23 +1,18 @@
 """
-Tokenization: a byte-level BPE trained by our Rust `rustbpe`, run by tiktoken, the chat format that turns
-a conversation into token ids plus a training mask, and back: a reply's tokens as streamed text (ReplyText).
-
-rustbpe only trains (fast, parallel); tiktoken only encodes/decodes (fast, thread-parallel batches). This file
-glues the two together and owns the on-disk format. It is not a general tokenizer library: there is one split
-pattern and one set of special tokens (HuggingFace `tokenizers` trained the same way, the point of comparison, is
-in tests/hf_tokenizer.py).
+Tokenization: a byte-level BPE trained by our Rust `rustbpe` and run by tiktoken; the chat format that turns a
+conversation into token ids plus a training mask; and back, a reply's tokens as streamed text (ReplyText).
+Not a general tokenizer library: one split pattern, one set of special tokens.
 
 On disk (`<base>/tokenizer/`, written by `python -m scripts.tok_train`), no pickle anywhere:
     tokenizer.tiktoken  one line per mergeable token, `base64(token bytes) rank` (tiktoken's own rank format)
     tokenizer.json      {"format": "nanochat-tokenizer-v1", "pattern", "special_tokens", "vocab_size"}
     token_bytes.pt      int32 tensor: bytes per token id, 0 for special tokens (for bits-per-byte)
-Plain tiktoken reads it without nanochat:
+Plain tiktoken reads it without nanochat (with TIKTOKEN_CACHE_DIR="": load_tiktoken_bpe otherwise caches each file
+by its path, and after a retrain would return the old ranks):
     from tiktoken.load import load_tiktoken_bpe
     meta = json.load(open("tokenizer.json", encoding="utf-8"))
     enc = tiktoken.Encoding("nanochat", pat_str=meta["pattern"], special_tokens=meta["special_tokens"],
                             mergeable_ranks=load_tiktoken_bpe("tokenizer.tiktoken"))
-Set TIKTOKEN_CACHE_DIR="" first: load_tiktoken_bpe otherwise caches each file it reads by its path, and after a
-retrain would return the old ranks.
 """
 
 import base64
@@ -162,19 +157,16 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)  # bytes that are not valid UTF-8 become U+FFFD
 
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
-
     def render_conversation(self, conversation, max_tokens=2048):
         """(ids, mask) of a chat conversation; mask is 1 on the tokens the assistant is trained to produce.
         See _render for the format. Both lists are cut to max_tokens."""
-        ids, mask = self._render(_chat_messages(conversation))
+        ids, mask = self._render(chat_messages(conversation))
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
         """Ids of the conversation without its final assistant message, ending in <|assistant_start|>: the prompt
         from which the model writes that message (RL, generative evaluation). Not truncated."""
-        messages = _chat_messages(conversation)
+        messages = chat_messages(conversation)
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"message {len(conversation['messages']) - 1}: render_for_completion needs a conversation "
                              f"ending with an assistant message (it is replaced by <|assistant_start|>), "
@@ -210,13 +202,8 @@ class RustBPETokenizer:
             add([special["<|assistant_end|>"]], 1)
         return ids, mask
 
-    def visualize_tokenization(self, ids, mask):
-        """Debugging aid: the tokens joined by '|', supervised ones green, the rest red (ANSI colors)."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
 
-
-def _chat_messages(conversation):
+def chat_messages(conversation):
     """The messages of a conversation, checked, with a leading system message merged into the first user message.
     The input is not modified."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):

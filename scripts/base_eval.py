@@ -2,13 +2,9 @@
 CORE of a trained base model (nanochat/core_eval.py): accuracy and centred accuracy per task, and their mean.
 
 Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model_step), evaluates the tasks of the
-eval bundle (--bundle_dir, else <base>/eval_bundle, downloaded the first time), writes
-<base>/base_eval/<model_tag>_<step>.csv (Task, Accuracy, Centered and a CORE row) and the report section
-"Base model evaluation". Tasks whose file is missing are skipped and the number is then labelled
-"CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE. Rows are
-scored whole up to the model's rotary table (10x its context, as the original); the few longer ones are cropped and
-counted in the output and the report.
-Runs alone or under torchrun (each rank takes every world_size-th example).
+eval bundle (--bundle_dir, else <base>/eval_bundle, downloaded the first time), and writes
+<base>/base_eval/<model_tag>_<step>.csv and the report section "Base model evaluation". With tasks missing the number
+is labelled "CORE over N of 22 tasks": compare it with other runs over the same tasks, never with published CORE.
 
 Usage:
     python -m scripts.base_eval

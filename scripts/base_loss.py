@@ -1,11 +1,8 @@
 """
-Bits per byte of a trained base model on the train and val splits, next to the unigram baseline (token
-frequencies counted on the train tokens, scored on the val tokens: what a model without context would get), plus
-greedy samples from a few prompts.
-
-Loads <base>/base_checkpoints/<model_tag>/ at its last complete step (or --model_step), evaluates split_tokens
-tokens of each split with the sequence length and packing the model was trained with, and logs the
-"Base model loss" report section. Runs alone or under torchrun (the batches are split across processes).
+Bits per byte of a trained base model on the train and val splits, next to the unigram baseline (what a model
+without context would get: token frequencies counted on the train tokens, scored on the val tokens), plus greedy
+samples from a few prompts. Evaluates split_tokens tokens of each split with the sequence length and packing the
+model was trained with, and logs the "Base model loss" report section.
 
 Usage:
     python -m scripts.base_loss

@@ -2,20 +2,15 @@
 Pretrain the base model on the parquet shards in <base>/base_data with the tokenizer in <base>/tokenizer.
 
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
-training horizon (target_param_data_ratio tokens per parameter) follow from it. The batch is total_batch_size
-tokens per optimizer step whatever the hardware: each process runs device_batch_size rows a micro-step and
-accumulates gradients over as many micro-steps as needed. There is no DDP wrapper: the optimizer
-averages the gradients.
+training horizon (target_param_data_ratio tokens per parameter) follow from it. A step is total_batch_size tokens
+whatever the hardware: each process accumulates gradients over as many micro-steps as it takes.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
 data position, RNG and loop state, so on CPU in fp32 the losses after the resume equal an uninterrupted run's
 bit for bit. Ctrl+C or SIGTERM saves a checkpoint at the end of the current step and exits cleanly.
-
-Evaluation: val bpb every eval_every steps, and always once at the end (also with --eval_every=-1), over
-eval_tokens tokens of the val split. The default (--eval_tokens=-1) is 20 optimizer steps' worth
-(20 * total_batch_size), but never more tokens than the run trains on: a 40-step demo run is not followed by
-minutes of evaluation. Long evaluations print their progress and an ETA.
+Val bpb is measured every eval_every steps and always at the end, over eval_tokens tokens (default: 20 steps'
+worth, but never more than the run trains on).
 
 Usage:
     python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192
@@ -34,13 +29,12 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (checkpoint_dir, load_resume_checkpoint, restore_rng_state, rng_state,
                                          save_checkpoint)
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, compute_cleanup,
-                             compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb, peak_memory,
-                             print0, should_compile)
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, all_ranks_sum,
+                             compute_cleanup, compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb,
+                             peak_memory, print0, should_compile)
 from nanochat.core_eval import evaluate_model as evaluate_core
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
@@ -173,11 +167,6 @@ if eval_tokens <= 0:  # the default: never evaluate on more tokens than the run 
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 print0(f"Val bpb evaluations: {eval_steps * world_tokens_per_fwdbwd:,} tokens each")
 
-
-def build_val_loader():
-    return tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device, bos_aligned=bos_aligned)
-
-
 report = get_report()
 curve = {"model_tag": model_tag, "step": [], "loss": [], "val_step": [], "val_bpb": []}
 loop_state = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
@@ -229,7 +218,9 @@ while True:
 
     if last_step or (eval_every > 0 and step % eval_every == 0):
         orig_model.eval()
-        val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        val_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, "val", device=device,
+                                                        bos_aligned=bos_aligned)
+        val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         orig_model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
@@ -267,9 +258,7 @@ while True:
     optimizer.update(lrm, muon_momentum(step))
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
     stats = torch.stack([loss, torch.tensor(float(stop_signal.requested), device=device)])
-    if is_ddp:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    train_loss, stop_votes = (stats / world_size).tolist()
+    train_loss, stop_votes = (all_ranks_sum(stats) / world_size).tolist()
     stop_now = stop_votes > 0
     synchronize()
     dt = time.time() - t0
@@ -322,9 +311,6 @@ if not stop_now:
             "Number of training tokens": total_tokens,
             "Tokens : Params ratio": total_tokens / num_scaling_params,
             "DDP world size": world_size,
-            "warmup_ratio": warmup_ratio,
-            "warmdown_ratio": warmdown_ratio,
-            "final_lr_frac": final_lr_frac,
             "Minimum validation bpb": min_val_bpb,
             "Final validation bpb": val_bpb,
             "CORE metric estimate": core_metric if core_metric is not None else "-",

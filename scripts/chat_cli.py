@@ -1,12 +1,8 @@
 """
 Talk to a chat model in the terminal: multi-turn, replies streamed as they are sampled, calculator calls shown as
-<<expression=result>> (GSM8K's notation, as scripts/chat_web.py's OpenAI API writes them). Type `clear` to start a
-new conversation, `quit` or `exit` (or Ctrl-D) to leave. With -p "prompt" it answers that one prompt and exits (for
-scripts and a quick check).
-
-The conversation is kept as messages and rendered for every turn exactly as in training (tokenizer's
-render_for_completion: <|bos|>, the turns, <|assistant_start|>); the reply's tool calls are stored as python /
-python_output parts, so the next turn sees them as the model did. Not a server: see scripts/chat_web.py.
+<<expression=result>>. Type `clear` to start a new conversation, `quit` or `exit` (or Ctrl-D) to leave. With
+-p "prompt" it answers that one prompt and exits. The conversation is rendered for every turn exactly as in
+training, the reply's tool calls kept as python / python_output parts. Not a server: see scripts/chat_web.py.
 
 Usage:
     python -m scripts.chat_cli                       # sft model, largest tag, last step

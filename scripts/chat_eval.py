@@ -3,11 +3,9 @@ Evaluate a chat model (mid, SFT or RL checkpoint) on the chat tasks and report C
 
 Each accuracy is printed as "80.1 ± 2.5 (n=256, base 59.0)": percent, one standard error, the number of problems
 and the baseline of answering without reading the question; a "*" marks one within two standard errors of its
-baseline. How tasks are scored, and the baselines: nanochat/chat_eval.py. The test split is reported by default;
-tune on --split=val (which split is which: tasks/common.py). --calculator=off scores the model without its tool:
-its python blocks are not run, and it must continue on its own. Results go to the report section
-"Chat evaluation <source>" (with " val" / " no calculator" appended for those runs, which the summary table leaves
-out). Runs alone or under torchrun (ranks take every world_size-th problem).
+baseline (nanochat/chat_eval.py says how tasks are scored). The test split is reported by default; tune on
+--split=val. --calculator=off scores the model without its tool. Results go to the report section
+"Chat evaluation <source>" (" val" / " no calculator" appended for those runs, which the summary table leaves out).
 
 Usage:
     python -m scripts.chat_eval -i sft
@@ -20,9 +18,10 @@ Offline, point the tasks at a local copy of the data: NANOCHAT_DATA_DIR=data/tas
 import argparse
 import time
 
-from nanochat.chat_eval import CHATCORE_BASELINES, SPLITS, TASKS, chatcore, load_engine, score_chat_task
+from nanochat.chat_eval import CHATCORE_BASELINES, SPLITS, TASKS, chatcore, score_chat_task
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, compute_cleanup, compute_init, print0
+from nanochat.engine import Engine
 from nanochat.report import NEAR_BASELINE_LEGEND, get_report
 from tasks.arc import eval_split
 from tasks.common import local_data_dir
@@ -64,7 +63,7 @@ for flag, value in (("-b", args.batch_size), ("-n", args.num_samples), ("-m", ar
 
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-engine = load_engine(model, tokenizer, calculator=args.calculator == "on")
+engine = Engine(model, tokenizer, calculator=args.calculator == "on")  # off: python blocks are not run
 print0(f"Model: {args.source} step {meta['step']} | {args.split} split | calculator {args.calculator} | "
        f"tasks: {', '.join(task_names)}")
 

@@ -2,26 +2,21 @@
 Supervised fine-tuning (SFT): train a midtrained (or base) model on whole conversations, one per row, learning only
 the assistant's replies.
 
-Each row is one rendered conversation, padded to the longest row of its micro-batch; the loss is completion-only:
-a target counts only where the render mask says the assistant wrote it (its text, its calculator calls and the
-<|assistant_end|> that stops it), never on the user's turns, the tool's outputs or the padding. The loss of a step
-is the mean over every supervised token of the step (all micro-steps, all ranks), as if it were one big batch.
-Steps are optimizer steps: target_examples_per_step conversations each, split into device_batch_size rows per
-micro-step per rank; the LR multiplier falls linearly from 1 to 0 over num_iterations (clamped at 0, the same on
-every rank). Periodically: the validation loss, the categorical accuracy on MMLU and ARC-Easy, and SpellingBee
-accuracy on a few problems (sampled with the engine and its calculator).
+Rows are padded to the longest of their micro-batch; a target counts only where the render mask says the assistant
+wrote it (its text, its calculator calls, the <|assistant_end|> that stops it). The loss of a step is the mean over
+every supervised token of the step (all micro-steps, all ranks), as if it were one big batch. A step is
+target_examples_per_step conversations; the LR multiplier falls linearly from 1 to 0 over num_iterations.
+Periodically: the validation loss, MMLU and ARC-Easy accuracy, and SpellingBee sampled with the calculator.
 
-The mixture (the original's): ARC-Easy and ARC-Challenge train, GSM8K train, SmolTalk train (first smoltalk_size),
-the identity conversations, SimpleSpelling and SpellingBee. As in mid_train, a missing source is an error unless
-named in --skip, and --smoltalk_file gives a local SmolTalk stand-in (offline, ARC train and SmolTalk exist only
-on the hub).
-
-Checkpoints go to <base>/chatsft_checkpoints/<model_tag>/.
+The mixture (the original's): ARC-Easy and ARC-Challenge train, GSM8K train, the first smoltalk_size SmolTalk
+conversations, the identity conversations, SimpleSpelling and SpellingBee. --skip and --smoltalk_file work as in
+mid_train (offline, ARC train and SmolTalk exist only on the hub). Checkpoints go to
+<base>/chatsft_checkpoints/<model_tag>/.
 
 Usage:
     python -m scripts.chat_sft
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
-    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_sft --skip=arc_easy,arc_challenge \\
+    NANOCHAT_DATA_DIR=data/tasks python -m scripts.chat_sft --skip=arc_easy,arc_challenge \
         --smoltalk_file=data/tasks/chat/chatterbot_corpus_english.jsonl --device_batch_size=8 --num_iterations=100
 """
 
@@ -35,6 +30,7 @@ from nanochat.common import (UserError, all_ranks_sum, check_same_on_all_ranks, 
                              grad_accum_steps, init_wandb, print0)
 from nanochat.configurator import check_positive, configure
 from nanochat.dataloader import masked_batch
+from nanochat.engine import Engine
 from nanochat.optim import lr_multiplier
 from nanochat.report import get_report
 
@@ -102,7 +98,7 @@ optimizer = model.setup_optimizers(unembedding_lr=unembedding_lr * init_lr_frac,
 # -----------------------------------------------------------------------------
 # Data
 
-from nanochat.chat_eval import load_engine, run_chat_eval  # noqa: E402  (after the settings: importing tasks is not free)
+from nanochat.chat_eval import score_chat_task  # noqa: E402  (after the settings: importing tasks is not free)
 from tasks.arc import ARC  # noqa: E402
 from tasks.common import TaskMixture, build_mixture  # noqa: E402
 from tasks.customjson import CustomJSON  # noqa: E402
@@ -123,30 +119,22 @@ train_tasks, source_sizes, skipped = build_mixture({
 train_dataset = TaskMixture(train_tasks)
 val_dataset = SmolTalk("test", filepath=smoltalk_file or None) if "smoltalk" in source_sizes else \
     SpellingBee(size=1000, split="val")
-print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
-       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 
 pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id will do: padded positions are never targets
 
 
-def collate(conversations):
-    """(inputs, targets) (B, T) for a list of conversations, one per row: only what the assistant wrote is a target
-    (the render mask), never the user's turns, tool outputs, the BOS or the padding."""
-    rendered = [tokenizer.render_conversation(conversation, max_tokens=max_seq_len + 1) for conversation in conversations]
-    inputs, targets = masked_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], pad_id)
-    return inputs.to(device), targets.to(device)
-
-
 def micro_batches(dataset):
-    """Endless (inputs, targets) of this rank: conversations rank, rank + world_size, ... in groups of
-    device_batch_size, starting over after the end."""
+    """Endless (inputs, targets) (B, T) of this rank: conversations rank, rank + world_size, ... one per row, in
+    groups of device_batch_size, starting over after the end. Only what the assistant wrote is a target (the render
+    mask), never the user's turns, tool outputs, the BOS or the padding."""
     cursor = rank
     while True:
-        conversations = []
+        rendered = []
         for _ in range(device_batch_size):
-            conversations.append(dataset[cursor % len(dataset)])
+            rendered.append(tokenizer.render_conversation(dataset[cursor % len(dataset)], max_tokens=max_seq_len + 1))
             cursor += world_size
-        yield collate(conversations)
+        inputs, targets = masked_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], pad_id)
+        yield inputs.to(device), targets.to(device)
 
 
 if num_iterations < 0:
@@ -173,7 +161,7 @@ def evaluate_val_loss():
     return total_loss / max(1.0, total_tokens)
 
 
-engine = load_engine(model, tokenizer)
+engine = Engine(model, tokenizer)
 
 
 def evaluate_metrics():
@@ -187,8 +175,8 @@ def evaluate_metrics():
         if max_problems <= 0:
             continue
         try:
-            metrics[name] = run_chat_eval(name, model, tokenizer, engine, split="val", batch_size=device_batch_size,
-                                          max_new_tokens=eval_max_new_tokens, max_problems=max_problems)
+            metrics[name] = score_chat_task(name, model, tokenizer, engine, split="val", batch_size=device_batch_size,
+                                            max_new_tokens=eval_max_new_tokens, max_problems=max_problems).accuracy
         except FileNotFoundError as e:
             print0(f"Metric {name} left out: {e}")
     model.train()

@@ -1,9 +1,8 @@
 """
 Chat with a trained model over HTTP: a ChatGPT-style page at /, the original's streaming endpoint and an
-OpenAI-compatible API under /v1 (nanochat/server.py describes them; /openapi.json is their contract). Each worker
-(one per GPU with -n, one on CPU/MPS) holds a copy of the model and decodes up to --max_batch requests together;
-requests that find every row busy wait in a queue of at most --max_queue, and get HTTP 503 if they cannot start
-within --request_timeout seconds.
+OpenAI-compatible API under /v1 (nanochat/server.py describes them and how requests are scheduled; /openapi.json is
+their contract). Each worker (one per GPU with -n, one on CPU/MPS) holds a copy of the model and decodes up to
+--max_batch requests together.
 
 Usage:
     python -m scripts.chat_web                                  # sft model, http://localhost:8000

@@ -2,20 +2,15 @@
 Midtrain a base model on conversations: it learns the chat format (the special tokens of user and assistant turns),
 multiple-choice answers, calculator calls, spelling and counting letters, and its own name.
 
-Like pretraining, the conversations are rendered to tokens and packed back to back into rows of max_seq_len (B*T+1
-tokens a chunk), and every token is trained on (the render mask is ignored: midtraining teaches the whole format).
-Ranks stride over the conversations; one epoch of the mixture by default (--num_iterations caps it). The LR is
-constant, then decays linearly to 0 over the last warmdown_ratio of the progress (the fraction of the epoch done, or
-of num_iterations when that comes first); progress and the end of the epoch are agreed across ranks every step, so
-every rank uses the same LR and stops at the same step.
+As in pretraining, the rendered conversations are packed back to back into rows of max_seq_len, and every token is
+trained on (midtraining teaches the whole format). One epoch of the mixture by default; the LR is constant, then
+decays linearly to 0 over the last warmdown_ratio of the progress (through the epoch, or through num_iterations when
+that ends first), which the ranks agree on every step so that they use the same LR and stop at the same step.
 
-The mixture (the original's): SmolTalk, MMLU auxiliary_train, GSM8K train (with calculator calls), the identity
-conversations (twice), SimpleSpelling, SpellingBee. Offline (NANOCHAT_DATA_DIR) each comes from a local file; a
-source that is missing is an error unless it is named in --skip, and the log and the report list what was skipped.
-SmolTalk and MMLU auxiliary_train exist only on the Hugging Face hub: offline, give a local SmolTalk stand-in with
---smoltalk_file (the CPU demo uses data/tasks/chat/chatterbot_corpus_english.jsonl) and skip mmlu_aux.
-
-Checkpoints go to <base>/mid_checkpoints/<model_tag>/ (the base model's tag by default).
+The mixture (the original's): SmolTalk, MMLU auxiliary_train, GSM8K train, the identity conversations (twice),
+SimpleSpelling, SpellingBee. A source whose data is missing is an error unless named in --skip. Offline
+(NANOCHAT_DATA_DIR), skip mmlu_aux and give --smoltalk_file a local stand-in (both exist only on the hub).
+Checkpoints go to <base>/mid_checkpoints/<model_tag>/.
 
 Usage:
     python -m scripts.mid_train
@@ -140,8 +135,6 @@ val_tasks = [task for name in source_sizes if name in val_builders for task in v
 if not val_tasks:  # only the synthetic sources are left: validate on their val split
     val_tasks = [SpellingBee(size=1000, split="val"), SimpleSpelling(size=1000, split="val")]
 train_dataset, val_dataset = TaskMixture(train_tasks), TaskMixture(val_tasks)
-print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in source_sizes.items()) +
-       f" = {len(train_dataset):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
 if len(train_dataset) < world_size:
     raise UserError(f"{len(train_dataset)} training conversations for {world_size} ranks")
 
@@ -174,15 +167,6 @@ def packed_batches(dataset, loop):
 
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)
 
-
-def evaluate_val_bpb():
-    orig_model.eval()
-    batches = packed_batches(val_dataset, loop=True)
-    val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
-    orig_model.train()
-    return val_bpb
-
-
 # -----------------------------------------------------------------------------
 # Training loop: iteration `step` evaluates the model after `step` updates, then (unless last) trains once
 
@@ -196,7 +180,9 @@ smooth_train_loss, total_training_time = 0.0, 0.0
 lrm_history = []  # this rank's LR multipliers, compared across ranks at the end
 while True:
     if last_step or (eval_every > 0 and step % eval_every == 0):
-        val_bpb = evaluate_val_bpb()
+        orig_model.eval()
+        val_bpb = evaluate_bpb(model, packed_batches(val_dataset, loop=True), eval_steps, token_bytes)
+        orig_model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})

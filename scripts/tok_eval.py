@@ -1,13 +1,11 @@
 """
-Measure our tokenizer's compression, bytes of UTF-8 text per token (higher means fewer tokens for the same text,
-so more text fits in the context and each step sees more of it), and compare it with GPT-2's and GPT-4's.
+Measure our tokenizer's compression, bytes of UTF-8 text per token (higher means more text fits in the context),
+and compare it with GPT-2's and GPT-4's.
 
 Texts: a few short fixed samples of different kinds (news, Korean, code, math, science), and the first num_docs
-documents of the train and val splits. Our own figures are always printed and reported. The comparison needs
-tiktoken's rank files for GPT-2 (r50k_base: the same ranks as "gpt2") and GPT-4 (cl100k_base); the repo ships
-both in data/tiktoken/ (MIT, see the README there), so it runs offline. NANOCHAT_TIKTOKEN_DIR points at another
-directory holding <name>.tiktoken; only when no local file exists does tiktoken download it. A baseline that
-cannot be had is skipped with a warning. Not a tokenizer benchmark for speed: see dev/bench/tokenizer.py.
+documents of the train and val splits. The comparison reads tiktoken's rank files for GPT-2 (r50k_base) and GPT-4
+(cl100k_base) from data/tiktoken/ (shipped, so it runs offline) or NANOCHAT_TIKTOKEN_DIR; a baseline that cannot
+be had is skipped with a warning. Not a speed benchmark: see dev/bench/tokenizer.py.
 
 Usage:
     python -m scripts.tok_eval
@@ -112,46 +110,27 @@ if num_docs > 0:
 
 OPENAI_BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiktoken")
-# tiktoken's own expected hashes (tiktoken_ext/openai_public.py): a local file must be exactly what it would fetch
-EXPECTED_SHA256 = {"r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
-                   "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"}
-
-
-def local_rank_file(name):
-    """The local <name>.tiktoken to use: $NANOCHAT_TIKTOKEN_DIR's (which must then hold it), else the repo's
-    data/tiktoken/ copy, else None (tiktoken downloads it)."""
-    local_dir = os.environ.get("NANOCHAT_TIKTOKEN_DIR")
-    if local_dir:
-        path = os.path.join(local_dir, f"{name}.tiktoken")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"NANOCHAT_TIKTOKEN_DIR={local_dir} has no {name}.tiktoken")
-        return path
-    path = os.path.join(SHIPPED_DIR, f"{name}.tiktoken")
-    return path if os.path.isfile(path) else None
 
 
 def get_openai_encoding(name):
-    """tiktoken.get_encoding(name), from a local rank file when there is one (no network)."""
-    local_path = local_rank_file(name)
-    if local_path is not None:
-        with open(local_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if name in EXPECTED_SHA256 and digest != EXPECTED_SHA256[name]:
-            raise RuntimeError(f"{local_path} has sha256 {digest}, not tiktoken's {EXPECTED_SHA256[name]}: a damaged copy")
-        # tiktoken first looks for a downloaded rank file in $TIKTOKEN_CACHE_DIR, named sha1(url), and checks its
-        # sha256 against the hash it knows; so a copy placed there is used exactly as if it had been downloaded
-        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(get_base_dir(), "tiktoken_cache")
-        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir  # "" would turn tiktoken's cache (and so this) off
-        cache_path = os.path.join(cache_dir, hashlib.sha1(OPENAI_BLOB_URL.format(name).encode()).hexdigest())
-        if not os.path.exists(cache_path):
-            os.makedirs(cache_dir, exist_ok=True)
-            shutil.copyfile(local_path, cache_path + f".tmp{os.getpid()}")
-            os.replace(cache_path + f".tmp{os.getpid()}", cache_path)
+    """tiktoken.get_encoding(name) from the local <name>.tiktoken ($NANOCHAT_TIKTOKEN_DIR, else data/tiktoken/).
+    tiktoken first looks for a downloaded rank file in $TIKTOKEN_CACHE_DIR, named sha1(url), and checks its sha256
+    against the hash it knows; so a copy placed there is used exactly as if it had been downloaded."""
+    local_dir = os.environ.get("NANOCHAT_TIKTOKEN_DIR") or SHIPPED_DIR
+    local_path = os.path.join(local_dir, f"{name}.tiktoken")
+    if not os.path.isfile(local_path):
+        raise FileNotFoundError(f"{local_dir} has no {name}.tiktoken")
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(get_base_dir(), "tiktoken_cache")
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir  # "" would turn tiktoken's cache (and so this) off
+    cache_path = os.path.join(cache_dir, hashlib.sha1(OPENAI_BLOB_URL.format(name).encode()).hexdigest())
+    if not os.path.exists(cache_path):
+        os.makedirs(cache_dir, exist_ok=True)
+        shutil.copyfile(local_path, cache_path + f".tmp{os.getpid()}")
+        os.replace(cache_path + f".tmp{os.getpid()}", cache_path)
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # network errors, hash mismatch
-        raise RuntimeError(f"could not load tiktoken's {name!r} ({e}). Offline, set NANOCHAT_TIKTOKEN_DIR to a "
-                           f"directory holding {name}.tiktoken (the repo ships them in data/tiktoken/)") from e
+    except Exception as e:  # a damaged copy fails tiktoken's hash check, and then the download it tries instead
+        raise RuntimeError(f"could not load tiktoken's {name!r} from {local_path}: {e}") from e
 
 
 ours = get_tokenizer()

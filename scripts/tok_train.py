@@ -17,8 +17,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanochat.common import UserError, get_base_dir, write_atomic
-from nanochat.configurator import configure
+from nanochat.common import get_base_dir, write_atomic
+from nanochat.configurator import check_positive, configure
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
@@ -28,9 +28,7 @@ max_chars = 2_000_000_000  # characters of training text, enough for a stable 64
 doc_cap = 10_000  # crop each document to this many characters, so a few huge documents cannot dominate the counts
 vocab_size = 65536  # 2^16, special tokens included
 user_config = configure(globals())
-for _name in ("max_chars", "doc_cap"):
-    if globals()[_name] <= 0:
-        raise UserError(f"--{_name}={globals()[_name]}: must be a positive number of characters")
+check_positive(user_config, "max_chars", "doc_cap")
 
 # -----------------------------------------------------------------------------
 # Train

@@ -1,10 +1,9 @@
 """ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 answer choices, as categorical tasks.
 
 Hub: allenai/ai2_arc, subsets ARC-Easy / ARC-Challenge, splits train / validation / test. Local: the same rows as
-JSONL at arc/<subset>/<split>.jsonl under NANOCHAT_DATA_DIR. Split "val" is our validation split, a held-out slice
-of train (tasks/common.py), which split "train" leaves out; it is not ARC's own "validation" split, which stands in
-for test where the local copy has no test file (eval_split() below). SFT trains on train; chat_eval reports test.
-Labels are kept as the dataset gives them (usually A-D, sometimes 1-4); the conversation carries them as "letters".
+JSONL at arc/<subset>/<split>.jsonl under NANOCHAT_DATA_DIR. Split "val" is our held-out slice of train
+(tasks/common.py), not ARC's own "validation" split, which stands in for test where the local copy has no test file
+(eval_split() below). Labels are kept as the dataset gives them (usually A-D, sometimes 1-4), as "letters".
 """
 
 import os

@@ -1,15 +1,12 @@
 """The Task base class, task mixtures, the multiple-choice renderer and dataset loading for the chat tasks.
 
-A task is a list of conversations (`{"messages": [...]}`, the format of tokenizer.render_conversation) that can be
-sliced, mixed and, for evaluation tasks, scored. Datasets come from the Hugging Face hub by their real names
-(`datasets.load_dataset`), or, when NANOCHAT_DATA_DIR is set, from a local directory laid out like
-../shared/data (arc/, mmlu/, gsm8k/, humaneval/, words/, chat/). Both are shuffled with seed 42 into the same
-order, so offline and online runs pick the same examples. Not here: tokenization, sampling, the scoring loop
-(nanochat/chat_eval.py).
+A task is a list of conversations (the format of tokenizer.render_conversation) that can be sliced, mixed and, for
+evaluation tasks, scored. Datasets come from the Hugging Face hub, or from NANOCHAT_DATA_DIR laid out like
+../shared/data; both are shuffled with seed 42 into the same order, so offline and online runs pick the same
+examples. Not here: tokenization, sampling, the scoring loop (nanochat/chat_eval.py).
 
-Which split each task trains on, which one settings are tuned on (validation: chat_eval --split=val, the training
-scripts' own evaluations) and which one is reported (test: chat_eval's default). Never train on either of the
-last two; never tune on test.
+Splits: train on the first column, tune on validation (chat_eval --split=val, the training scripts' evaluations),
+report test (chat_eval's default). Never train on the last two; never tune on test.
 
 | task                         | trained on (mid/SFT/RL)        | validation ("val")         | test (reported)          |
 |------------------------------|--------------------------------|----------------------------|--------------------------|
@@ -21,10 +18,8 @@ last two; never tune on test.
 | CustomJSON (identity)        | the whole file                 | never                      | never                    |
 | SpellingBee / SimpleSpelling | split="train" (seeds train/i)  | split="val" (seeds val/i)  | split="test" (test/i)    |
 
-The held-out slice of a train split is 1 in VAL_EVERY examples, chosen by a hash of the question text
-(`held_out`): the same examples on the hub and in a local subset, whatever the order, and a question that occurs
-twice stays on one side. Asking a task for split "train" leaves the slice out; "val" gives only the slice. ARC's
-own "validation" split stands in for test where a local copy has no test file (tasks/arc.py).
+The held-out slice is 1 in VAL_EVERY examples of a train split, chosen by a hash of the question text (`held_out`):
+the same examples on the hub and in a local subset, and a question that occurs twice stays on one side.
 """
 
 import csv
@@ -38,7 +33,7 @@ from collections import Counter
 
 import numpy as np
 
-from nanochat.common import MissingFileError, UserError
+from nanochat.common import MissingFileError, UserError, print0
 
 SHUFFLE_SEED = 42  # every dataset is shuffled with this seed at load, hub and local alike
 VAL_EVERY = 10  # 1 in 10 examples of a train split is held out for validation (ARC-Easy: ~225 of 2,251)
@@ -124,28 +119,9 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
-class TaskSequence(Task):
-    """Several tasks one after the other, in order (a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.lengths = [len(task) for task in self.tasks]
-
-    def num_examples(self):
-        return sum(self.lengths)
-
-    def get_example(self, index):
-        for task, length in zip(self.tasks, self.lengths):
-            if index < length:
-                return task[index]
-            index -= length
-        raise IndexError(index)
-
-
 def build_mixture(builders, skip, stage):
-    """The training tasks of a stage's mixture. builders: {source name: function returning that source's list of
-    tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,
+    """The training tasks of a stage's mixture, printed. builders: {source name: function returning that source's
+    list of tasks}, in mixture order; skip: the --skip setting, a comma list of sources to leave out. Returns (tasks,
     {source: examples}, [skipped sources]). UserError for an unknown name, for a source whose data is missing (saying
     how to leave it out) and for a mixture left empty."""
     skipped = [name.strip() for name in skip.split(",") if name.strip()]
@@ -165,6 +141,8 @@ def build_mixture(builders, skip, stage):
         sizes[name] = sum(len(task) for task in source_tasks)
     if not tasks:
         raise UserError(f"--skip={skip} leaves no {stage} data")
+    print0("Mixture: " + ", ".join(f"{name} {size:,}" for name, size in sizes.items()) +
+           f" = {sum(sizes.values()):,} conversations" + (f" | skipped: {', '.join(skipped)}" if skipped else ""))
     return tasks, sizes, skipped
 
 

@@ -10,26 +10,20 @@ import json
 import os
 
 from nanochat.common import MissingFileError, UserError
+from nanochat.tokenizer import chat_messages
 from tasks.common import Task
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
 def check_messages(messages, where):
-    """Raise UserError naming `where` unless messages are an optional system message, then >= 2 messages alternating
-    user, assistant with str content."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: expected a non-empty list of messages, got {str(messages)[:80]!r}")
-    offset = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-    if len(messages) - offset < 2:
-        raise UserError(f"{where}: a conversation needs at least a user and an assistant message")
-    for k, message in enumerate(messages[offset:]):
-        expected = "user" if k % 2 == 0 else "assistant"
-        if not isinstance(message, dict) or message.get("role") != expected:
-            raise UserError(f"{where}: message {k + offset} must have role {expected!r} (roles alternate user, "
-                            f"assistant after an optional system message), got {str(message)[:80]!r}")
-        if not isinstance(message.get("content"), str):
-            raise UserError(f"{where}: message {k + offset} content must be a str")
+    """Raise UserError naming `where` unless messages are a conversation the tokenizer renders (an optional system
+    message, then user and assistant alternating, str content) with at least one reply."""
+    try:
+        if len(chat_messages({"messages": messages})) < 2:
+            raise ValueError("a conversation needs at least a user and an assistant message")
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def read_conversations(filepath):

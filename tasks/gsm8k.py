@@ -5,15 +5,10 @@ Hub: openai/gsm8k, subsets main / socratic, splits train / test. Local: gsm8k/<s
 (expr) and a python_output part (result) between the text parts, so the model learns to call the calculator.
 
 The scoring rule, a choice: a reply's answer is the number after its FIRST "#### " (commas removed), and it is right
-when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen).
-- First, as the official grade-school-math scorer and the original nanochat: "#### N" ends a solution, so the first
-  one is the answer the model committed to; whatever it writes after that can neither rescue nor sink it (nor can
-  a reply hedge with several "####").
-- As a number, where the official scorer compares strings: the question asks for a quantity, and "#### 18." (a
-  sentence's full stop) or "#### 18.00" names the right one. So ours passes every reply the official rule passes,
-  and also those that write the right number in another form; `rule_disagreements` counts those on real replies.
-Splits: train, val (a held-out slice of train, which train leaves out: tasks/common.py) and test. Mid-training,
-SFT and RL train on train; chat_eval reports test.
+when it equals the reference's answer AS A NUMBER ("18", "18.0", "18." and "18.00" are all eighteen). First, as the
+official scorer and the original nanochat: "#### N" ends a solution, so the first one is the answer the model
+committed to. As a number, where the official scorer compares strings: "#### 18." (a full stop) names the right
+quantity. So ours passes every reply the official rule passes, and more; `rule_disagreements` counts those.
 """
 
 import re
@@ -42,11 +37,6 @@ def number_key(answer):
         return answer
 
 
-def same_number(a, b):
-    """a and b (extract_answer strings, or None) name the same number, or are the same non-number string."""
-    return a is not None and b is not None and number_key(a) == number_key(b)
-
-
 def official_answer(text):
     """The official grade-school-math rule (and the original nanochat's): the string after the first "#### ", commas
     removed; compared with the reference's as strings."""
@@ -55,20 +45,17 @@ def official_answer(text):
 
 
 def rule_disagreements(references, replies):
-    """How often the official rule (first "####", string compare) and ours (first "####", number compare) judge the
-    replies differently. references: the reference solutions' texts (ending in "#### N"), replies: what the model
-    wrote, in the same order. Returns {"replies", "disagree", "ours_only", "official_only", "examples"} (ours_only:
-    right by our rule only; "examples": the first few such replies' answers, official's and ours)."""
-    counts = {"replies": 0, "disagree": 0, "ours_only": 0, "official_only": 0, "examples": []}
+    """How many replies the official rule (first "####", string compare) and ours (first "####", number compare)
+    judge differently. references: the reference solutions' texts (ending in "#### N"), replies: what the model
+    wrote, in the same order. Returns {"replies", "ours_only", "official_only"} (ours_only: right by ours only)."""
+    counts = {"replies": 0, "ours_only": 0, "official_only": 0}
     for reference, reply in zip(references, replies, strict=True):
-        ours = same_number(extract_answer(reply), extract_answer(reference))
+        answer = extract_answer(reply)
+        ours = answer is not None and number_key(answer) == number_key(extract_answer(reference))
         official = official_answer(reply) is not None and official_answer(reply) == official_answer(reference)
         counts["replies"] += 1
         if ours != official:
-            counts["disagree"] += 1
             counts["ours_only" if ours else "official_only"] += 1
-            if len(counts["examples"]) < 5:
-                counts["examples"].append((official_answer(reply), official_answer(reference)))
     return counts
 
 

@@ -1,9 +1,8 @@
 """HumanEval: 164 Python functions to complete from their signature and docstring, as a generative task.
 
-Hub: openai/openai_humaneval (split test). Local: humaneval/HumanEval.jsonl.gz under NANOCHAT_DATA_DIR (the
-openai/human-eval file). Evaluated only (chat_eval), never trained on. A completion is run, never exec'd here: the
-program (the prompt's top-level imports, the completion's first fenced code block or its whole text, the tests, then
-check(entry_point)) goes to nanochat.execution.execute_code, which runs it in a sandboxed subprocess.
+Hub: openai/openai_humaneval (split test). Local: humaneval/HumanEval.jsonl.gz under NANOCHAT_DATA_DIR. A completion
+is never exec'd here: the program (the prompt's top-level imports, the completion's first fenced code block or its
+whole text, the tests, then check(entry_point)) goes to nanochat.execution.execute_code, a sandboxed subprocess.
 """
 
 import re

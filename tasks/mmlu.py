@@ -1,10 +1,9 @@
 """MMLU: four-choice questions over 57 subjects, as a categorical task (letters A-D).
 
 Hub: cais/mmlu, subset "all" (splits dev / validation / test; rows {question, subject, choices, answer}) or
-"auxiliary_train" (split train; ARC/MC_TEST/OBQA/RACE questions, each row wrapped in a "train" field). Local:
-mmlu/<split>/<subject>_<split>.csv under NANOCHAT_DATA_DIR (header question,choice0..3,answer with a 0-based
-answer), subjects concatenated in alphabetical order like the hub's "all". auxiliary_train exists only on the hub.
-Mid-training trains on auxiliary_train; chat_eval evaluates on all/test; dev holds the few-shot examples.
+"auxiliary_train" (split train; ARC/MC_TEST/OBQA/RACE questions, each row wrapped in a "train" field, hub only).
+Local: mmlu/<split>/<subject>_<split>.csv under NANOCHAT_DATA_DIR (header question,choice0..3,answer with a 0-based
+answer), subjects concatenated in alphabetical order like the hub's "all".
 """
 
 import glob

@@ -2,9 +2,8 @@
 
 Hub: HuggingFaceTB/smol-smoltalk, splits train / test, rows {"messages": [...]} with an optional system message.
 Local: smoltalk/<split>.jsonl under NANOCHAT_DATA_DIR in the same format, or any such file given as filepath (the
-CPU demo uses data/tasks/chat/chatterbot_corpus_english.jsonl as a small stand-in; a file given this way is
-shuffled and split: its first 5% are test, the rest train). Mid-training and SFT train on train; test only gives a
-validation loss.
+CPU demo uses data/tasks/chat/chatterbot_corpus_english.jsonl as a small stand-in), which is shuffled and split:
+its first 5% are test, the rest train.
 """
 
 from tasks.common import Task, load_dataset_rows, local_path, shuffled

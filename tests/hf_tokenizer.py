@@ -60,6 +60,3 @@ class HuggingFaceTokenizer:
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def id_to_token(self, token_id):
-        return self.decode([token_id])

@@ -22,8 +22,9 @@ import nanochat.gpt as gpt_module
 from model_setup import make_chat_checkpoint
 from pretraining_setup import install_tokenizer
 from nanochat.chat_eval import (CHATCORE_BASELINES, Score, categorical_predictions, chatcore, decide_problems,
-                                load_engine, make_task, run_categorical_eval, run_generative_eval, score_chat_task)
+                                make_task, run_categorical_eval, run_generative_eval, score_chat_task)
 from nanochat.common import UserError
+from nanochat.engine import Engine
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.spellingbee import SpellingBee
@@ -109,7 +110,7 @@ def completions_of(engine, prompts, **settings):
 
 def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    engine = load_engine(model, tokenizer)
+    engine = Engine(model, tokenizer)
     for task in (SpellingBee(7, "test"), GSM8K("main", "test", stop=5)):
         conversations = [task[i] for i in range(len(task))]
         prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]  # lengths differ
@@ -125,7 +126,7 @@ def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(
 
 def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    engine = load_engine(model, tokenizer)
+    engine = Engine(model, tokenizer)
     task = SpellingBee(4, "test")
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
     settings = dict(num_samples=3, max_new_tokens=12, temperature=1.0, top_k=50)
@@ -139,7 +140,7 @@ def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data
 
 def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    engine = load_engine(model, tokenizer)
+    engine = Engine(model, tokenizer)
     task = SpellingBee(6, "test")
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
     judged = [0] * len(prompts)
@@ -159,7 +160,7 @@ def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(da
 
 def test_generative_eval_with_the_engine_is_deterministic(data_dir, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    task, engine = SpellingBee(4, "test"), load_engine(model, tokenizer)
+    task, engine = SpellingBee(4, "test"), Engine(model, tokenizer)
     first = run_generative_eval(task, tokenizer, engine, num_samples=2, max_new_tokens=8, temperature=1.0)
     assert first == run_generative_eval(task, tokenizer, engine, num_samples=2, max_new_tokens=8, temperature=1.0)
     assert first[1] == 4 and 0 <= first[0] <= 4
@@ -203,7 +204,7 @@ def test_every_task_has_a_test_split_and_all_but_humaneval_a_validation_split(da
 
 def test_the_score_carries_the_baseline_of_the_problems_scored(data_dir, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
-    score = score_chat_task("SpellingBee", model, tokenizer, load_engine(model, tokenizer), max_problems=64,
+    score = score_chat_task("SpellingBee", model, tokenizer, Engine(model, tokenizer), max_problems=64,
                             max_new_tokens=4)
     assert (score.total, score.baseline) == (64, 33 / 64)
     score = score_chat_task("ARC-Easy", model, tokenizer, None, split="test", max_problems=10)
@@ -245,7 +246,7 @@ def test_with_the_calculator_off_nothing_is_forced_into_a_reply(isolated_base_di
     model = CalculatorCaller(tokenizer, len(prompt))
     replies = {}
     for calculator in (True, False):
-        engine = load_engine(model, tokenizer, calculator=calculator)
+        engine = Engine(model, tokenizer, calculator=calculator)
         assert engine.calculator is calculator
         replies[calculator] = completions_of(engine, [prompt], max_new_tokens=16)[0, 0]
     special = tokenizer.encode_special

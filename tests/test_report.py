@@ -98,13 +98,6 @@ def test_a_partial_core_is_labelled_with_its_number_of_tasks(report):
     assert "CORE" not in rows
 
 
-def test_a_separate_core_tasks_line_labels_the_core_row_too(report):
-    report.reset()
-    report.log("Base model evaluation", [{"CORE": 0.2, "CORE tasks": "20 of 22"}])
-    rows = summary_rows(open(report.generate(), encoding="utf-8").read())
-    assert rows["CORE (over 20 of 22 tasks)"] == ["0.2000", "-", "-", "-"]
-
-
 def test_the_summary_has_every_stage_and_chat_metric(report):
     report.reset()
     for stage, scale in (("mid", 1), ("sft", 2), ("rl", 3)):

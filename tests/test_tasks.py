@@ -16,7 +16,7 @@ from nanochat.common import MissingFileError, UserError
 from nanochat.engine import use_calculator
 from pretraining_setup import install_tokenizer
 from tasks.arc import ARC, eval_split
-from tasks.common import Task, TaskMixture, TaskSequence, held_out, render_mc, shuffled
+from tasks.common import Task, TaskMixture, held_out, render_mc, shuffled
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreements
 from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
@@ -62,7 +62,7 @@ def full_text(conversation):
 
 
 # -----------------------------------------------------------------------------
-# Task, TaskMixture, TaskSequence, render_mc
+# Task, TaskMixture, render_mc
 
 
 def test_slicing_selects_start_stop_step():
@@ -100,10 +100,9 @@ def test_mixture_oversamples_a_task_passed_twice():
     assert all(counts[100:105] == 2) and all(counts[:20] == 1)
 
 
-def test_mixture_of_sliced_tasks_and_sequence_order():
+def test_mixture_of_sliced_tasks():
     mixture = TaskMixture([Numbers(10, stop=4), Numbers(10, offset=50, start=8)], stop=3)
     assert len(mixture) == 3 and set(values(TaskMixture([Numbers(10, stop=4)]))) == {0, 1, 2, 3}
-    assert values(TaskSequence([Numbers(3), Numbers(2, offset=10)])) == [0, 1, 2, 10, 11]
 
 
 def test_render_mc_puts_the_letter_right_after_each_choice():
@@ -259,9 +258,7 @@ def test_gsm8k_the_first_answer_counts_when_a_reply_has_two():
 def test_gsm8k_rule_disagreements_count_replies_right_by_one_rule_only():
     references = ["#### 18", "#### 18", "#### 1,200", "#### 7", "#### 7"]
     replies = ["#### 18", "#### 18.", "#### 1200.0", "#### 8\n#### 7", "no answer"]
-    assert rule_disagreements(references, replies) == {
-        "replies": 5, "disagree": 2, "ours_only": 2, "official_only": 0,
-        "examples": [("18.", "18"), ("1200.0", "1200")]}
+    assert rule_disagreements(references, replies) == {"replies": 5, "ours_only": 2, "official_only": 0}
 
 
 def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
@@ -270,7 +267,7 @@ def test_gsm8k_rules_agree_on_every_reference_solution(data_dir):
         conversations = [task[i] for i in range(len(task))]
         finals = [conversation["messages"][1]["content"][-1]["text"] for conversation in conversations]
         counts = rule_disagreements(finals, [full_text(conversation) for conversation in conversations])
-        assert counts["replies"] == len(task) and counts["disagree"] == 0
+        assert counts == {"replies": len(task), "ours_only": 0, "official_only": 0}
 
 
 # -----------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_a_bad_setting_is_a_clear_error():
 
 @pytest.mark.parametrize("module, arg, expected", [
     ("scripts.tok_train", "--vocab_size=100", "vocab_size=100 is too small"),
-    ("scripts.tok_train", "--max_chars=0", "--max_chars=0: must be a positive"),
+    ("scripts.tok_train", "--max_chars=0", "--max_chars=0: must be positive"),
     ("scripts.tok_eval", "--num_docs=-1", "--num_docs=-1: must be >= 0"),
 ])
 def test_a_bad_value_is_one_error_line(trained, module, arg, expected):

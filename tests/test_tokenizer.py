@@ -148,15 +148,6 @@ def test_encode_rejects_other_types(tok):
         tok.encode(b"bytes")
 
 
-def test_id_to_token_decodes_one_token(tok):
-    assert tok.id_to_token(ord("a")) == "a"
-    assert tok.id_to_token(special(tok, "<|user_start|>")) == "<|user_start|>"
-
-
-# -----------------------------------------------------------------------------
-# Saving and loading
-
-
 def test_save_then_load_gives_identical_encodings(tok, saved_dir):
     loaded = RustBPETokenizer.from_directory(str(saved_dir))
     assert loaded.get_vocab_size() == tok.get_vocab_size()
@@ -391,12 +382,6 @@ def assistant(content="hello"):
 def test_malformed_conversation_is_rejected_naming_message_and_problem(tok, conversation, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
         tok.render_conversation(conversation)
-
-
-def test_visualize_tokenization_shows_every_token_green_if_supervised(tok):
-    ids, mask = tok.render_conversation({"messages": [user("Hi"), assistant("Hello there")]})
-    shown = re.findall(r"\x1b\[(\d+)m(.*?)\x1b\[0m", tok.visualize_tokenization(ids, mask), flags=re.DOTALL)
-    assert shown == [("92" if m else "91", tok.id_to_token(i)) for i, m in zip(ids, mask)]
 
 
 # -----------------------------------------------------------------------------

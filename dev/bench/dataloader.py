@@ -4,37 +4,31 @@ Pretraining dataloader throughput on this machine. Prints one JSON object with:
     (parquet read, batched multi-threaded tokenization, packing, tensors), over enough tokens to cross many
     row groups, start-up included;
   - plain_loop: tokens/s of reading the same documents and tokenizing them one by one in a Python loop (the peer);
-  - train_step: when nanochat/gpt.py exists, tokens/s a d<depth> forward+backward consumes on the CPU at
-    B=4, T=512, i.e. whether the loader keeps up with training here.
+  - train_step: tokens/s a d<depth> forward+backward consumes on the CPU at B=4, T=512, i.e. whether the loader
+    keeps up with training here.
 
-Needs data in <base>/base_data (`python -m nanochat.dataset --embedded` is enough) and a tokenizer: the trained
-one in <base>/tokenizer (`python -m scripts.tok_train`), or GPT-2's (r50k_base) with --tokenizer_name=gpt2,
-read from --tiktoken_dir when given (offline), else from tiktoken's own cache/download.
+Needs data in <base>/base_data (`python -m nanochat.dataset --embedded` is enough) and the trained tokenizer in
+<base>/tokenizer (`python -m scripts.tok_train`).
 
 Usage:
     python -m dev.bench.dataloader
-    python -m dev.bench.dataloader --tokenizer_name=gpt2 --tiktoken_dir=../shared/data/tiktoken
     python -m dev.bench.dataloader --batch_sizes=4,8,32 --seq_lens=512,1024,2048 --num_tokens=4000000
 """
 
-import contextlib
-import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
+from dev.bench import log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
+from nanochat.tokenizer import get_tokenizer
 
 # Settings
-tokenizer_name = "nanochat"  # "nanochat" (the trained <base>/tokenizer) or "gpt2" (tiktoken r50k_base)
-tiktoken_dir = ""  # folder holding r50k_base.tiktoken for --tokenizer_name=gpt2; "" = tiktoken's cache/download
 batch_sizes = "4,32"  # comma-separated B values
 seq_lens = "512,2048"  # comma-separated T values
 num_tokens = 2_000_000  # tokens timed per (B, T); keep it many row groups long (FineWeb: ~1M tokens each, embedded: ~0.25M)
@@ -42,51 +36,9 @@ tokenizer_threads = 0  # 0 = the loader's default: the CPUs this process may use
 bos_aligned = False
 depth = 4  # model for the train-step measurement
 train_steps = 5  # timed forward+backward steps (0 = skip)
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Gpt2Tokenizer:
-    """GPT-2's BPE behind the interface the loader uses; <|endoftext|> serves as BOS."""
-
-    def __init__(self, tiktoken_dir):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
-        if tiktoken_dir:
-            pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-            ranks = load_tiktoken_bpe(os.path.join(tiktoken_dir, "r50k_base.tiktoken"))
-            self.enc = tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
-        else:
-            self.enc = tiktoken.get_encoding("r50k_base")
-
-    def get_vocab_size(self):
-        return self.enc.n_vocab
-
-    def get_bos_token_id(self):
-        return self.enc.eot_token
-
-    def encode(self, text, prepend=None, num_threads=None):
-        prefix = [] if prepend is None else [prepend]
-        if isinstance(text, str):
-            return prefix + self.enc.encode_ordinary(text)
-        return [prefix + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads or 4)]
-
-
-if tokenizer_name == "gpt2":
-    tokenizer = Gpt2Tokenizer(tiktoken_dir)
-elif tokenizer_name == "nanochat":
-    from nanochat.tokenizer import get_tokenizer
-    tokenizer = get_tokenizer()
-else:
-    raise SystemExit(f"--tokenizer_name={tokenizer_name!r}: expected 'nanochat' or 'gpt2'")
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+tokenizer = get_tokenizer()
 
 
 # -----------------------------------------------------------------------------
@@ -110,17 +62,10 @@ for T in [int(t) for t in seq_lens.split(",")]:
 # -----------------------------------------------------------------------------
 # The peer: the same documents, read and tokenized one at a time
 
-
-def plain_loop_doc_lengths():
-    for texts in parquets_iter_batched("train"):
-        for text in texts:
-            yield len(tokenizer.encode(text)) + 1  # + the BOS the loader adds
-
-
 t0 = time.perf_counter()
 plain_tokens = 0
-for doc_tokens in plain_loop_doc_lengths():
-    plain_tokens += doc_tokens
+for text in (text for texts in parquets_iter_batched("train") for text in texts):
+    plain_tokens += len(tokenizer.encode(text)) + 1  # + the BOS the loader adds
     if plain_tokens >= num_tokens:
         break
 plain_seconds = time.perf_counter() - t0
@@ -128,10 +73,10 @@ plain_loop = {"tokens": plain_tokens, "seconds": round(plain_seconds, 3), "token
 log(f"plain loop: {plain_tokens / plain_seconds:,.0f} tokens/s")
 
 # -----------------------------------------------------------------------------
-# What a d<depth> train step consumes on this CPU (only once the model exists)
+# What a d<depth> train step consumes on this CPU
 
 train_step = None
-if train_steps > 0 and importlib.util.find_spec("nanochat.gpt") is not None:
+if train_steps > 0:
     from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 
     B, T = 4, 512
@@ -154,7 +99,7 @@ print(json.dumps({
     "benchmark": "dataloader",
     "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count()},
     "settings": user_config,
-    "tokenizer": {"name": tokenizer_name, "vocab_size": tokenizer.get_vocab_size()},
+    "tokenizer": {"vocab_size": tokenizer.get_vocab_size()},
     "train_shards": len(list_parquet_files(split="train")),
     "loader": loader_results,
     "plain_loop": plain_loop,

@@ -1,16 +1,14 @@
 """
 Decode speed of nanochat.engine, measured as an inference benchmark does: the time of one decode step at each batch
-size with stop tokens disabled (every row runs num_tokens), tokens/s, time to first token (the prompt's prefill and
-first sample), and on CUDA the memory bandwidth a step uses against the GPU's datasheet figure. Prints one JSON object.
+size with stop tokens disabled (every row runs num_tokens), tokens/s, time to first token, and on CUDA the memory
+bandwidth a step uses against the GPU's datasheet figure. Prints one JSON object.
 
-The model has random weights of the shape of a depth (--depths=20 --vocab_size=65536: d20-shaped); speed does not
-depend on what the weights say. --host_overhead=1 makes it a d12-deep model only 64 wide (1 head, vocab 512), whose
-arithmetic is negligible: the step time is then what the host spends per step (op dispatch, the engine's own work),
-i.e. what a GPU would wait on. --repos measures other checkouts of nanochat the same way in the same run, interleaved
-(each repeat runs every checkout once): this repo at another commit (git worktree add), or the original nanochat
-(whose Engine.generate takes the same arguments). Every measurement runs in a subprocess that imports nanochat from
-its checkout; the compute dtype is fixed at import (NANOCHAT_DTYPE). Figures are medians over the repeats, with the
-spread; cpu_step_ms divides this process's CPU time instead of wall time (less sensitive to other processes).
+The model has random weights of the shape of a depth (speed does not depend on what the weights say).
+--host_overhead=1 makes it d12-deep but only 64 wide (1 head, vocab 512): the step time is then what the host spends
+per step, i.e. what a GPU would wait on. --repos measures other checkouts of nanochat (this repo at another commit,
+or the original) in the same run, interleaved; each measurement runs in a subprocess that imports nanochat from its
+checkout. Figures are medians over the repeats, with the spread; cpu_step_ms divides this process's CPU time
+instead of wall time (less sensitive to other processes).
 
 Usage:
     python -m dev.bench.engine --depths=4 --batch_sizes=1,8
@@ -115,12 +113,11 @@ if len(sys.argv) == 3 and sys.argv[1] == "--worker":
 # -----------------------------------------------------------------------------
 # Parent: settings, then every (depth, checkout) `repeats` times, interleaved, then one JSON object
 
-import contextlib  # noqa: E402
 
 import torch  # noqa: E402
 
+from dev.bench import REPO_ROOT, log, settings  # noqa: E402
 from nanochat.common import autodetect_device_type, cpu_name  # noqa: E402
-from nanochat.configurator import configure  # noqa: E402
 from nanochat.gpt import dims_for_depth  # noqa: E402
 
 # Settings
@@ -138,19 +135,13 @@ repos = ""  # other nanochat checkouts to measure in the same run, comma-separat
 repeats = 3
 threads = 0  # torch threads; 0 = torch's default (one per core)
 device_type = ""  # cpu | cuda; "" = autodetect
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 
 DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
                        "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.94e12}  # bytes/s
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-this_repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-checkouts = [this_repo] + [os.path.abspath(path) for path in repos.split(",") if path]
+checkouts = [REPO_ROOT] + [os.path.abspath(path) for path in repos.split(",") if path]
 device = device_type or autodetect_device_type()
 env = dict(os.environ)
 if dtype == "default":
@@ -209,7 +200,7 @@ for depth in [int(d) for d in depths.split(",")]:
             log(f"d{depth} repeat {repeat + 1}/{repeats}: {checkout}")
             runs[checkout].append(measure(checkout, depth))
     for checkout in checkouts:
-        row = {"checkout": "this" if checkout == this_repo else checkout, "depth": depth, "shape": shape_of(depth),
+        row = {"checkout": "this" if checkout == REPO_ROOT else checkout, "depth": depth, "shape": shape_of(depth),
                **summary(runs[checkout])}
         results.append(row)
         log(json.dumps(row))

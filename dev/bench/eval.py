@@ -1,15 +1,11 @@
 """
 Evaluation speed on this machine. Prints one JSON object with:
-  - core: CORE examples/s of a d4 model (random weights, a 4096-token BPE tokenizer trained on the embedded corpus)
-    over the bundle's tasks, in the same run: one example per forward with every option's full prompt (the
-    original's way), one example per forward with the options' shared prefix run once (KV cache), and batched
-    (shared prefix + several examples per forward up to batch_tokens padded tokens); and whether all three gave
-    the same results.
-  - humaneval: the 164 HumanEval canonical solutions (prompt + canonical_solution + test + check(entry_point))
-    through nanochat.execution.execute_code, with bubblewrap and without: programs/s, total seconds, passes.
-
+  - core: CORE examples/s of a d4 model (random weights, a 4096-token tokenizer trained on the embedded corpus),
+    three ways in the same run: one example per forward with every option's full prompt (the original's way), one
+    example per forward with the options' shared prefix run once, and batched; and whether all three agree.
+  - humaneval: the 164 HumanEval canonical solutions through nanochat.execution.execute_code, with bubblewrap and
+    without: programs/s, total seconds, passes.
 Random weights make the accuracies meaningless; the speed is what a trained d4 would have (same shapes).
-Results go into dev/BENCHMARKS.md.
 
 Usage:
     python -m dev.bench.eval
@@ -27,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import torch
 
+from dev.bench import log, settings
 from nanochat import dataset
 from nanochat.common import COMPUTE_DTYPE, cpu_name
-from nanochat.configurator import configure
 
 # Settings
 parts = "core,humaneval"  # which halves to run
@@ -43,12 +39,7 @@ threads = 0  # torch threads for the CORE half; 0 = torch's default (one per cor
 humaneval_path = "../shared/data/humaneval/HumanEval.jsonl.gz"
 workers = 2  # programs run at once (threads, each waiting on its own subprocess)
 timeout = 10.0  # seconds per program
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+user_config = settings(globals())
 
 
 result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -106,33 +97,29 @@ if "core" in parts:
 # HumanEval canonical solutions through the sandbox
 
 if "humaneval" in parts:
-    try:
-        from nanochat.execution import execute_code
-    except ImportError as e:
-        result["humaneval"] = {"error": f"nanochat.execution not available: {e}"}
-        execute_code = None
-    if execute_code is not None:
-        with gzip.open(humaneval_path, "rt", encoding="utf-8") as f:
-            problems = [json.loads(line) for line in f]
-        programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
-                    for p in problems]
-        result["humaneval"] = {"programs": len(programs), "workers": workers}
-        for name, use_bwrap in (("bwrap", True), ("no_bwrap", False)):
-            def run(program, use_bwrap=use_bwrap):
-                return execute_code(program, timeout=timeout, use_bwrap=use_bwrap)
-            try:
-                run("print(1)")  # warm-up: a failure to start bwrap shows here, not 164 times
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(workers) as pool:
-                    outcomes = list(pool.map(run, programs))
-                seconds = time.perf_counter() - t0
-                failed = [problems[i]["task_id"] for i, o in enumerate(outcomes) if not o.success]
-                result["humaneval"][name] = {"seconds": round(seconds, 2),
-                                             "programs_per_s": round(len(programs) / seconds, 1),
-                                             "passed": len(programs) - len(failed), "failed": failed[:10]}
-                log(f"HumanEval {name}: {len(programs) - len(failed)}/{len(programs)} passed in {seconds:.1f}s")
-            except Exception as e:  # e.g. bwrap missing or not permitted here
-                result["humaneval"][name] = {"error": f"{type(e).__name__}: {e}"}
+    from nanochat.execution import execute_code
+
+    with gzip.open(humaneval_path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f]
+    programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
+                for p in problems]
+    result["humaneval"] = {"programs": len(programs), "workers": workers}
+    for name, use_bwrap in (("bwrap", True), ("no_bwrap", False)):
+        def run(program, use_bwrap=use_bwrap):
+            return execute_code(program, timeout=timeout, use_bwrap=use_bwrap)
+        try:
+            run("print(1)")  # warm-up: a failure to start bwrap shows here, not 164 times
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                outcomes = list(pool.map(run, programs))
+            seconds = time.perf_counter() - t0
+            failed = [problems[i]["task_id"] for i, o in enumerate(outcomes) if not o.success]
+            result["humaneval"][name] = {"seconds": round(seconds, 2),
+                                         "programs_per_s": round(len(programs) / seconds, 1),
+                                         "passed": len(programs) - len(failed), "failed": failed[:10]}
+            log(f"HumanEval {name}: {len(programs) - len(failed)}/{len(programs)} passed in {seconds:.1f}s")
+        except Exception as e:  # e.g. bwrap missing or not permitted here
+            result["humaneval"][name] = {"error": f"{type(e).__name__}: {e}"}
 
 result["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
 print(json.dumps(result, indent=2))

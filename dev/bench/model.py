@@ -2,11 +2,10 @@
 Model throughput: forward+backward tokens/s and MFU of the GPT alone (no data, no optimizer), per depth, compute
 dtype and execution mode (eager / torch.compile). Prints one JSON object.
 
-MFU = estimate_flops() * tokens/s / peak. On CPU the process keeps freed memory (gpt.keep_freed_cpu_memory), as
-base_train does. On CPU the peak is this machine's own best square matmul in the layout
-F.linear uses (x @ W^T), timed in the same run for each dtype (a CPU without native bf16, AVX2 only, multiplies
-bf16 far slower than fp32: its bf16 MFU is against its bf16 peak); on CUDA it is the datasheet table in
-nanochat.common. Each dtype runs in its own subprocess: the compute dtype is fixed at import (NANOCHAT_DTYPE).
+MFU = estimate_flops() * tokens/s / peak. The peak is nanochat.common's datasheet table on CUDA; on CPU it is this
+machine's best F.linear matmul per dtype, timed in the same run (an AVX2-only CPU multiplies bf16 far slower than
+fp32: its bf16 MFU is against its bf16 peak). Each dtype runs in its own subprocess (NANOCHAT_DTYPE is read at
+import); on CPU the process keeps freed memory, as base_train does.
 
 Usage:
     python -m dev.bench.model                                   # d4,d8 x fp32,bf16 x eager,compiled; vocab 32768, B 4, T 512
@@ -15,7 +14,6 @@ On a 2-core AVX2 CPU the fp32 half of the default run takes minutes, the bf16 ha
 (--dtypes=float32 skips it).
 """
 
-import contextlib
 import json
 import os
 import platform
@@ -26,8 +24,8 @@ import time
 
 import torch
 
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 
 # Settings
 depths = "4,8"  # comma-separated model depths
@@ -40,12 +38,7 @@ modes = "eager,compiled"
 device_type = ""  # cpu | cuda; "" = autodetect
 peak_matmul_size = 2048  # CPU peak: the best square F.linear matmul of this size over half a second
 worker_dtype = ""  # internal: set by this script for the subprocess that measures one dtype
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+user_config = settings(globals())
 
 
 # -----------------------------------------------------------------------------
@@ -57,9 +50,8 @@ if not worker_dtype:
         args = [f"--{name}={value}" for name, value in user_config.items() if name != "worker_dtype"]
         env = dict(os.environ, NANOCHAT_DTYPE=dtype_name)
         log(f"measuring compute dtype {dtype_name}")
-        repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         result = subprocess.run([sys.executable, "-m", "dev.bench.model", *args, f"--worker_dtype={dtype_name}"], env=env,
-                                cwd=repo_root, stdout=subprocess.PIPE, text=True)
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         if result.returncode != 0:
             raise SystemExit(f"the {dtype_name} worker failed (exit {result.returncode}); its log is above")
         worker = json.loads(result.stdout.strip().splitlines()[-1])
@@ -84,11 +76,10 @@ from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory  
 
 assert str(COMPUTE_DTYPE) == f"torch.{worker_dtype}", (COMPUTE_DTYPE, worker_dtype)
 device = torch.device(device_type or autodetect_device_type())
+synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 if device.type == "cpu":
     keep_freed_cpu_memory()  # as base_train does: the per-step buffers are reused instead of page-faulted in again
-synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-if device.type == "cpu":  # the same measurement as get_peak_flops, at a size that can be set
-    peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)
+    peak = measure_cpu_matmul_flops(COMPUTE_DTYPE, peak_matmul_size)  # get_peak_flops' measurement, at a set size
 else:
     peak = get_peak_flops(device, COMPUTE_DTYPE)
 log(f"{worker_dtype} peak: {peak / 1e9:.1f} GFLOP/s")

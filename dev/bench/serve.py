@@ -5,11 +5,8 @@ JSON object; `speedup_16_vs_1` is the aggregate tokens/s of 16 clients over that
 of a batch share each decode step).
 
 The model is a random d<depth> GPT with a byte-level tokenizer (265 tokens), saved as an sft checkpoint in a
-throwaway base dir: the speed of serving does not depend on what the weights say. Its near-uniform output stops
-at <|assistant_end|> about once in 265 tokens, so most replies run to max_tokens. Each client sends streaming
-OpenAI requests (stream_options.include_usage gives the exact token count) back to back for `seconds`; the
-clients run in this process, the server in its own, both on the same CPU, so on a small shared machine the
-figures are noisy: compare levels of one run.
+throwaway base dir: most replies run to max_tokens. Each client sends streaming OpenAI requests back to back for
+`seconds`; clients and server share the CPU, so on a small shared machine compare levels of one run.
 
 Usage:
     python -m dev.bench.serve
@@ -17,7 +14,6 @@ Usage:
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -30,8 +26,8 @@ import time
 import httpx
 import torch
 
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import cpu_name
-from nanochat.configurator import configure
 
 # Settings
 depth = 4
@@ -41,14 +37,8 @@ seconds = 15.0  # per level: clients start requests until then, and the level en
 max_tokens = 64  # per reply
 max_batch = 32  # the server's --max_batch (rows decoded together)
 server_threads = 1  # OMP/torch threads of the server process
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 levels = [int(n) for n in clients.split(",")]
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -2,21 +2,17 @@
 Tokenizer speed on this machine. Prints one JSON object with:
   - train: per vocab size, seconds, chars/s and peak memory of training our Rust trainer (rustbpe) vs HuggingFace
     `tokenizers` (BpeTrainer) on the same text with the same split pattern, and the speedup. Each training runs in
-    its own subprocess, so its peak RSS belongs to one trainer; rss_delta_mib is that peak minus the RSS the child
-    had after loading the text, i.e. what training itself added.
-  - encode: chars/s of encoding the same documents with our vocab (encode_vocab_size) through tiktoken (what
-    nanochat uses), through rustbpe's own encoder and through HF tokenizers, and with GPT-2's (r50k_base) through
-    tiktoken: a one-document-at-a-time loop on one thread, and batched at several thread counts.
-
+    its own subprocess; rss_delta_mib is its peak RSS minus its RSS after loading the text.
+  - encode: chars/s of encoding the same documents with our vocab through tiktoken (what nanochat uses), rustbpe's
+    own encoder and HF tokenizers, and with GPT-2's (r50k_base) through tiktoken: one document at a time on one
+    thread, and batched at several thread counts.
 Text: the prose shards in data_dir (3,715 documents, 27.7M chars: English prose + Python/PostgreSQL/SQLite docs).
-GPT-2's ranks are read from tiktoken_dir (offline). Results go into dev/BENCHMARKS.md.
 
 Usage:
     python -m dev.bench.tokenizer
     python -m dev.bench.tokenizer --max_chars=2000000 --encode_chars=500000 --vocab_sizes=1024 --encode_vocab_size=1024
 """
 
-import contextlib
 import glob
 import json
 import os
@@ -28,7 +24,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from nanochat.configurator import configure
+from dev.bench import REPO_ROOT, log, settings
 
 # Settings
 data_dir = "../shared/data/pretrain_prose"  # parquet shards with a `text` column
@@ -44,12 +40,7 @@ worker = ""  # internal: "rust:<vocab>" or "hf:<vocab>", the subprocess that tra
 worker_save = ""  # internal: where an hf worker saves its tokenizer.json, so the parent can reuse it for encoding
 worker_pattern = ""  # internal: the split pattern, handed over so that workers need not import nanochat.tokenizer,
 # whose torch import alone is ~580 MiB of RSS that would swamp the trainers' peaks
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+user_config = settings(globals())
 
 
 def mib(kib):
@@ -135,8 +126,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from nanochat.common import cpu_name  # noqa: E402
 from nanochat.tokenizer import SPLIT_PATTERN, RustBPETokenizer, available_cpus  # noqa: E402
 
-repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-data_dir, tiktoken_dir = os.path.abspath(data_dir), os.path.abspath(tiktoken_dir)  # the workers run in repo_root
+data_dir, tiktoken_dir = os.path.abspath(data_dir), os.path.abspath(tiktoken_dir)  # the workers run in REPO_ROOT
 texts = load_texts()
 text_chars = sum(len(text) for text in texts)
 log(f"{len(texts):,} documents, {text_chars:,} chars")
@@ -150,7 +140,7 @@ def run_worker(name, vocab_size):
     if name == "hf" and vocab_size == encode_vocab_size:
         args.append(f"--worker_save={hf_json}")  # HF training is the slow one: train it once, reuse it to encode
     log(f"training {name} at vocab {vocab_size}")
-    result = subprocess.run([sys.executable, "-m", "dev.bench.tokenizer", *args], cwd=repo_root,
+    result = subprocess.run([sys.executable, "-m", "dev.bench.tokenizer", *args], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise SystemExit(f"the {name}:{vocab_size} worker failed (exit {result.returncode}); its log is above")

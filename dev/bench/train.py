@@ -1,22 +1,19 @@
 """
 Pretraining throughput on this machine: base_train's whole loop against the model's bare forward+backward.
 Prints one JSON object with, per execution mode (eager / torch.compile'd) and compute dtype (NANOCHAT_DTYPE):
-  - loop: steady-state tokens/s and MFU of `python -m scripts.base_train` itself (data loading, micro-steps, optimizer
-    step, logging: everything in its per-step dt), read from its step lines after warm_up_steps steps;
-  - model: tokens/s and MFU of forward+backward alone on one fixed batch, same model, same shapes (the peer), in a
-    process set up like base_train's (on CPU: keep_freed_cpu_memory);
-  - loop_overhead: 1 - loop tokens/s / model tokens/s, i.e. the share of a step spent outside forward+backward,
-    split into optimizer_share_of_loop_step (the optimizer step, timed alone on the peer model) and
-    overhead_besides_optimizer (data, logging, the loop itself); compile_s: first-step time minus a steady step,
-    with an empty inductor cache (cold_compile) unless told otherwise.
-With --compare_repo=<another checkout> (e.g. an older commit: `git worktree add /tmp/old <commit>`), every loop runs
-there too, alternating with ours round by round (rounds), so that both see the same machine load; the JSON then
-carries compare_loop and loop_speedup (ours / theirs, median tokens/s over the rounds).
-MFU is against get_peak_flops (on CPU: the measured matmul peak for the compute dtype).
+  - loop: steady-state tokens/s and MFU of `python -m scripts.base_train` itself, read from its step lines after
+    warm_up_steps steps;
+  - model: tokens/s and MFU of forward+backward alone on one fixed batch, same model and shapes (the peer);
+  - loop_overhead: the share of a step spent outside forward+backward, split into optimizer_share_of_loop_step
+    and overhead_besides_optimizer (data, logging, the loop); compile_s: first-step time minus a steady step, with
+    an empty inductor cache unless told otherwise.
+With --compare_repo=<another checkout> (e.g. `git worktree add /tmp/old <commit>`), every loop runs there too,
+alternating with ours round by round so that both see the same load; the JSON then carries compare_loop and
+loop_speedup (ours / theirs, median over the rounds). MFU is against get_peak_flops.
 
-The loop runs in a throwaway base dir: the data of <base>/base_data (or the embedded corpus when there is none)
-and a tokenizer of vocab_size tokens: <base>/tokenizer when it has that size, else one trained by rustbpe on the
-train split and cached in <base>/bench/tokenizer_<vocab_size>/.
+The loop runs in a throwaway base dir with the data of <base>/base_data (or the embedded corpus) and a tokenizer of
+vocab_size tokens: <base>/tokenizer when it has that size, else one trained by rustbpe and cached in
+<base>/bench/tokenizer_<vocab_size>/.
 
 Usage:
     python -m dev.bench.train          # d4, vocab 32768, seq 512, batch 4 x 512 = 2048 tokens, compiled, bf16 and fp32
@@ -39,8 +36,8 @@ import time
 
 import torch
 
+from dev.bench import REPO_ROOT, log, settings
 from nanochat.common import COMPUTE_DTYPE, cpu_name, get_base_dir, get_peak_flops
-from nanochat.configurator import configure
 
 # Settings
 depth = 4
@@ -57,17 +54,11 @@ compare_repo = ""  # another checkout whose base_train runs alternately with our
 rounds = 1  # loop runs per configuration (and per repo), alternating
 cold_compile = True  # each run gets an empty inductor cache, so that compile_s is the real compile time
 worker = ""  # internal: "model" measures the peer in this process and prints its JSON
-with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
-    user_config = configure(globals())
+user_config = settings(globals())
 if steps <= warm_up_steps:
     raise SystemExit(f"steps={steps} must be larger than warm_up_steps={warm_up_steps}")
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # -----------------------------------------------------------------------------
 # Worker: the peer, forward+backward alone, same model and shapes, one fixed batch (own process: the compute dtype
