@@ -21,6 +21,7 @@ Usage:
         --max_new_tokens=160 --num_iterations=50
 """
 
+import math
 import time
 
 import torch
@@ -43,6 +44,7 @@ model_tag = ""  # "" = the largest model of that source
 model_step = -1  # -1 = its last checkpoint
 task = "GSM8K"  # GSM8K | SpellingBee
 spelling_bee_size = 20000  # SpellingBee train problems (GSM8K uses its whole train split)
+calculator = True  # run the model's python blocks; False: they are not run, and the model writes their output too
 # Rollouts
 examples_per_step = 16  # questions per optimizer step, across processes
 num_samples = 16  # answers sampled per question
@@ -118,7 +120,8 @@ def sample_answers(prompts, count, seed):
     ended by itself gets its <|assistant_end|> back (sampled, mask 1), so that stopping is trained too. Answer j
     of prompt i is seeded by (seed, i, j): it does not depend on the batching."""
     answers = Completions(model, tokenizer, prompts, count, max_new_tokens, temperature, top_k,
-                          seed_of=lambda i, j: hash((seed, i, j)) & 0x7FFFFFFF, max_batch=generation_batch_size)
+                          seed_of=lambda i, j: hash((seed, i, j)) & 0x7FFFFFFF, max_batch=generation_batch_size,
+                          calculator=calculator)
     finished = {(answer.prompt, answer.sample): answer for answer in answers}
     results = []
     for i, prompt in enumerate(prompts):
@@ -135,19 +138,31 @@ def sample_answers(prompts, count, seed):
 
 @torch.no_grad()
 def evaluate_pass_at_k():
-    """{"pass@k": fraction of test questions with a correct answer among the first k samples} for k = 1..K."""
+    """({"pass@k": fraction of validation questions with a correct answer among the first k samples} for k = 1..K,
+    [whether the first sample was right, for each of this rank's questions])."""
     model.eval()
     conversations = [val_task[index] for index in range(rank, len(val_task), world_size)]
     prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
-    passed = [0] * eval_num_samples
+    passed, firsts = [0] * eval_num_samples, []
     if prompts:
         for conversation, (_, _, texts) in zip(conversations, sample_answers(prompts, eval_num_samples, seed=-1)):
             correct = [bool(val_task.evaluate(conversation, text)) for text in texts]
+            firsts.append(correct[0])
             for k in range(eval_num_samples):
                 passed[k] += any(correct[:k + 1])
     model.train()
     *passed, total = all_ranks_sum(passed + [len(prompts)], device)
-    return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}
+    return {f"pass@{k + 1}": passed[k] / max(1.0, total) for k in range(eval_num_samples)}, firsts
+
+
+def paired_change(before, after):
+    """(mean, standard error) over all ranks of after - before, per question (1 right, 0 wrong) on the same
+    questions: pairing leaves out the variation between questions, which both evaluations share."""
+    diffs = [int(a) - int(b) for b, a in zip(before, after)]
+    n, total, squares = all_ranks_sum([len(diffs), sum(diffs), sum(d * d for d in diffs)], device)
+    mean = total / n
+    variance = (squares - n * mean * mean) / max(1.0, n - 1)
+    return mean, math.sqrt(max(0.0, variance) / n), int(n)
 
 
 # -----------------------------------------------------------------------------
@@ -156,12 +171,13 @@ def evaluate_pass_at_k():
 report = get_report()
 curve = {"model_tag": model_tag, "task": task, "step": [], "reward": [], "lrm": [], "answer_tokens": [],
          "calculator_tokens": [], "eval_step": [], "pass@1": [], f"pass@{eval_num_samples}": []}
-step, total_training_time, pass_at_k, first_pass_at_k = 0, 0.0, {}, None
+step, total_training_time = 0, 0.0
 while True:
     last_step = step == num_iterations
     if step == 0 or last_step or (eval_every > 0 and step % eval_every == 0):
-        pass_at_k = evaluate_pass_at_k()
-        first_pass_at_k = first_pass_at_k or pass_at_k
+        pass_at_k, firsts = evaluate_pass_at_k()
+        if step == 0:
+            first_pass_at_k, firsts_before = pass_at_k, firsts
         print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
         wandb_run.log({"step": step, **{f"eval/{name}": value for name, value in pass_at_k.items()}})
         curve["eval_step"].append(step)
@@ -224,6 +240,12 @@ while True:
 # -----------------------------------------------------------------------------
 # Report
 
+change, change_stderr, num_questions = paired_change(firsts_before, firsts)
+measurable = change != 0 and abs(change) >= 2 * change_stderr
+effect = (f"{100 * change:+.1f} ± {100 * change_stderr:.1f} points (paired, the same {num_questions} validation "
+          f"questions): " + ("two standard errors or more, a measurable change" if measurable else
+                             "within two standard errors, no change that this many questions can show"))
+print0(f"pass@1 after RL vs before: {effect}")
 if not dry_run:
     report.log_curve("chat_rl", curve)
     rewards = curve["reward"]
@@ -237,8 +259,9 @@ if not dry_run:
             "DDP world size": world_size,
             "Mean reward, first fifth of the steps": sum(first) / len(first) if rewards else "-",
             "Mean reward, last fifth of the steps": sum(last) / len(last) if rewards else "-",
-            **{f"{name} before": value for name, value in (first_pass_at_k or {}).items()},
+            **{f"{name} before": value for name, value in first_pass_at_k.items()},
             **{f"{name} after": value for name, value in pass_at_k.items()},
+            "Change in pass@1": effect,
             "Total training time": f"{total_training_time:.0f}s",
         },
         "Mean reward per step: " + ", ".join(f"{reward:.3f}" for reward in rewards),

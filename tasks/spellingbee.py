@@ -2,9 +2,18 @@
 
 Small models see tokens, not letters, so "how many r in strawberry" is hard for them. SimpleSpelling asks for a
 word's spelling ("Spell the word: cat" -> "cat:c,a,t"). SpellingBee asks, in several languages and phrasings, how
-many times a letter occurs in a word; the answer spells the word, walks its letters keeping a running count,
-checks the count with the calculator tool (python part `'word'.count('x')` and its output) and ends in "#### N",
-scored like GSM8K.
+many times a letter occurs in a word, and answers in a form a 4-layer model can follow:
+
+    Counting 'r' in 'strawberry':
+    strawberry:s,t,r=1,a,w,b,e,r=2,r=3,y
+    That makes 3. Python says:<|python_start|> 'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>
+    #### 3
+
+The second line is SimpleSpelling's answer with the count so far after each occurrence of the letter, so that every
+step of the count is one small local decision and spelling is practised by both tasks. The calculator call then
+checks the count; its leading space makes the word inside it the same tokens as the word in the lines above (without
+it, "'s" of "'strawberry'" is a contraction to the tokenizer's split pattern), so the model copies it token for
+token. The answer ends in "#### N", scored like GSM8K.
 
 Words: dwyl/english-words words_alpha.txt (~370K lowercase words), from words/words_alpha.zip under
 NANOCHAT_DATA_DIR or downloaded once into the base dir. Example i of a split is drawn from its own
@@ -63,7 +72,17 @@ def load_words():
 
 
 def spell(word):
+    """SimpleSpelling's answer: "cat:c,a,t"."""
     return f"{word}:{','.join(word)}"
+
+
+def spell_counting(word, letter):
+    """The word spelled out with a running count after each occurrence of letter: "berry:b,e,r=1,r=2,y"."""
+    letters, hits = [], 0
+    for character in word:
+        hits += character == letter
+        letters.append(f"{character}={hits}" if character == letter else character)
+    return f"{word}:{','.join(letters)}"
 
 
 class _SpellingTask(Task):
@@ -112,22 +131,12 @@ class SpellingBee(_SpellingTask):
         if question.startswith("¿") or rng.random() < 0.7:
             question += "?"
 
-        walk, hits = [], 0
-        for position, character in enumerate(word, 1):
-            if character == letter:
-                hits += 1
-                walk.append(f"{position}:{character} hit! count={hits}")
-            else:
-                walk.append(f"{position}:{character}")
-        reasoning = (f"We are asked how many times the letter '{letter}' appears in the word '{word}'. "
-                     f"Spelling the word out:\n{spell(word)}\n\n"
-                     f"Now I go through it letter by letter, counting the '{letter}':\n" + "\n".join(walk) +
-                     f"\n\nThat makes {count}. Let me double check with Python:\n\n")
         parts = [
-            {"type": "text", "text": reasoning},
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "text", "text": f"Counting '{letter}' in '{word}':\n{spell_counting(word, letter)}\n"
+                                     f"That makes {count}. Python says:"},
+            {"type": "python", "text": f" '{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n\nPython also gives {count}.\n\n#### {count}"},
+            {"type": "text", "text": f"\n#### {count}"},
         ]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter}

@@ -4,6 +4,7 @@ losses, LR multipliers and token counts are read back from the curves the script
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,16 @@ def test_rl_runs_end_to_end_with_the_calculator(tmp_path):
     assert (tmp_path / "chatrl_checkpoints" / "d2" / "meta_000002.json").exists()
     section = (tmp_path / "report" / "chat-rl.md").read_text()
     assert "Mean reward per step: " in section and "- pass@1 after: " in section
+    assert re.search(r"- Change in pass@1: [+-]\d+\.\d ± \d+\.\d points \(paired, the same 2 validation questions\): "
+                     r"(two standard errors or more|within two standard errors)", section), section
+
+
+def test_rl_without_the_calculator_forces_nothing_into_the_answers(tmp_path):
+    make_calculator_model(tmp_path)  # every answer calls the calculator
+    run_script(tmp_path, "scripts.chat_rl", "--task=SpellingBee", "--examples_per_step=2", "--num_samples=2",
+               "--device_batch_size=2", "--max_new_tokens=16", "--num_iterations=2", "--eval_every=-1",
+               "--eval_examples=2", "--eval_num_samples=1", "--temperature=0.5", "--calculator=False")
+    assert read_curve(tmp_path, "chat_rl")["calculator_tokens"] == [0, 0]
 
 
 # -----------------------------------------------------------------------------

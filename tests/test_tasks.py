@@ -14,7 +14,7 @@ import pytest
 
 from nanochat.common import MissingFileError, UserError
 from nanochat.engine import use_calculator
-from pretraining_setup import install_tokenizer
+from pretraining_setup import corpus_text, install_tokenizer
 from tasks.arc import ARC, eval_split
 from tasks.common import Task, TaskMixture, held_out, render_mc, shuffled
 from tasks.customjson import CustomJSON
@@ -22,7 +22,7 @@ from tasks.gsm8k import GSM8K, extract_answer, official_answer, rule_disagreemen
 from tasks.humaneval import HumanEval, build_program, extract_code, extract_imports
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
-from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.spellingbee import SimpleSpelling, SpellingBee, spell_counting
 
 
 
@@ -285,24 +285,50 @@ def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_
     assert len({a[i]["messages"][0]["content"] for i in range(200)}) > 190  # varied words and phrasings
 
 
-def test_spellingbee_calculator_call_and_answer_are_right(data_dir):
+def test_spellingbee_answer_spells_with_a_running_count_then_checks_with_the_calculator(data_dir):
     task = SpellingBee(300, "test")
     letters_outside_word = 0
     for i in range(len(task)):
         conversation = task[i]
         word, letter = conversation["word"], conversation["letter"]
+        count = word.count(letter)
         parts = conversation["messages"][1]["content"]
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
-        assert f"{word}:{','.join(word)}" in parts[0]["text"]
-        assert parts[1]["text"] == f"'{word}'.count('{letter}')"
-        assert str(use_calculator(parts[1]["text"])) == parts[2]["text"] == str(word.count(letter))
-        assert parts[0]["text"].count("hit!") == word.count(letter)
-        assert parts[3]["text"].endswith(f"#### {word.count(letter)}")
+        spelled = parts[0]["text"].splitlines()[1]
+        assert spelled == spell_counting(word, letter)
+        assert spelled.replace("=", "").rstrip("0123456789,").startswith(f"{word}:")
+        assert re.sub(r"=\d+", "", spelled) == f"{word}:{','.join(word)}"  # SimpleSpelling's answer, plus the count
+        assert re.findall(r"=(\d+)", spelled) == [str(k) for k in range(1, count + 1)]
+        assert parts[0]["text"].endswith(f"That makes {count}. Python says:")
+        assert parts[1]["text"] == f" '{word}'.count('{letter}')"
+        assert str(use_calculator(parts[1]["text"])) == parts[2]["text"] == str(count)
+        assert parts[3]["text"] == f"\n#### {count}"
         reference = full_text(conversation)
         assert task.evaluate(conversation, reference) and task.reward(conversation, reference) == 1.0
-        assert not task.evaluate(conversation, f"#### {word.count(letter) + 1}")
+        assert not task.evaluate(conversation, f"#### {count + 1}")
         letters_outside_word += letter not in word
     assert 0 < letters_outside_word < 0.25 * len(task)
+
+
+def test_spell_counting_marks_each_occurrence_with_the_count_so_far():
+    assert spell_counting("strawberry", "r") == "strawberry:s,t,r=1,a,w,b,e,r=2,r=3,y"
+    assert spell_counting("cat", "z") == "cat:c,a,t"
+    assert spell_counting("aa", "a") == "aa:a=1,a=2"
+
+
+def test_spellingbee_calculator_call_tokenizes_the_word_as_the_answer_text_does(data_dir, tmp_path):
+    """The model copies the word into the calculator call from the line above it. Its leading space makes the copy
+    token for token: "'s" (a contraction to the tokenizer's split pattern) would otherwise split off the quote and
+    the first letter of words like 'strawberry', so the call would spell the word with other tokens."""
+    tokenizer = install_tokenizer(tmp_path, 512, corpus_text()[:200])
+    task = SpellingBee(50, "test")
+    for conversation in (task[i] for i in range(len(task))):
+        parts = conversation["messages"][1]["content"]
+        word_ids = tokenizer.encode(f" '{conversation['word']}")
+        for text in (parts[0]["text"], parts[1]["text"]):
+            ids = tokenizer.encode(text)
+            assert any(ids[k:k + len(word_ids)] == word_ids for k in range(len(ids))), (text, word_ids)
+    assert tokenizer.encode("'strawberry'")[:2] != tokenizer.encode(" 'strawberry'")[1:3]  # the contraction split
 
 
 def test_simplespelling_spells_with_commas(data_dir):
