@@ -29,7 +29,7 @@ BASE_STEPS="${DEMO_BASE_STEPS:-400}"      # d4 pretraining steps of 8,192 tokens
 MID_STEPS="${DEMO_MID_STEPS:-200}"        # mid-training steps of 8,192 tokens
 SFT_STEPS="${DEMO_SFT_STEPS:-100}"        # SFT optimizer steps of 16 conversations
 RL_STEPS="${DEMO_RL_STEPS:-20}"           # RL steps of 8 questions x 8 samples
-EVAL_PROBLEMS="${DEMO_EVAL_PROBLEMS:-64}"  # problems per task in each chat evaluation
+EVAL_PROBLEMS="${DEMO_EVAL_PROBLEMS:-256}"  # problems per task in each chat evaluation (one standard error: ~3 points)
 CORE_PER_TASK="${DEMO_CORE_PER_TASK:-8}"   # examples per CORE task
 EVAL_TOKENS=$((8192 * 16))
 
@@ -62,29 +62,35 @@ python -m scripts.base_eval --bundle_dir="$REPO/data/core_eval" --max_per_task="
 
 # -----------------------------------------------------------------------------
 # Mid-training on what ships offline: chatterbot dialogs standing in for SmolTalk, the identity conversations,
-# SimpleSpelling and SpellingBee (settings measured in dev/BENCHMARKS.md: below ~200 steps SpellingBee collapses)
+# SimpleSpelling and SpellingBee (settings measured in dev/BENCHMARKS.md)
 CHAT="$NANOCHAT_DATA_DIR/chat/chatterbot_corpus_english.jsonl"
 stage "midtraining: mid_train"
 python -m scripts.mid_train --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192 \
-    --num_iterations="$MID_STEPS" --skip=mmlu_aux,gsm8k --smoltalk_file="$CHAT" --simple_spelling_size=4000 \
-    --spelling_bee_size=8000 --eval_every=-1 --eval_tokens=65536 --compile=true
+    --num_iterations="$MID_STEPS" --skip=mmlu_aux,gsm8k --smoltalk_file="$CHAT" --simple_spelling_size=10000 \
+    --spelling_bee_size=12000 --eval_every=-1 --eval_tokens=65536 --compile=true
 stage "midtraining: chat_eval -i mid"
-python -m scripts.chat_eval -i mid -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 224
+python -m scripts.chat_eval -i mid -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 128
 
 stage "SFT: chat_sft"
 python -m scripts.chat_sft --skip=arc_easy,arc_challenge,gsm8k --smoltalk_file="$CHAT" --max_seq_len=512 \
     --device_batch_size=8 --target_examples_per_step=16 --num_iterations="$SFT_STEPS" --init_lr_frac=0.1 \
     --spelling_bee_size=1000 --simple_spelling_size=2000 --eval_every=-1 --eval_steps=8 --eval_metrics_every=-1
+# SpellingBee twice: with the calculator, and without it (the model must count on its own: a copy of the word into
+# the calculator call is not enough). Always answering "#### 1" scores ~59%: the baseline printed beside each score
 stage "SFT: chat_eval -i sft"
-python -m scripts.chat_eval -i sft -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 224
+python -m scripts.chat_eval -i sft -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 128
+stage "SFT: chat_eval -i sft --calculator=off"
+python -m scripts.chat_eval -i sft -a SpellingBee -x "$EVAL_PROBLEMS" -m 128 --calculator=off
 
 # RL on SpellingBee: the reward is 1 when the letter count after #### is right
 stage "RL: chat_rl on SpellingBee"
 python -m scripts.chat_rl --task=SpellingBee --examples_per_step=8 --num_samples=8 --device_batch_size=8 \
-    --max_new_tokens=192 --num_iterations="$RL_STEPS" --init_lr_frac=0.05 --spelling_bee_size=5000 \
+    --max_new_tokens=128 --num_iterations="$RL_STEPS" --init_lr_frac=0.05 --spelling_bee_size=5000 \
     --eval_every=-1 --eval_examples=32 --eval_num_samples=4
 stage "RL: chat_eval -i rl"
-python -m scripts.chat_eval -i rl -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 224
+python -m scripts.chat_eval -i rl -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 128
+stage "RL: chat_eval -i rl --calculator=off"
+python -m scripts.chat_eval -i rl -a SpellingBee -x "$EVAL_PROBLEMS" -m 128 --calculator=off
 
 # -----------------------------------------------------------------------------
 stage "report"
