@@ -15,6 +15,11 @@ checks the count; its leading space makes the word inside it the same tokens as 
 it, "'s" of "'strawberry'" is a contraction to the tokenizer's split pattern), so the model copies it token for
 token. The answer ends in "#### N", scored like GSM8K.
 
+In a share of the answers (NO_TOOL_OUTPUT) the call gets no output, as when the calculator is switched off or
+refuses, and "#### N" follows the call directly: the model learns to answer with its own count then. The tool's
+output is never a training target, so without these answers nothing would teach what comes after a call that
+the calculator did not run (`chat_eval --calculator=off`).
+
 Words: dwyl/english-words words_alpha.txt (~370K lowercase words), from words/words_alpha.zip under
 NANOCHAT_DATA_DIR or downloaded once into the base dir. Example i of a split is drawn from its own
 random.Random seeded with the string "<task>/<split>/<i>" (deterministic across runs and machines; string seeds
@@ -33,6 +38,7 @@ from tasks.gsm8k import extract_answer, number_key
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 SPLITS = ("train", "val", "test")
 LETTER_FROM_WORD = 0.9  # otherwise any letter of the alphabet, so "0" is a possible answer too
+NO_TOOL_OUTPUT = 0.3  # share of answers whose calculator call gets no output (the model's own count is the answer)
 
 # How the question is asked: {letter} and {word} get filled in (quoted or not); several languages, as users do
 TEMPLATES = [
@@ -138,6 +144,8 @@ class SpellingBee(_SpellingTask):
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n#### {count}"},
         ]
+        if rng.random() < NO_TOOL_OUTPUT:  # drawn last: the words, letters and questions are those drawn without it
+            del parts[2]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter}
 

@@ -286,13 +286,17 @@ def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_
 
 
 def test_spellingbee_answer_spells_with_a_running_count_then_checks_with_the_calculator(data_dir):
+    """The tool gives nothing in a share of the answers (as when it is off): "#### N" then follows the call."""
     task = SpellingBee(300, "test")
-    letters_outside_word = 0
+    letters_outside_word = without_output = 0
     for i in range(len(task)):
         conversation = task[i]
         word, letter = conversation["word"], conversation["letter"]
         count = word.count(letter)
         parts = conversation["messages"][1]["content"]
+        if [p["type"] for p in parts] == ["text", "python", "text"]:  # the tool gave nothing: the own count answers
+            without_output += 1
+            parts = parts[:2] + [{"type": "python_output", "text": str(count)}] + parts[2:]
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
         spelled = parts[0]["text"].splitlines()[1]
         assert spelled == spell_counting(word, letter)
@@ -308,6 +312,7 @@ def test_spellingbee_answer_spells_with_a_running_count_then_checks_with_the_cal
         assert not task.evaluate(conversation, f"#### {count + 1}")
         letters_outside_word += letter not in word
     assert 0 < letters_outside_word < 0.25 * len(task)
+    assert 0.2 * len(task) < without_output < 0.4 * len(task)
 
 
 def test_spell_counting_marks_each_occurrence_with_the_count_so_far():
