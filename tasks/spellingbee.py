@@ -2,23 +2,28 @@
 
 Small models see tokens, not letters, so "how many r in strawberry" is hard for them. SimpleSpelling asks for a
 word's spelling ("Spell the word: cat" -> "cat:c,a,t"). SpellingBee asks, in several languages and phrasings, how
-many times a letter occurs in a word, and answers in a form a 4-layer model can follow:
+many times a letter occurs in a word, and answers in a form a 4-layer model can follow. It asks the calculator:
 
-    Counting 'r' in 'strawberry':
-    strawberry:s,t,r=1,a,w,b,e,r=2,r=3,y
-    That makes 3. Python says:<|python_start|> 'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>
+    Counting 'r' in 'strawberry'. Python says:<|python_start|> 'strawberry'.count('r')<|python_end|>
+    <|output_start|>3<|output_end|>
     #### 3
 
-The second line is SimpleSpelling's answer with the count so far after each occurrence of the letter, so that every
-step of the count is one small local decision and spelling is practised by both tasks. The calculator call then
-checks the count; its leading space makes the word inside it the same tokens as the word in the lines above (without
-it, "'s" of "'strawberry'" is a contraction to the tokenizer's split pattern), so the model copies it token for
-token. The answer ends in "#### N", scored like GSM8K.
+(the output follows the call on the same line). The call's leading space makes the word inside it the same tokens
+as the word just before it (without it, "'s" of "'strawberry'" is a contraction to the tokenizer's split pattern),
+so the model copies it token for token; the answer then copies the tool's output, the only number in reach.
 
-In a share of the answers (NO_TOOL_OUTPUT) the call gets no output, as when the calculator is switched off or
-refuses, and "#### N" follows the call directly: the model learns to answer with its own count then. The tool's
-output is never a training target, so without these answers nothing would teach what comes after a call that
-the calculator did not run (`chat_eval --calculator=off`).
+When the call gets no output (the calculator switched off, or refusing), the model counts on its own: it spells the
+word (SimpleSpelling's answer) with the count so far after each occurrence of the letter, so that every step of the
+count is one small local decision, and answers with the last count:
+
+    Counting 'r' in 'strawberry'. Python says:<|python_start|> 'strawberry'.count('r')<|python_end|>
+    strawberry:s,t,r=1,a,w,b,e,r=2,r=3,y
+    That makes 3.
+    #### 3
+
+A share of the training answers (NO_TOOL_OUTPUT) are of this second kind: the tool's output is never a training
+target, so these are what teach the model to go on after a call that was not run (`chat_eval --calculator=off`).
+Both kinds end in "#### N", scored like GSM8K.
 
 Words: dwyl/english-words words_alpha.txt (~370K lowercase words), from words/words_alpha.zip under
 NANOCHAT_DATA_DIR or downloaded once into the base dir. Example i of a split is drawn from its own
@@ -38,7 +43,7 @@ from tasks.gsm8k import extract_answer, number_key
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 SPLITS = ("train", "val", "test")
 LETTER_FROM_WORD = 0.9  # otherwise any letter of the alphabet, so "0" is a possible answer too
-NO_TOOL_OUTPUT = 0.3  # share of answers whose calculator call gets no output (the model's own count is the answer)
+NO_TOOL_OUTPUT = 0.5  # share of answers whose calculator call gets no output: the model counts on its own
 
 # How the question is asked: {letter} and {word} get filled in (quoted or not); several languages, as users do
 TEMPLATES = [
@@ -137,15 +142,13 @@ class SpellingBee(_SpellingTask):
         if question.startswith("¿") or rng.random() < 0.7:
             question += "?"
 
-        parts = [
-            {"type": "text", "text": f"Counting '{letter}' in '{word}':\n{spell_counting(word, letter)}\n"
-                                     f"That makes {count}. Python says:"},
-            {"type": "python", "text": f" '{word}'.count('{letter}')"},
-            {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n#### {count}"},
-        ]
+        parts = [{"type": "text", "text": f"Counting '{letter}' in '{word}'. Python says:"},
+                 {"type": "python", "text": f" '{word}'.count('{letter}')"}]
         if rng.random() < NO_TOOL_OUTPUT:  # drawn last: the words, letters and questions are those drawn without it
-            del parts[2]
+            own_count = f"\n{spell_counting(word, letter)}\nThat makes {count}.\n#### {count}"
+            parts.append({"type": "text", "text": own_count})
+        else:
+            parts += [{"type": "python_output", "text": str(count)}, {"type": "text", "text": f"\n#### {count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "letter": letter}
 

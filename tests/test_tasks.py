@@ -285,34 +285,33 @@ def test_spellingbee_is_deterministic_per_index_and_differs_between_splits(data_
     assert len({a[i]["messages"][0]["content"] for i in range(200)}) > 190  # varied words and phrasings
 
 
-def test_spellingbee_answer_spells_with_a_running_count_then_checks_with_the_calculator(data_dir):
-    """The tool gives nothing in a share of the answers (as when it is off): "#### N" then follows the call."""
+def test_spellingbee_answer_asks_the_calculator_and_counts_on_its_own_when_the_call_gets_no_output(data_dir):
     task = SpellingBee(300, "test")
-    letters_outside_word = without_output = 0
+    letters_outside_word = own_counts = 0
     for i in range(len(task)):
         conversation = task[i]
         word, letter = conversation["word"], conversation["letter"]
         count = word.count(letter)
         parts = conversation["messages"][1]["content"]
-        if [p["type"] for p in parts] == ["text", "python", "text"]:  # the tool gave nothing: the own count answers
-            without_output += 1
-            parts = parts[:2] + [{"type": "python_output", "text": str(count)}] + parts[2:]
-        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
-        spelled = parts[0]["text"].splitlines()[1]
-        assert spelled == spell_counting(word, letter)
-        assert spelled.replace("=", "").rstrip("0123456789,").startswith(f"{word}:")
-        assert re.sub(r"=\d+", "", spelled) == f"{word}:{','.join(word)}"  # SimpleSpelling's answer, plus the count
-        assert re.findall(r"=(\d+)", spelled) == [str(k) for k in range(1, count + 1)]
-        assert parts[0]["text"].endswith(f"That makes {count}. Python says:")
+        assert parts[0]["text"] == f"Counting '{letter}' in '{word}'. Python says:"
         assert parts[1]["text"] == f" '{word}'.count('{letter}')"
-        assert str(use_calculator(parts[1]["text"])) == parts[2]["text"] == str(count)
-        assert parts[3]["text"] == f"\n#### {count}"
+        assert str(use_calculator(parts[1]["text"])) == str(count)
+        if [p["type"] for p in parts] == ["text", "python", "text"]:  # no output: the model counts
+            own_counts += 1
+            _, spelled, makes, answer = parts[2]["text"].split("\n")
+            assert spelled == spell_counting(word, letter)
+            assert re.sub(r"=\d+", "", spelled) == f"{word}:{','.join(word)}"  # SimpleSpelling's answer, plus the count
+            assert re.findall(r"=(\d+)", spelled) == [str(k) for k in range(1, count + 1)]
+            assert (makes, answer) == (f"That makes {count}.", f"#### {count}")
+        else:
+            assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+            assert (parts[2]["text"], parts[3]["text"]) == (str(count), f"\n#### {count}")
         reference = full_text(conversation)
         assert task.evaluate(conversation, reference) and task.reward(conversation, reference) == 1.0
         assert not task.evaluate(conversation, f"#### {count + 1}")
         letters_outside_word += letter not in word
     assert 0 < letters_outside_word < 0.25 * len(task)
-    assert 0.2 * len(task) < without_output < 0.4 * len(task)
+    assert 0.4 * len(task) < own_counts < 0.6 * len(task)
 
 
 def test_spell_counting_marks_each_occurrence_with_the_count_so_far():
