@@ -64,8 +64,8 @@ weight_decay = 0.0
 # Evaluation and checkpoints (every <= 0: never in between; pass@k is always measured before the first step and
 # after the last, for the report's before/after, and the last step is always saved)
 eval_every = 60  # steps between pass@k evaluations
-eval_examples = 400  # test questions per evaluation
-eval_num_samples = 8  # answers per test question: pass@1 .. pass@eval_num_samples
+eval_examples = 400  # validation questions per evaluation
+eval_num_samples = 8  # answers per validation question: pass@1 .. pass@eval_num_samples
 save_every = 60
 dry_run = False  # train and evaluate, but save no checkpoint and write no report
 
