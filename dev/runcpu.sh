@@ -86,11 +86,11 @@ stage "SFT: chat_eval -i sft --calculator=off"
 python -m scripts.chat_eval -i sft -a SpellingBee -x "$EVAL_PROBLEMS" -m 128 --calculator=off
 
 # RL on SpellingBee with the calculator: the reward is 1 when the letter count after #### is right. Its report
-# section gives the change in pass@1 (sampled) on 256 validation questions, paired, with its standard error
+# section gives the change in pass@1 (sampled) on EVAL_PROBLEMS validation questions, paired, with its standard error
 stage "RL: chat_rl on SpellingBee"
 python -m scripts.chat_rl --task=SpellingBee --examples_per_step=8 --num_samples=8 --device_batch_size=8 \
     --max_new_tokens=128 --num_iterations="$RL_STEPS" --init_lr_frac=0.05 --spelling_bee_size=5000 \
-    --eval_every=-1 --eval_examples=256 --eval_num_samples=1
+    --eval_every=-1 --eval_examples="$EVAL_PROBLEMS" --eval_num_samples=1
 stage "RL: chat_eval -i rl"
 python -m scripts.chat_eval -i rl -a "SpellingBee|SimpleSpelling" -x "$EVAL_PROBLEMS" -m 128
 stage "RL: chat_eval -i rl --calculator=off"
