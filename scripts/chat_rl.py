@@ -181,8 +181,8 @@ while True:
         print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in pass_at_k.items()))
         wandb_run.log({"step": step, **{f"eval/{name}": value for name, value in pass_at_k.items()}})
         curve["eval_step"].append(step)
-        curve["pass@1"].append(pass_at_k["pass@1"])
-        curve[f"pass@{eval_num_samples}"].append(pass_at_k[f"pass@{eval_num_samples}"])
+        for name in dict.fromkeys(["pass@1", f"pass@{eval_num_samples}"]):  # one name when eval_num_samples is 1
+            curve[name].append(pass_at_k[name])
     if not dry_run and step > 0 and (last_step or (save_every > 0 and step % save_every == 0)):
         save_checkpoint(checkpoint_dir("rl", model_tag), step, model.state_dict(), None, {
             "step": step, "task": task, "mean_reward": curve["reward"][-1], **pass_at_k, "model_config": model_config,

@@ -281,7 +281,9 @@ def test_rl_without_the_calculator_forces_nothing_into_the_answers(tmp_path):
     run_script(tmp_path, "scripts.chat_rl", "--task=SpellingBee", "--examples_per_step=2", "--num_samples=2",
                "--device_batch_size=2", "--max_new_tokens=16", "--num_iterations=2", "--eval_every=-1",
                "--eval_examples=2", "--eval_num_samples=1", "--temperature=0.5", "--calculator=False")
-    assert read_curve(tmp_path, "chat_rl")["calculator_tokens"] == [0, 0]
+    curve = read_curve(tmp_path, "chat_rl")
+    assert curve["calculator_tokens"] == [0, 0]
+    assert len(curve["pass@1"]) == len(curve["eval_step"]) == 2  # before and after, once each with one sample
 
 
 # -----------------------------------------------------------------------------
