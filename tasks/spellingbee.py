@@ -13,11 +13,12 @@ as the word just before it (without it, "'s" of "'strawberry'" is a contraction 
 so the model copies it token for token; the answer then copies the tool's output, the only number in reach.
 
 When the call gets no output (the calculator switched off, or refusing), the model counts on its own: it spells the
-word (SimpleSpelling's answer) with the count so far after each occurrence of the letter, so that every step of the
-count is one small local decision, and answers with the last count:
+word, writes the asked letter after each of its letters, and the count so far after each pair that matches, so that
+every step of the count compares two tokens side by side (the asked letter only in the question, far back, is
+what a 4-layer model fails to compare with: dev/BENCHMARKS.md), then answers with the last count:
 
     Counting 'r' in 'strawberry'. Python says:<|python_start|> 'strawberry'.count('r')<|python_end|>
-    strawberry:s,t,r=1,a,w,b,e,r=2,r=3,y
+    strawberry:s/r,t/r,r/r=1,a/r,w/r,b/r,e/r,r/r=2,r/r=3,y/r
     That makes 3.
     #### 3
 
@@ -88,11 +89,12 @@ def spell(word):
 
 
 def spell_counting(word, letter):
-    """The word spelled out with a running count after each occurrence of letter: "berry:b,e,r=1,r=2,y"."""
+    """The word spelled out, each letter paired with the asked one, with a running count after each match:
+    "berry:b/r,e/r,r/r=1,r/r=2,y/r"."""
     letters, hits = [], 0
     for character in word:
         hits += character == letter
-        letters.append(f"{character}={hits}" if character == letter else character)
+        letters.append(f"{character}/{letter}={hits}" if character == letter else f"{character}/{letter}")
     return f"{word}:{','.join(letters)}"
 
 
