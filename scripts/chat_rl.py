@@ -156,8 +156,8 @@ def evaluate_pass_at_k():
 
 
 def paired_change(before, after):
-    """(mean, standard error) over all ranks of after - before, per question (1 right, 0 wrong) on the same
-    questions: pairing leaves out the variation between questions, which both evaluations share."""
+    """(mean, standard error, number of questions) over all ranks of after - before, per question (1 right, 0 wrong)
+    on the same questions: pairing leaves out the variation between questions, which both evaluations share."""
     diffs = [int(a) - int(b) for b, a in zip(before, after)]
     n, total, squares = all_ranks_sum([len(diffs), sum(diffs), sum(d * d for d in diffs)], device)
     mean = total / n

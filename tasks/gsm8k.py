@@ -52,7 +52,8 @@ def rule_disagreements(references, replies):
     for reference, reply in zip(references, replies, strict=True):
         answer = extract_answer(reply)
         ours = answer is not None and number_key(answer) == number_key(extract_answer(reference))
-        official = official_answer(reply) is not None and official_answer(reply) == official_answer(reference)
+        official_reply = official_answer(reply)
+        official = official_reply is not None and official_reply == official_answer(reference)
         counts["replies"] += 1
         if ours != official:
             counts["ours_only" if ours else "official_only"] += 1
