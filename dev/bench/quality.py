@@ -323,21 +323,17 @@ def difference_is_real(values, baseline_values):
 
 
 def flops_to_match(points, target_bpb):
-    """points: [(flops, mean bpb)] of one configuration at several budgets. The FLOPs at which its bpb reaches
-    target_bpb, interpolated linearly in log FLOPs between the two measured budgets around it; (None, why) when
-    the target lies outside the measured range (no extrapolation)."""
+    """points: [(flops, mean bpb)] of one configuration at several budgets. (flops, relation): the FLOPs at which its
+    bpb first reaches target_bpb, interpolated linearly in log FLOPs between the budgets around it (relation "="); its
+    smallest budget when that is already there ("<="); its largest when even that is not (">"): no extrapolation."""
     points = sorted(points)
-    if len(points) < 2:
-        return None, "one budget only"
     if points[0][1] <= target_bpb:
-        return None, "already there at its smallest budget"
-    if points[-1][1] > target_bpb:
-        return None, "not there at its largest budget"
+        return points[0][0], "<="
     for (f0, b0), (f1, b1) in zip(points, points[1:]):
-        if b0 > target_bpb >= b1:
+        if b1 <= target_bpb:  # the first budget that gets there; the one before does not
             t = (b0 - target_bpb) / (b0 - b1)
-            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))), None
-    return None, "bpb does not fall monotonically with FLOPs"
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))), "="
+    return points[-1][0], ">"
 
 
 def summarize(runs, baseline_name):
@@ -366,10 +362,10 @@ def summarize(runs, baseline_name):
             points = [(row["flops"], row["mean"]) for row in rows if row["depth"] == run_depth and row["name"] == name]
             if len(points) < 2:
                 continue
-            flops, why = flops_to_match(points, reference["mean"])
+            flops, relation = flops_to_match(points, reference["mean"])
             matches.append({"depth": run_depth, "name": name, "baseline": baseline_name,
-                            "target_bpb": reference["mean"], "flops": flops,
-                            "ratio": flops / reference["flops"] if flops else None, "note": why})
+                            "target_bpb": reference["mean"], "flops": flops, "relation": relation,
+                            "ratio": flops / reference["flops"]})
     return rows, matches
 
 
@@ -386,9 +382,9 @@ def markdown_table(rows, matches, baseline_name):
                      f"{row['mean']:.4f} | {row['spread']:.4f} | {delta} | {real} | "
                      f"{row['train_wall_s'] / 60:.1f} / {row['train_cpu_s'] / 60:.1f} | {own} |")
     for match in matches:
-        found = f"at {match['ratio']:.3f}x its FLOPs" if match["ratio"] else f"({match['note']})"
+        relation = {"=": "at", "<=": "at or below", ">": "above"}[match["relation"]]
         lines.append(f"\nd{match['depth']}: {match['name']} reaches {baseline_name}'s full-budget mean val bpb "
-                     f"({match['target_bpb']:.4f}) {found}")
+                     f"({match['target_bpb']:.4f}) {relation} {match['ratio']:.3f}x its FLOPs")
     return "\n".join(lines) + "\n"
 
 
@@ -477,9 +473,10 @@ class Runner:
         return command
 
     def measure(self, codebase, model_tag, step, log_path, eval_size):
+        from nanochat.dataset import VAL_FILENAME  # the pinned validation shard, installed from data/embedded
         job = {"checkpoint_dir": os.path.join(self.base_dir(codebase), "base_checkpoints", model_tag), "step": step,
                "seq_len": self.settings["max_seq_len"], "batch_size": self.settings["device_batch_size"],
-               "eval_bytes": eval_size, "val_file": os.path.join(self.base_dir("ours"), "base_data", "shard_01822.parquet"),
+               "eval_bytes": eval_size, "val_file": os.path.join(self.base_dir("ours"), "base_data", VAL_FILENAME),
                "loss_eval_path": os.path.join(REPO_ROOT, "nanochat", "loss_eval.py")}
         out_path = log_path + ".measure.json"
         command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job), out_path]
@@ -594,7 +591,8 @@ if __name__ == "__main__":
             log_path = os.path.join(workdir, "logs", f"{model_tag}.log")
             log(f"probe {config.name}: {log_path}")
             runner.remove_checkpoints(config.codebase, model_tag)
-            status, _, _ = runner.run(runner.train_command(config, model_tag, 1, 0, probe=True), config.codebase, log_path)
+            command = runner.train_command(config, model_tag, 1, 0, probe=True)
+            status, _, _ = runner.run(command, config.codebase, log_path)
             if status != 0:
                 raise RuntimeError(f"the probe run of {config.name} failed (exit {status}):\n{tail(log_path)}")
             measured = runner.measure(config.codebase, model_tag, 1, log_path, 0)
