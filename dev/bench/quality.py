@@ -582,8 +582,9 @@ if __name__ == "__main__":
         log(f"budget {budget:.4e} FLOPs; configurations {', '.join(names)}; results {results}")
 
         def probe(config):
-            """FLOPs per token of the model the configuration trains: a 1-step run, loaded and counted."""
-            key = probe_key(config, sizes)
+            """FLOPs per token of the model the configuration trains: a 1-step run, loaded and counted (again for
+            every commit of its codebase: a changed default may change the model)."""
+            key = probe_key(config, {**sizes, "commit": commits[config.codebase]})
             found = next((p for p in load_results(results)["probes"] if p["key"] == key), None)
             if found:
                 return found
@@ -636,7 +637,14 @@ if __name__ == "__main__":
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
         try:
             probes = dict(zip(names, executor.map(probe, config_list)))
-            recorded = {run["key"] for run in load_results(results)["runs"]}
+            recorded = {run["key"]: run for run in load_results(results)["runs"]}
+            for config in config_list:  # recorded runs count by settings: say so when the code has changed since
+                stale = sorted({run["commit"] for run in recorded.values() if run["name"] == config.name
+                                and run["commit"] != commits[config.codebase]})
+                if stale:
+                    log(f"warning: {config.name} has runs recorded at commit(s) {', '.join(map(str, stale))}, this "
+                        f"{config.codebase} checkout is at {commits[config.codebase]}; they are reused as they are "
+                        f"(if a default changed since, use another --results file or configuration name)")
             plan = [(config, fraction, seed) for seed in range(seeds)
                     for fraction in sorted({f for c in config_list for f in c.fractions}, reverse=True)
                     for config in config_list if fraction in config.fractions
