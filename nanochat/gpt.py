@@ -304,7 +304,7 @@ class GPT(nn.Module):
         config = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=config.wte_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3) / math.sqrt(config.n_embd)  # uniform with std 1/sqrt(fan_in); fan_in is n_embd for all four
+        bound = math.sqrt(3) / math.sqrt(config.n_embd)  # uniform with std 1/sqrt(fan_in), fan_in n_embd for all four
         for block in self.transformer.h:
             for linear, gain in ((block.attn.c_q, 1), (block.attn.c_k, 1), (block.attn.c_v, 1),
                                  (block.mlp.c_fc, config.c_fc_gain)):

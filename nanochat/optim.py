@@ -217,7 +217,8 @@ def training_horizon(num_iterations, target_flops, target_param_data_ratio, flop
     if target_param_data_ratio > 0:
         steps = int(target_param_data_ratio * num_params // batch_size)
         return steps, f"target_param_data_ratio={target_param_data_ratio}"
-    raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive value")
+    raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive "
+                    "value")
 
 
 def accumulate_gradients(model, batch, batches, accum_steps):
@@ -256,7 +257,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if kind == "muon" and len({tuple(p.shape) for p in group["params"]}) != 1:
                 raise ValueError("a Muon param group holds matrices of one shape (see muon_groups)")
             if kind == "muon" and group["orthogonalizer"] not in ORTHOGONALIZERS:
-                raise ValueError(f"orthogonalizer={group['orthogonalizer']!r}: expected one of {', '.join(ORTHOGONALIZERS)}")
+                raise ValueError(f"orthogonalizer={group['orthogonalizer']!r}: expected one of "
+                                 f"{', '.join(ORTHOGONALIZERS)}")
             group.setdefault("initial_lr", group["lr"])
             groups.append(group)
         super().__init__(groups, {})
