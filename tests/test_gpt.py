@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE, UserError
-from nanochat.gpt import SHAPE_FIELDS, GPT, GPTConfig, KVCache, arch_config, dims_for_depth, norm, unembed
+from nanochat.gpt import (SHAPE_FIELDS, GPT, GPTConfig, KVCache, arch_config, dims_for_depth, norm,
+                          unembed)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # logits of a cached and a full forward agree to float rounding in fp32; bf16 compute rounds much more coarsely
@@ -107,7 +108,8 @@ def test_bad_head_counts_are_rejected_with_the_values():
 # each setting on its own (its gates and scalars perturbed away from their init, so that they act), then together
 EACH_SETTING = ["seed,value_embeds=True", "seed,value_embeds=True,value_embeds_every_layer=True",
                 "seed,layer_lambdas=True", "seed,smear=True", "seed,backout=True", "seed,qk_scale=1.2",
-                "seed,rope_base=100000", "seed,window_pattern=SL", "seed,attn_gate=True", "seed,wte_std=0.8,c_fc_gain=0.4",
+                "seed,rope_base=100000", "seed,window_pattern=SL", "seed,attn_gate=True",
+                "seed,wte_std=0.8,c_fc_gain=0.4",
                 "v2", "v2,attn_gate=True,value_embeds_every_layer=True"]
 
 
