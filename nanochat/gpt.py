@@ -3,8 +3,11 @@ The GPT model: a decoder-only Transformer, its weight init, FLOP estimate, optim
 
 Architecture: token embedding -> RMSNorm -> pre-norm blocks (attention with rotary embeddings, QK-norm and
 grouped-query attention; a relu^2 MLP) -> RMSNorm -> untied lm_head -> logit softcap. No biases and no learnable
-norm parameters anywhere. Weights are fp32 master copies; activations run in COMPUTE_DTYPE (nanochat.common) with
-each Linear casting its weight at use, so there is no autocast and what runs in which precision is explicit.
+norm parameters anywhere. GPTConfig's fields beyond the shape switch on the parts of the original nanochat's newest
+recipe (value embeddings, per-layer lambdas, smear, backout, sliding windows, ...) and an attention output gate;
+their defaults are the architecture above. Weights are fp32 master copies; activations run in COMPUTE_DTYPE
+(nanochat.common) with each Linear casting its weight at use, so there is no autocast and what runs in which
+precision is explicit.
 
 Also here: KVCache, the preallocated key/value store that makes decoding incremental. Not here: batched sampling,
 tools and stopping rules (nanochat/engine.py), the training loop (scripts/base_train.py).
@@ -451,9 +454,6 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return head(x[:, logits_from:], targets, loss_reduction)
 
-    # decode_step is written for the seed's architecture: any other (a field away from its default, or a field it does
-    # not know) turns it off, and the engine decodes through forward instead (slower, never wrong).
-
     def decode_weights(self):
         """decode_step's weights, per layer (qkv, proj, fc, fc_out), each in COMPUTE_DTYPE and laid out for x @ w:
         c_q, c_k and c_v fused into one copy; the others transposed views of the weights themselves (copies too when
@@ -461,6 +461,8 @@ class GPT(nn.Module):
         (an optimizer step between two rollouts), so that a captured CUDA graph keeps reading the right memory. None
         when decode_step does not cover this model's architecture. Called every decode step: when no weight has moved
         or changed (one look at each), the same list again."""
+        # decode_step is written for the seed's architecture: any other (a field away from its default, or a field it
+        # does not know) turns it off, and the engine decodes through forward instead (slower, never wrong)
         if {f.name: getattr(self.config, f.name) for f in fields(self.config)
                 if f.name not in SHAPE_FIELDS} != SEED_ARCHITECTURE:
             return None

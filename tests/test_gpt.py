@@ -1,6 +1,8 @@
 """The GPT model: shapes and parameter counts, init, KV-cached inference equal to a full forward (MHA, GQA, MQA,
 per-row positions, row views, fixed-length views, cache copies), the logit softcap, ignored targets, naive sampling, and that a tiny
-model learns with the real optimizer setup in fp32 and in bf16 compute."""
+model learns with the real optimizer setup in fp32 and in bf16 compute. The architecture settings (--arch presets,
+old configs loading as the seed): shapes, init, gradients, windows, smear, a written-out reference forward, cached
+decoding equal to a full forward with each setting on, and a checkpoint round trip."""
 
 import dataclasses
 import math
