@@ -395,12 +395,6 @@ class GPT(nn.Module):
             masks[left] = (distance >= 0) & (distance <= left)
         return [masks[left] for left in self.windows]
 
-    def smear(self, x, previous):
-        """x (B, T, C) plus a gated share of `previous`, each position's previous token's embedding (zeros where
-        there is none); the gate depends on the current token."""
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :GATE_CHANNELS]))  # (B, T, 1)
-        return x + gate * previous
-
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_from=0, compiled=None):
         """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are
         given, else fp32 logits (B, T, vocab_size). With kv_cache, idx continues each row's cached tokens.
@@ -434,12 +428,12 @@ class GPT(nn.Module):
         config = self.config
         masks = self.attention_masks(T, positions, attn_mask)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
-        if config.smear:
-            previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C): no previous token at position 0
-            if kv_cache is not None:  # the token before the first new one is in the cache (none at position 0)
+        if config.smear:  # plus a share of the previous token's embedding, gated by the current token
+            previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C): none at position 0
+            if kv_cache is not None:  # the first new token's previous one is in the cache (none at position 0)
                 before = norm(self.transformer.wte(kv_cache.token_before(idx, positions)).to(COMPUTE_DTYPE))
                 previous = torch.cat([(before * (positions[:, :1] > 0))[:, None], x[:, :-1]], dim=1)
-            x = self.smear(x, previous)
+            x = x + self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :GATE_CHANNELS])) * previous
         x0 = x
         for i, block in enumerate(blocks):
             if config.layer_lambdas:
