@@ -455,10 +455,9 @@ class GPT(nn.Module):
         (an optimizer step between two rollouts), so that a captured CUDA graph keeps reading the right memory. None
         when decode_step does not cover this model's architecture. Called every decode step: when no weight has moved
         or changed (one look at each), the same list again."""
-        # decode_step is written for the seed's architecture: any other (a field away from its default, or a field it
-        # does not know) turns it off, and the engine decodes through forward instead (slower, never wrong)
-        if {f.name: getattr(self.config, f.name) for f in fields(self.config)
-                if f.name not in SHAPE_FIELDS} != SEED_ARCHITECTURE:
+        # a GPTConfig field that decode_step does not know (a new architecture option) turns it off, and the engine
+        # decodes through forward instead (slower, never wrong)
+        if {f.name for f in fields(self.config)} != {*SHAPE_FIELDS, *SEED_ARCHITECTURE}:
             return None
         if not hasattr(self, "_decode_weights"):
             self._decode_weights, self._decode_layers, self._decode_state = {}, None, None
@@ -496,30 +495,53 @@ class GPT(nn.Module):
         forward(idx[:, None], kv_cache=kv_cache)[:, -1] computes, in fewer ops (the engine's decode step; weights from
         decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + swap(x) * sin,
         the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together; the attention mask is
-        additive and made once for all layers. capped=False: the logits before the softcap (see head)."""
-        B = idx.size(0)
-        H, Hkv = self.config.n_head, self.config.n_kv_head
-        D = self.config.n_embd // H
+        additive and made once for all layers (once per window size). The architecture settings as in forward.
+        capped=False: the logits before the softcap (see head)."""
+        B, config = idx.size(0), self.config
+        H, Hkv = config.n_head, config.n_kv_head
+        D = config.n_embd // H
         length = kv_cache.attend_len(1)
         positions = kv_cache.pos  # (B,)
         cos, sin = self.cos[positions], self.sin[positions]  # (B, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (B, 1, D)
-        # additive, made once: SDPA would turn a boolean mask into this in every layer
-        hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
-        attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device).masked_fill_(hidden, float("-inf"))
-        attn_mask = attn_mask[:, None, None]  # (B, 1, 1, length)
+        masks = {}  # additive, made once: SDPA would turn a boolean mask into this in every layer
+        for window in set(self.windows):
+            hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
+            if window >= 0:
+                hidden |= torch.arange(length, device=idx.device) < positions[:, None] - window
+            attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device)
+            masks[window] = attn_mask.masked_fill_(hidden, -math.inf)[:, None, None]  # (B, 1, 1, length)
         positions = positions[:, None]  # (B, 1)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, C)
-        for layer_idx, (qkv_weight, proj, fc, fc_out) in enumerate(weights):
-            qkv = torch.mm(norm(x), qkv_weight).view(B, H + 2 * Hkv, D)
-            qk = qkv[:, :H + Hkv]
+        if config.smear:
+            before = norm(self.transformer.wte(kv_cache.token_before(idx[:, None], positions)).to(COMPUTE_DTYPE))
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, :GATE_CHANNELS]))  # (B, 1)
+            x = x + gate * before * (positions > 0)
+        x0 = x
+        for i, (attn, (qkv_weight, proj, fc, fc_out)) in enumerate(zip([b.attn for b in self.transformer.h], weights)):
+            if config.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            h = norm(x)
+            qkv = torch.mm(h, qkv_weight).view(B, H + 2 * Hkv, D)
+            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+            if attn.ve_gate is not None:
+                gate = 2 * torch.sigmoid(attn.ve_gate(h[:, :GATE_CHANNELS]))[..., None]  # (B, Hkv, 1)
+                v = v + gate * self.value_embeds[str(i)](idx).to(x.dtype).view(B, Hkv, D)
             halves_swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
             qk = norm(qk * cos + halves_swapped * sin)  # rotary, then QK-norm
-            keys, values = kv_cache.insert(layer_idx, qk[:, None, H:], qkv[:, None, H + Hkv:], positions, length)
+            if attn.qk_scale != 1.0:
+                qk = qk * attn.qk_scale
+            keys, values = kv_cache.insert(i, qk[:, None, H:], v[:, None], positions, length)
             y = F.scaled_dot_product_attention(qk[:, :H, None], keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=attn_mask, enable_gqa=True)  # (B, H, 1, D)
+                                               attn_mask=masks[self.windows[i]], enable_gqa=True)  # (B, H, 1, D)
+            if attn.out_gate is not None:
+                y = y * (2 * torch.sigmoid(attn.out_gate(h)))[:, :, None, None]
             x = x + torch.mm(y.view(B, -1), proj)
             x = x + torch.mm(F.relu(torch.mm(norm(x), fc)).square(), fc_out)
+            if i == config.n_layer // 2:
+                x_mid = x
+        if config.backout:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         kv_cache.advance(1)
         return self.head(x[:, None], None, None, capped)[:, 0]
 

@@ -305,29 +305,39 @@ def test_forward_equals_the_written_out_reference(arch, monkeypatch):
 
 @pytest.mark.parametrize("arch", EACH_SETTING)
 def test_cached_decoding_equals_a_full_forward_with_each_setting(arch):
-    # windows of 8 (sequence_len 32) that 20 tokens run past; rows at their own positions; prefill and copied rows
+    # windows of 8 (sequence_len 32) that 20 tokens run past; rows at their own positions; prefill and copied rows;
+    # forward on the cache and decode_step (the engine's) alike
     config = arch_small_config(arch, n_layer=3, sequence_len=32)
     model = build(config, perturb=0.05)
-    assert model.decode_weights() is None  # the engine decodes a recipe model through forward
+    weights = model.decode_weights()
     idx = torch.randint(0, config.vocab_size, (3, 20))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(3, 2, 24, 16, config.n_layer)
+        cache, stepped = KVCache(3, 2, 24, 16, config.n_layer), KVCache(3, 2, 24, 16, config.n_layer)
         pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]  # prefill in two chunks
         pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # then one token at a time
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
-        cache.set_positions([20, 3, 11])  # rows rewound to their own prefixes, then one more token each
-        next_tokens = torch.tensor([[5], [9], [2]])
-        expected = [model(torch.cat([idx[row, :length], next_tokens[row]])[None])[0, -1]
-                    for row, length in enumerate([20, 3, 11])]
-        torch.testing.assert_close(model(next_tokens, kv_cache=cache)[:, -1], torch.stack(expected), atol=ATOL, rtol=0)
-        copied = KVCache(2, 2, 24, 16, config.n_layer)
-        copied.prefill(cache, rows=[2, 1])  # row 2's 12 tokens (and row 1's 4), then row 0 copied over row 1
-        copied.copy_row(0, 1, 12)
-        fixed = copied.rows(0, 2, fixed_len=24)  # the compiled step's fixed-shape view
-        expected = model(torch.cat([idx[2, :11], next_tokens[2], torch.tensor([7])])[None])[0, -1]
-        torch.testing.assert_close(model(torch.tensor([[7], [7]]), kv_cache=fixed)[:, -1], expected.expand(2, -1),
-                                   atol=ATOL, rtol=0)
+        model(idx[:, :12], kv_cache=stepped)
+        steps = [model.decode_step(idx[:, t], stepped, weights) for t in range(12, 20)]
+        torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 12:], atol=ATOL, rtol=0)
+        next_tokens = torch.tensor([5, 9, 2])
+        expected = torch.stack([model(torch.cat([idx[row, :length], next_tokens[row:row + 1]])[None])[0, -1]
+                                for row, length in enumerate([20, 3, 11])])
+        after = model(torch.cat([idx[2, :11], next_tokens[2:], torch.tensor([7])])[None])[0, -1]
+
+        def forward_step(tokens, kv_cache):
+            return model(tokens[:, None], kv_cache=kv_cache)[:, -1]
+
+        for step in (forward_step, lambda tokens, kv_cache: model.decode_step(tokens, kv_cache, weights)):
+            rewound = KVCache(3, 2, 24, 16, config.n_layer)
+            rewound.prefill(cache)
+            rewound.set_positions([20, 3, 11])  # rows rewound to their own prefixes, then one more token each
+            torch.testing.assert_close(step(next_tokens, rewound), expected, atol=ATOL, rtol=0)
+            copied = KVCache(2, 2, 24, 16, config.n_layer)
+            copied.prefill(rewound, rows=[2, 1])  # row 2's 12 tokens (and row 1's 4), then row 0 copied over row 1
+            copied.copy_row(0, 1, 12)
+            fixed = copied.rows(0, 2, fixed_len=24)  # the compiled step's fixed-shape view
+            torch.testing.assert_close(step(torch.tensor([7, 7]), fixed), after.expand(2, -1), atol=ATOL, rtol=0)
 
 
 def test_a_recipe_model_round_trips_through_a_checkpoint(isolated_base_dir):
