@@ -171,7 +171,9 @@ def load_resume_checkpoint(checkpoint_dir, which, device, rank, model_config, wo
     else:
         raise UserError(f"resume_from_step={which!r}: expected '' (start afresh), a step number, or 'last'")
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-    if meta["model_config"] != model_config:
+    from nanochat.gpt import SEED_ARCHITECTURE
+
+    if {**SEED_ARCHITECTURE, **meta["model_config"]} != model_config:  # a meta from before a field existed: the seed's
         raise UserError(f"the checkpoint {checkpoint_dir} step {step} has model_config {meta['model_config']}, but "
                         f"these settings give {model_config}: resume with the settings of the run that saved it")
     if meta["world_size"] != world_size:

@@ -3,8 +3,11 @@ The GPT model: a decoder-only Transformer, its weight init, FLOP estimate, optim
 
 Architecture: token embedding -> RMSNorm -> pre-norm blocks (attention with rotary embeddings, QK-norm and
 grouped-query attention; a relu^2 MLP) -> RMSNorm -> untied lm_head -> logit softcap. No biases and no learnable
-norm parameters anywhere. Weights are fp32 master copies; activations run in COMPUTE_DTYPE (nanochat.common) with
-each Linear casting its weight at use, so there is no autocast and what runs in which precision is explicit.
+norm parameters anywhere. GPTConfig's fields beyond the shape switch on the parts of the original nanochat's newest
+recipe (value embeddings, per-layer lambdas, smear, backout, sliding windows, ...) and an attention output gate;
+their defaults are the architecture above. Weights are fp32 master copies; activations run in COMPUTE_DTYPE
+(nanochat.common) with each Linear casting its weight at use, so there is no autocast and what runs in which
+precision is explicit.
 
 Also here: KVCache, the preallocated key/value store that makes decoding incremental. Not here: batched sampling,
 tools and stopping rules (nanochat/engine.py), the training loop (scripts/base_train.py).
@@ -31,6 +34,54 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads: n_head = multi-head, fewer = grouped-query, 1 = multi-query
     n_embd: int = 768
+    # The architecture beyond the shape. Every default is the seed's, so that a checkpoint saved before a field existed
+    # loads as the model it was; base_train's --arch picks a preset of ARCHITECTURES.
+    value_embeds: bool = False  # a second token embedding added to the values of alternating layers (the last
+    # included) through a gate per key/value head computed from the layer's input (ResFormer-style)
+    value_embeds_every_layer: bool = False  # with value_embeds: in every layer
+    layer_lambdas: bool = False  # learned per-layer scalars: x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before
+    # block i, x0 the embedding (how much of the stream to keep, how much of the input to re-inject)
+    smear: bool = False  # each token's embedding gets a gated share of the previous token's (bigram information)
+    backout: bool = False  # a learned share of the mid-depth residual stream is subtracted before the head
+    qk_scale: float = 1.0  # q and k times this after QK-norm (> 1: sharper attention)
+    rope_base: float = 10000.0  # the rotary embedding's base period
+    window_pattern: str = "L"  # per layer, tiled: L attends to the whole context, S to a sliding window of a quarter
+    # of sequence_len; the last layer is always L
+    attn_gate: bool = False  # each head's output scaled by a gate from the layer's input (arXiv 2505.06708)
+    wte_std: float = 1.0  # init: the token embedding's standard deviation
+    c_fc_gain: float = 1.0  # init: the MLP's input matrix relative to the attention matrices' std 1/sqrt(n_embd)
+
+
+SHAPE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+SEED_ARCHITECTURE = {f.name: f.default for f in fields(GPTConfig) if f.name not in SHAPE_FIELDS}
+# base_train's --arch presets: "seed" is today's model (the defaults), "v2" the original nanochat's newest recipe
+ARCHITECTURES = {
+    "seed": {},
+    "v2": dict(value_embeds=True, layer_lambdas=True, smear=True, backout=True, qk_scale=1.2, rope_base=100000.0,
+               window_pattern="SSSL", wte_std=0.8, c_fc_gain=0.4),
+}
+
+
+def arch_config(arch):
+    """Every architecture field of GPTConfig for base_train's --arch: a preset of ARCHITECTURES, then optional
+    ,field=value overrides: "v2", "seed", "v2,smear=False,window_pattern=L"."""
+    from nanochat.configurator import parse_overrides
+
+    name, *overrides = [part.strip() for part in arch.split(",")]
+    if name not in ARCHITECTURES:
+        raise UserError(f"arch={arch!r}: the architecture {name!r} is not one of {', '.join(ARCHITECTURES)}")
+    settings = {**SEED_ARCHITECTURE, **ARCHITECTURES[name]}
+    try:  # the fields parse and type-check like --name=value settings
+        settings.update(parse_overrides(settings, [f"--{override}" for override in overrides]))
+        check_window_pattern(settings["window_pattern"])
+    except (UserError, ValueError) as error:
+        raise UserError(f"arch={arch!r}: {error}") from None
+    return settings
+
+
+def check_window_pattern(pattern):
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"window_pattern={pattern!r}: expected the letters S and L, like SSSL")
 
 
 def dims_for_depth(depth):
@@ -125,24 +176,41 @@ def causal_attention_explicit(q, k, v):
     return weights @ v
 
 
+GATE_CHANNELS = 16  # the value-embedding and smear gates read this many leading channels of their input: a cheap
+# summary of the token, enough to decide how much to mix in
+
+
+def has_value_embed(layer_idx, config):
+    """Value embeddings go to alternating layers, the last one included (or to every layer)."""
+    return config.value_embeds and (config.value_embeds_every_layer or layer_idx % 2 == (config.n_layer - 1) % 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        self.qk_scale = config.qk_scale
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = Linear(GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config) else None
+        self.out_gate = Linear(config.n_embd, self.n_head) if config.attn_gate else None
 
-    def forward(self, x, cos, sin, kv_cache, positions, attn_mask):
+    def forward(self, x, value_embed, cos, sin, kv_cache, positions, attn_mask):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.ve_gate is not None:  # value_embed (B, T, n_kv_head * head_dim): this layer's row of the token
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :GATE_CHANNELS]))  # (B, T, n_kv_head) in (0, 2), 1 at init
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm (after rotary): bounded attention logits, stabler training
+        if self.qk_scale != 1.0:  # QK-norm fixes the logits' scale; this sets it
+            q, k = q * self.qk_scale, k * self.qk_scale
         if kv_cache is not None:
             # the new keys/values go into the cache; attend to everything cached so far, as far as attn_mask allows
             # (no mask: the cache was empty, so the T new keys are all there is)
@@ -152,10 +220,12 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention_explicit(q, k, v)  # faster there (see its docstring)
         elif attn_mask is None:  # keys == queries (training, a full forward, a prefill from empty): plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # prefill chunk or single-token decode on top of a cache: the mask says who sees whom
+        else:  # a sliding window, or a chunk on top of a cache: the mask says who sees whom
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.out_gate is not None:
+            y = y * (2 * torch.sigmoid(self.out_gate(x))).unsqueeze(-1)  # (B, T, H, 1) in (0, 2), 1 at init
+        return self.c_proj(y.contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
@@ -174,8 +244,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, positions, attn_mask):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, positions, attn_mask)
+    def forward(self, x, value_embed, cos, sin, kv_cache, positions, attn_mask):
+        x = x + self.attn(norm(x), value_embed, cos, sin, kv_cache, positions, attn_mask)
         return x + self.mlp(norm(x))
 
 
@@ -185,6 +255,7 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
             raise ValueError(f"n_embd={config.n_embd}, n_head={config.n_head}, n_kv_head={config.n_kv_head}: n_embd must "
                              f"be a multiple of n_head and n_head a multiple of n_kv_head")
+        check_window_pattern(config.window_pattern)
         self.config = config
         # The embedding/lm_head rows are padded to a multiple of 64 (aligned matmuls, even sharding across ranks);
         # the extra logits are sliced off in forward, so nothing ever predicts or sees a padding id.
@@ -194,6 +265,21 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size)  # untied from wte
+        # per layer, how many keys before itself a query sees: -1 = all of them
+        short = -(-config.sequence_len // 4)
+        pattern = config.window_pattern
+        self.windows = [short if pattern[i % len(pattern)] == "S" else -1 for i in range(config.n_layer - 1)] + [-1]
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_value_embed(i, config)})
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = Linear(GATE_CHANNELS, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # Rotary tables for 10x the training length (room for long generations); not saved in checkpoints,
         # (re)computed by init_weights, which is why loading a checkpoint calls init_weights first.
         self.rotary_seq_len = 10 * config.sequence_len
@@ -218,20 +304,37 @@ class GPT(nn.Module):
         small but non-zero (N(0, 0.001)), so every weight gets a gradient from the first step (a zero lm_head
         blocks all gradient to the blocks and the embedding on step one), and the uniform init has no outliers.
         The output projections start at zero, so each block starts as the identity on the residual stream."""
-        n_embd = self.config.n_embd
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        config = self.config
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=config.wte_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform with std 1/sqrt(fan_in); fan_in is n_embd for all four
+        bound = math.sqrt(3) / math.sqrt(config.n_embd)  # uniform with std 1/sqrt(fan_in), fan_in n_embd for all four
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                nn.init.uniform_(linear.weight, -bound, bound)
+            for linear, gain in ((block.attn.c_q, 1), (block.attn.c_k, 1), (block.attn.c_v, 1),
+                                 (block.mlp.c_fc, config.c_fc_gain)):
+                nn.init.uniform_(linear.weight, -bound * gain, bound * gain)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        # The recipe's parts, drawn after the seed's (whose draws stay the same). The gates start at zero: x 1.
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)  # like c_v: values of the same scale
+        for block in self.transformer.h:
+            for gate in (block.attn.ve_gate, block.attn.out_gate):
+                if gate is not None:
+                    nn.init.zeros_(gate.weight)
+        if config.layer_lambdas:  # more of the stream and of the embedding early, less deep
+            self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, config.n_layer))
+            self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, config.n_layer))
+        if config.smear:  # no smear at the start; learned
+            nn.init.zeros_(self.smear_gate.weight)
+            nn.init.zeros_(self.smear_lambda)
+        if config.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
 
-    def _precompute_rotary_embeddings(self, seq_len, base=10000):
+    def _precompute_rotary_embeddings(self, seq_len):
         head_dim = self.config.n_embd // self.config.n_head
         device = self.transformer.wte.weight.device
+        base = self.config.rope_base
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
         return angles.cos().to(COMPUTE_DTYPE), angles.sin().to(COMPUTE_DTYPE)
@@ -239,31 +342,58 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
-    def num_scaling_params(self):
-        """Parameters counted for the tokens:params horizon: all of them (embedding, blocks, lm_head)."""
-        return sum(p.numel() for p in self.parameters())
+    def num_scaling_params(self, embedding=True):
+        """Parameters counted for the tokens:params horizon: the blocks' and the lm_head's, and the token embedding's
+        unless embedding=False (the original's count, which its batch-size law and its ratio of ~12 tokens per
+        parameter are fit to: its dev/LOG.md, Jan 27 2026); never the value-embedding tables nor the scalars."""
+        count = sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+        return count + self.transformer.wte.weight.numel() * embedding
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per weight that multiplies (all but the embedding lookup) plus attention's
-        QK^T and AV over the full context (PaLM appendix B)."""
-        num_params = sum(p.numel() for p in self.parameters())
-        num_embedding = self.transformer.wte.weight.numel()
+        """Training FLOPs per token: 6 per weight that multiplies (every Linear; not the embedding lookups nor the
+        scalars) plus attention's QK^T and AV over the keys each layer sees, its context or window (PaLM appendix B)."""
         config = self.config
-        L, H, D, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.sequence_len
-        return 6 * (num_params - num_embedding) + 12 * L * H * D * T
+        H, D, T = config.n_head, config.n_embd // config.n_head, config.sequence_len
+        linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * linear_weights + 12 * H * D * sum(T if window < 0 else min(window, T) for window in self.windows)
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """One MuonAdamW (nanochat/optim.py): AdamW for the lm_head and the embedding, Muon for every matrix in the
-        blocks; across the ranks of a process group when one is up (it also averages the gradients: there is no DDP
-        wrapper). weight_decay applies to the AdamW groups, as in the original."""
-        matrix_params = list(self.transformer.h.parameters())
-        assert len(list(self.parameters())) == len(matrix_params) + 2
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
+                         muon=None):
+        """One MuonAdamW (nanochat/optim.py): AdamW for the lm_head, the embeddings and the scalars, Muon for every
+        matrix in the blocks; across the ranks of a process group when one is up (it also averages the gradients:
+        there is no DDP wrapper). weight_decay applies to the AdamW groups of the lm_head and the embeddings, as in
+        the original; muon: settings of every Muon group (MUON_DEFAULTS of nanochat/optim.py where absent)."""
         # AdamW LRs were tuned at n_embd 768; scale them as 1/sqrt(width) for other widths
         lr_scale = (self.config.n_embd / 768) ** -0.5
-        adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        return MuonAdamW([dict(params=[self.lm_head.weight], lr=unembedding_lr * lr_scale, **adamw),
-                          dict(params=[self.transformer.wte.weight], lr=embedding_lr * lr_scale, **adamw),
-                          *muon_groups(matrix_params, lr=matrix_lr, momentum=0.95)])
+        adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10)
+        groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * lr_scale, weight_decay=weight_decay, **adamw),
+                  dict(params=[self.transformer.wte.weight], lr=embedding_lr * lr_scale, weight_decay=weight_decay,
+                       **adamw)]
+        if self.config.value_embeds:
+            groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * lr_scale / 2,
+                               weight_decay=weight_decay, **adamw))
+        if self.config.layer_lambdas:  # the residual scales move slowly: x -> 1.1 x compounds over the layers
+            groups += [dict(params=[self.resid_lambdas], lr=scalar_lr / 100, **adamw),
+                       dict(params=[self.x0_lambdas], lr=scalar_lr, **adamw)]
+        gates = [p for name, p in self.named_parameters() if name.startswith(("smear_", "backout_"))]
+        if gates:
+            groups.append(dict(params=gates, lr=scalar_lr * 0.4, **adamw))
+        groups += muon_groups(self.transformer.h.parameters(), lr=matrix_lr, momentum=0.95, **(muon or {}))
+        assert sum(len(group["params"]) for group in groups) == len(list(self.parameters()))
+        return MuonAdamW(groups)
+
+    def attention_masks(self, T, positions, attn_mask):
+        """Each layer's attention mask: attn_mask (None = plain causal) where it sees the whole context; for a window
+        of `left` keys, also no key more than `left` positions before the query. positions: (B, T) with a KV cache."""
+        masks = {-1: attn_mask}
+        for left in set(self.windows) - {-1}:
+            if positions is None:  # (T, T)
+                distance = torch.arange(T, device=self.cos.device)[:, None] - torch.arange(T, device=self.cos.device)
+            else:  # (B, 1, T, keys): each query's absolute position against every cached key's
+                keys = T if attn_mask is None else attn_mask.size(-1)
+                distance = (positions[:, :, None] - torch.arange(keys, device=positions.device))[:, None]
+            masks[left] = (distance >= 0) & (distance <= left)
+        return [masks[left] for left in self.windows]
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_from=0, compiled=None):
         """idx (B, T) token ids. Returns the loss (a scalar, or (B, T) for loss_reduction="none") when targets are
@@ -295,16 +425,28 @@ class GPT(nn.Module):
                 key_positions = torch.arange(attend_len, device=idx.device)
                 attn_mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
         blocks, head = compiled or (self.transformer.h, self.head)
+        config = self.config
+        masks = self.attention_masks(T, positions, attn_mask)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, T, C)
-        for block in blocks:
-            x = block(x, cos, sin, kv_cache, positions, attn_mask)
+        if config.smear:  # plus a share of the previous token's embedding, gated by the current token
+            previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C): none at position 0
+            if kv_cache is not None:  # the first new token's previous one is in the cache (none at position 0)
+                before = norm(self.transformer.wte(kv_cache.token_before(idx, positions)).to(COMPUTE_DTYPE))
+                previous = torch.cat([(before * (positions[:, :1] > 0))[:, None], x[:, :-1]], dim=1)
+            x = x + self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :GATE_CHANNELS])) * previous
+        x0 = x
+        for i, block in enumerate(blocks):
+            if config.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            value_embed = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, value_embed, cos, sin, kv_cache, positions, masks[i])
+            if i == config.n_layer // 2:
+                x_mid = x
+        if config.backout:  # take out some of the mid-depth stream: features the head need not see
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         if kv_cache is not None:
             kv_cache.advance(T)
         return head(x[:, logits_from:], targets, loss_reduction)
-
-    # The GPTConfig fields decode_step was written for: a field it does not know (a new architecture option) turns it
-    # off, and the engine decodes through forward instead (slower, never wrong).
-    DECODE_STEP_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 
     def decode_weights(self):
         """decode_step's weights, per layer (qkv, proj, fc, fc_out), each in COMPUTE_DTYPE and laid out for x @ w:
@@ -313,7 +455,9 @@ class GPT(nn.Module):
         (an optimizer step between two rollouts), so that a captured CUDA graph keeps reading the right memory. None
         when decode_step does not cover this model's architecture. Called every decode step: when no weight has moved
         or changed (one look at each), the same list again."""
-        if {f.name for f in fields(self.config)} != self.DECODE_STEP_FIELDS:
+        # a GPTConfig field that decode_step does not know (a new architecture option) turns it off, and the engine
+        # decodes through forward instead (slower, never wrong)
+        if {f.name for f in fields(self.config)} != {*SHAPE_FIELDS, *SEED_ARCHITECTURE}:
             return None
         if not hasattr(self, "_decode_weights"):
             self._decode_weights, self._decode_layers, self._decode_state = {}, None, None
@@ -351,30 +495,53 @@ class GPT(nn.Module):
         forward(idx[:, None], kv_cache=kv_cache)[:, -1] computes, in fewer ops (the engine's decode step; weights from
         decode_weights). Activations stay (B, C); q, k and v come from one product; rotary (as x * cos + swap(x) * sin,
         the same products and sums as apply_rotary_emb) and QK-norm run once on q and k together; the attention mask is
-        additive and made once for all layers. capped=False: the logits before the softcap (see head)."""
-        B = idx.size(0)
-        H, Hkv = self.config.n_head, self.config.n_kv_head
-        D = self.config.n_embd // H
+        additive and made once for all layers (once per window size). The architecture settings as in forward.
+        capped=False: the logits before the softcap (see head)."""
+        B, config = idx.size(0), self.config
+        H, Hkv = config.n_head, config.n_kv_head
+        D = config.n_embd // H
         length = kv_cache.attend_len(1)
         positions = kv_cache.pos  # (B,)
         cos, sin = self.cos[positions], self.sin[positions]  # (B, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (B, 1, D)
-        # additive, made once: SDPA would turn a boolean mask into this in every layer
-        hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
-        attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device).masked_fill_(hidden, float("-inf"))
-        attn_mask = attn_mask[:, None, None]  # (B, 1, 1, length)
+        masks = {}  # additive, made once: SDPA would turn a boolean mask into this in every layer
+        for window in set(self.windows):
+            hidden = torch.arange(length, device=idx.device) > positions[:, None]  # (B, length)
+            if window >= 0:
+                hidden |= torch.arange(length, device=idx.device) < positions[:, None] - window
+            attn_mask = torch.zeros(hidden.shape, dtype=COMPUTE_DTYPE, device=idx.device)
+            masks[window] = attn_mask.masked_fill_(hidden, -math.inf)[:, None, None]  # (B, 1, 1, length)
         positions = positions[:, None]  # (B, 1)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))  # (B, C)
-        for layer_idx, (qkv_weight, proj, fc, fc_out) in enumerate(weights):
-            qkv = torch.mm(norm(x), qkv_weight).view(B, H + 2 * Hkv, D)
-            qk = qkv[:, :H + Hkv]
+        if config.smear:
+            before = norm(self.transformer.wte(kv_cache.token_before(idx[:, None], positions)).to(COMPUTE_DTYPE))
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, :GATE_CHANNELS]))  # (B, 1)
+            x = x + gate * before * (positions > 0)
+        x0 = x
+        for i, (attn, (qkv_weight, proj, fc, fc_out)) in enumerate(zip([b.attn for b in self.transformer.h], weights)):
+            if config.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            h = norm(x)
+            qkv = torch.mm(h, qkv_weight).view(B, H + 2 * Hkv, D)
+            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+            if attn.ve_gate is not None:
+                gate = 2 * torch.sigmoid(attn.ve_gate(h[:, :GATE_CHANNELS]))[..., None]  # (B, Hkv, 1)
+                v = v + gate * self.value_embeds[str(i)](idx).to(x.dtype).view(B, Hkv, D)
             halves_swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
             qk = norm(qk * cos + halves_swapped * sin)  # rotary, then QK-norm
-            keys, values = kv_cache.insert(layer_idx, qk[:, None, H:], qkv[:, None, H + Hkv:], positions, length)
+            if attn.qk_scale != 1.0:
+                qk = qk * attn.qk_scale
+            keys, values = kv_cache.insert(i, qk[:, None, H:], v[:, None], positions, length)
             y = F.scaled_dot_product_attention(qk[:, :H, None], keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=attn_mask, enable_gqa=True)  # (B, H, 1, D)
+                                               attn_mask=masks[self.windows[i]], enable_gqa=True)  # (B, H, 1, D)
+            if attn.out_gate is not None:
+                y = y * (2 * torch.sigmoid(attn.out_gate(h)))[:, :, None, None]
             x = x + torch.mm(y.view(B, -1), proj)
             x = x + torch.mm(F.relu(torch.mm(norm(x), fc)).square(), fc_out)
+            if i == config.n_layer // 2:
+                x_mid = x
+        if config.backout:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         kv_cache.advance(1)
         return self.head(x[:, None], None, None, capped)[:, 0]
 
@@ -432,7 +599,8 @@ class KVCache:
     place and never reallocates.
 
     k, v: one (batch_size, seq_len, num_heads, head_dim) tensor per layer (separate tensors, so that a compiled step
-    writes each in place); pos: (batch_size,) tokens cached per row, on the device. Rows may sit at different positions
+    writes each in place); ids: (batch_size, seq_len) the token of each slot, written only by a model with smear;
+    pos: (batch_size,) tokens cached per row, on the device. Rows may sit at different positions
     (prompts of different lengths): each row writes at its own pos and the attention mask hides every slot past it,
     so a row may also be rewound by lowering its position. max_pos is the host's upper bound of pos: it sizes the
     attention (keys 0..max_pos) without reading pos back from the device. rows(start, stop) is a view of some rows;
@@ -445,6 +613,7 @@ class KVCache:
         shape = (batch_size, seq_len, num_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)  # each slot's token (for smear)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_pos = 0
         self.start, self.stop, self.fixed_len = 0, batch_size, None  # the rows of k and v this cache covers
@@ -468,7 +637,7 @@ class KVCache:
         if fixed_len is not None and not 0 < fixed_len <= self.seq_len:
             raise ValueError(f"fixed_len={fixed_len}: must be in [1, {self.seq_len}]")
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.pos = self.k, self.v, self.pos[start:stop]
+        view.k, view.v, view.ids, view.pos = self.k, self.v, self.ids, self.pos[start:stop]
         view.start, view.stop = self.start + start, self.start + stop
         view.row_index = self.row_index[start:stop]
         view.max_pos, view.fixed_len = self.max_pos, fixed_len
@@ -502,6 +671,12 @@ class KVCache:
         values.index_put_((self.row_index, positions), v)
         return keys[self.start:self.stop, :length], values[self.start:self.stop, :length]
 
+    def token_before(self, idx, positions):
+        """Record the token ids idx (B, T) at `positions` (B, T); return each row's token before its first new one
+        (B,): a model that mixes in the previous token's embedding (smear) needs it. Row at position 0: any token."""
+        self.ids.index_put_((self.row_index, positions), idx)
+        return self.ids[self.start:self.stop].gather(1, (positions[:, :1] - 1).clamp_min(0))[:, 0]
+
     def advance(self, num_tokens):
         self.pos += num_tokens
         if self.fixed_len is None:
@@ -530,13 +705,13 @@ class KVCache:
                                  f"got shape {tuple(rows.shape)}")
             self.pos.copy_(other.pos[rows])
             rows = rows + other.start
-        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+        for mine, theirs in zip(self.k + self.v + [self.ids], other.k + other.v + [other.ids]):
             mine[self.start:self.stop, :length] = theirs[rows, :length]
         self.max_pos = length
 
     def copy_row(self, source, target, length):
         """Row target becomes a copy of row source's first `length` slots and its position, e.g. to share one prefilled
         prompt between samples, or to move a row when compacting a batch."""
-        for tensor in self.k + self.v:
+        for tensor in self.k + self.v + [self.ids]:
             tensor[self.start + target, :length] = tensor[self.start + source, :length]
         self.pos[target] = self.pos[source]

@@ -3,7 +3,8 @@ Pretrain the base model on the parquet shards in <base>/base_data with the token
 
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
 training horizon (target_param_data_ratio tokens per parameter) follow from it. A step is total_batch_size tokens
-whatever the hardware: each process accumulates gradients over as many micro-steps as it takes.
+whatever the hardware: each process accumulates gradients over as many micro-steps as it takes. --arch picks the
+architecture (GPTConfig's fields beyond the shape; recorded in the checkpoint): seed (the default) or v2.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
@@ -32,15 +33,16 @@ import torch
 
 from nanochat.checkpoint_manager import (checkpoint_dir, load_resume_checkpoint, restore_rng_state, rng_state,
                                          save_checkpoint)
-from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, UserError, all_ranks_gather, all_ranks_sum,
+from nanochat.common import (COMPUTE_DTYPE, SAMPLE_PROMPTS, StopOnSignal, all_ranks_gather, all_ranks_sum,
                              compute_cleanup, compute_init, format_duration, get_peak_flops, grad_accum_steps, init_wandb,
                              peak_memory, print0, should_compile)
 from nanochat.core_eval import evaluate_model as evaluate_core
 from nanochat.configurator import configure
 from nanochat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
-from nanochat.gpt import GPT, GPTConfig, dims_for_depth, keep_freed_cpu_memory
+from nanochat.gpt import GPT, GPTConfig, arch_config, dims_for_depth, keep_freed_cpu_memory
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import accumulate_gradients, lr_multiplier, muon_momentum
+from nanochat.optim import (accumulate_gradients, batch_scaling, batch_size_law, cosine_decay, lr_multiplier,
+                            muon_momentum, training_horizon)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -49,22 +51,34 @@ run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
 device_type = ""  # cuda | cpu | mps; "" = autodetect
 # Model
 depth = 20  # the one dial: n_layer = depth, model_dim = 64 * depth, heads of 128
+arch = "seed"  # seed | v2 (nanochat/gpt.py ARCHITECTURES), then any ",field=value" of GPTConfig: "v2,smear=False"
 max_seq_len = 2048  # context length
 # Horizon: the first one set wins
 num_iterations = -1  # optimizer steps
 target_flops = -1.0  # total training FLOPs
 target_param_data_ratio = 20  # training tokens per parameter (Chinchilla)
+count_embedding = True  # the token embedding counts as parameters (False: the original's count, for its ratio ~12)
 # Batch
 device_batch_size = 32  # rows per micro-step per process; lower it if memory runs out (the math stays the same)
-total_batch_size = 524288  # tokens per optimizer step, across all processes and micro-steps
+total_batch_size = 524288  # tokens per optimizer step, across all processes and micro-steps; -1 = the batch-size law
 # Optimization
-embedding_lr = 0.2  # AdamW, token embedding
+embedding_lr = 0.2  # AdamW, token embedding (value embeddings at half of it)
 unembedding_lr = 0.004  # AdamW, lm_head
 matrix_lr = 0.02  # Muon, every matrix in the transformer blocks
-weight_decay = 0.0
+scalar_lr = 0.5  # AdamW, the per-layer lambdas, smear and backout
+weight_decay = 0.0  # AdamW's, lm_head and embeddings
+muon_weight_decay = 0.0  # Muon's, cosine-decayed to 0 over the run
+batch_lr_scaling = False  # LRs x sqrt(B / 2^19), Muon's weight decay as well x d12's params / the model's
+orthogonalizer = "newton_schulz"  # Muon's: newton_schulz | polar_express
+normuon_beta2 = 0.0  # NorMuon's second-moment decay; 0 = off
+cautious_weight_decay = False  # Muon's weight decay only where the update has the weight's sign
+muon_momentum_peak = 0.95  # Muon's momentum: 0.85 -> this over the first momentum_warmup_steps...
+momentum_warmup_steps = 300
+muon_momentum_final = -1.0  # ...and down to this over the warmdown; -1 = stays
 warmup_ratio = 0.0  # fraction of the steps spent warming the LR up
-warmdown_ratio = 0.2  # fraction of the steps spent decaying the LR linearly...
-final_lr_frac = 0.0  # ...to this fraction of the initial LR
+warmdown_ratio = 0.2  # fraction of the steps spent decaying the LR...
+final_lr_frac = 0.0  # ...to this fraction of the initial LR...
+warmdown_shape = "linear"  # ...linearly, or sqrt (1 - sqrt of the way through the warmdown)
 resume_from_step = ""  # "" starts afresh; a step number like "200", or "last", resumes from that checkpoint
 # Evaluation and checkpoints (every <= 0: never, except that the final val bpb is always measured)
 eval_every = 250  # steps between val bpb evaluations
@@ -96,25 +110,32 @@ if device.type == "cpu":  # a busy machine measures a low peak, and MFU then rea
     print0(f"MFU is against this CPU's measured {str(COMPUTE_DTYPE).removeprefix('torch.')} matmul peak: "
            f"{peak_flops / 1e9:,.0f} GFLOP/s")
 
-model_dims = dims_for_depth(depth)  # errors early, before any data or tokenizer is read
+model_dims, arch_fields = dims_for_depth(depth), arch_config(arch)  # errors early, before any data is read
 print0(f"depth={depth}: {depth} layers, model_dim {model_dims['n_embd']}, {model_dims['n_head']} heads of "
-       f"{model_dims['n_embd'] // model_dims['n_head']}")
-
+       f"{model_dims['n_embd'] // model_dims['n_head']}; arch={arch}")
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size  # one micro-step of every process
-accum_steps = grad_accum_steps("total_batch_size", total_batch_size, device_batch_size, world_size, max_seq_len)
+if total_batch_size > 0:  # checked before the tokenizer is read (the batch-size law below needs the vocab size)
+    accum_steps = grad_accum_steps("total_batch_size", total_batch_size, device_batch_size, world_size, max_seq_len)
 use_compile = should_compile(compile, device)
 
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 print0(f"Vocab size: {vocab_size:,}")
+model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, **model_dims, **arch_fields)
+with torch.device("meta"):  # the batch-size law's counts: this model's and the d12's that the LRs were tuned at
+    law_params, reference_params = [GPT(GPTConfig(**{**model_config, **dims})).num_scaling_params(embedding=False)
+                                    for dims in (model_dims, dims_for_depth(12))]
+if total_batch_size <= 0:
+    total_batch_size = batch_size_law(law_params, reference_params)
+    accum_steps = grad_accum_steps("total_batch_size", total_batch_size, device_batch_size, world_size, max_seq_len)
+lr_scale, wd_scale = batch_scaling(total_batch_size, law_params, reference_params) if batch_lr_scaling else (1, 1)
 
 # -----------------------------------------------------------------------------
 # Resume: read the checkpoint first, so a mismatch fails before any work
 
 model_tag = model_tag or f"d{depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
-model_config = dict(sequence_len=max_seq_len, vocab_size=vocab_size, **model_dims)
 resume_step = None
 if resume_from_step:
     resume_step, model_data, optimizer_data, meta = load_resume_checkpoint(ckpt_dir, resume_from_step, device, rank,
@@ -132,26 +153,23 @@ orig_model = model  # uncompiled: for sampling, CORE and state_dict
 if use_compile:
     model = orig_model.compile_regions()  # each block and the head compiled: see GPT.compile_regions
 num_params = sum(p.numel() for p in orig_model.parameters())
-num_scaling_params = orig_model.num_scaling_params()
+num_scaling_params = orig_model.num_scaling_params(count_embedding)
 flops_per_token = orig_model.estimate_flops()
 print0(f"Parameters: {num_params:,} ({num_scaling_params:,} for scaling) | FLOPs per token: {flops_per_token:e}")
-
-if num_iterations > 0:
-    horizon = "num_iterations"
-elif target_flops > 0:
-    num_iterations = round(target_flops / (flops_per_token * total_batch_size))
-    horizon = f"target_flops={target_flops:e}"
-elif target_param_data_ratio > 0:
-    num_iterations = target_param_data_ratio * num_scaling_params // total_batch_size
-    horizon = f"target_param_data_ratio={target_param_data_ratio}"
-else:
-    raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio to a positive value")
+num_iterations, horizon = training_horizon(num_iterations, target_flops, target_param_data_ratio, flops_per_token,
+                                           num_scaling_params, total_batch_size)
 total_tokens = total_batch_size * num_iterations
 print0(f"Iterations: {num_iterations:,} (from {horizon}) | tokens: {total_tokens:,} | tokens per scaling parameter: "
        f"{total_tokens / num_scaling_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
 
-optimizer = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
-                                        weight_decay=weight_decay)
+muon_weight_decay *= wd_scale
+if batch_lr_scaling:
+    print0(f"LRs x {lr_scale:.4f} for {total_batch_size:,} tokens a step; Muon's weight decay {muon_weight_decay:.4f}")
+optimizer = orig_model.setup_optimizers(
+    unembedding_lr=unembedding_lr * lr_scale, embedding_lr=embedding_lr * lr_scale, matrix_lr=matrix_lr * lr_scale,
+    scalar_lr=scalar_lr * lr_scale, weight_decay=weight_decay,
+    muon=dict(weight_decay=muon_weight_decay, orthogonalizer=orthogonalizer, beta2=normuon_beta2,
+              cautious_weight_decay=cautious_weight_decay))
 if resume_step is not None:
     optimizer.load_state_dict(optimizer_data)
     del optimizer_data
@@ -253,9 +271,12 @@ while True:
     t0 = time.time()
     loss, trained, batch = accumulate_gradients(model, batch, train_loader, accum_steps)
     loader_state = trained[2]
-    lrm = lr_multiplier(step, num_iterations, round(warmup_ratio * num_iterations),
-                        round(warmdown_ratio * num_iterations), final_lr_frac)
-    optimizer.update(lrm, muon_momentum(step))
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    lrm = lr_multiplier(step, num_iterations, round(warmup_ratio * num_iterations), warmdown_steps, final_lr_frac,
+                        warmdown_shape)
+    momentum = muon_momentum(step, momentum_warmup_steps, 0.85, muon_momentum_peak, num_iterations, warmdown_steps,
+                             muon_momentum_final if muon_momentum_final > 0 else None)
+    optimizer.update(lrm, momentum, muon_weight_decay * cosine_decay(step, num_iterations))
     # One collective carries the loss (for an all-rank mean) and the stop flag (any rank's signal stops every rank)
     stats = torch.stack([loss, torch.tensor(float(stop_signal.requested), device=device)])
     train_loss, stop_votes = (all_ranks_sum(stats) / world_size).tolist()

@@ -4,10 +4,11 @@ Run by tests/test_optim.py under `torchrun --standalone --nproc_per_node=2` (glo
 Checks that MuonAdamW across 2 ranks computes what it computes in one process:
   1. a small GPT trained for a few steps with setup_optimizers(), each rank computing the gradients of its half of
      the batch, ends with the same weights as the same GPT trained by the same optimizer on the whole batch in one
-     process (in float64, so the two agree to float rounding);
+     process (in float64, so the two agree to float rounding): the seed's model and Muon, and the v2 recipe's;
   2. its AdamW on params that take each path (sharded by rows, too small, rows not divisible) matches one process
      on the averaged gradients;
-  3. Muon state lives only on a param's owner, and a saved/reloaded per-rank optimizer state resumes exactly.
+  3. Muon state lives only on a param's owner, and a saved/reloaded per-rank optimizer state resumes exactly (v2's,
+     with NorMuon's second moments).
 Prints "OK" from every rank on success; any failed assert exits non-zero.
 """
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 import nanochat.gpt
 import nanochat.optim
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, arch_config
 from nanochat.optim import MuonAdamW
 
 # Part 1 runs the model in float64: in fp32 the gradients of this tiny random model carry ~1e-3 relative rounding
@@ -54,34 +55,38 @@ def one_process(step):
         nanochat.optim.dist_rank_and_size = real
 
 
-# 1. The real model and optimizer setup. 3 layers and GQA: every Muon shape group has an odd number of
-# matrices, so the last block of each is partial and exercises the padding.
-config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
-torch.manual_seed(0)  # the same init, batch and data on every rank
-model = GPT.create(config, "cpu")
-model.double()
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would hide mistakes
-reference = copy.deepcopy(model)
-idx = torch.randint(0, config.vocab_size, (4, 16))
-targets = torch.randint(0, config.vocab_size, (4, 16))
+# 1. The real model and optimizer setup, of the seed and of the v2 recipe (value embeddings, lambdas, smear, backout,
+# windows; Muon with Polar Express, NorMuon and cautious weight decay). 3 layers and GQA: every Muon shape group has
+# an odd number of matrices, so the last block of each is partial and exercises the padding.
+RECIPE_MUON = dict(orthogonalizer="polar_express", beta2=0.9, weight_decay=0.2, cautious_weight_decay=True)
+for arch, muon in [("seed", None), ("v2", RECIPE_MUON)]:
+    config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                       **arch_config(arch))
+    torch.manual_seed(0)  # the same init, batch and data on every rank
+    model = GPT.create(config, "cpu")
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would hide mistakes
+    reference = copy.deepcopy(model)
+    idx = torch.randint(0, config.vocab_size, (4, 16))
+    targets = torch.randint(0, config.vocab_size, (4, 16))
 
-optimizer = model.setup_optimizers()  # the process group is up: it communicates
-optimizer.ns_dtype = torch.float64
-half = slice(rank * 2, rank * 2 + 2)  # this rank's half of the batch
-train(model, optimizer, idx[half], targets[half], steps=5)
+    optimizer = model.setup_optimizers(muon=muon)  # the process group is up: it communicates
+    optimizer.ns_dtype = torch.float64
+    half = slice(rank * 2, rank * 2 + 2)  # this rank's half of the batch
+    train(model, optimizer, idx[half], targets[half], steps=5)
 
-ref_optimizer = reference.setup_optimizers()
-ref_optimizer.ns_dtype = torch.float64
-one_process(lambda: train(reference, ref_optimizer, idx, targets, steps=5))
+    ref_optimizer = reference.setup_optimizers(muon=muon)
+    ref_optimizer.ns_dtype = torch.float64
+    one_process(lambda: train(reference, ref_optimizer, idx, targets, steps=5))
 
-model_diff = max_diff(model.parameters(), reference.parameters())
-assert model_diff < RTOL, f"rank {rank}: distributed vs single-process weights differ by (relative) {model_diff:.3g}"
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-gathered = [torch.empty_like(flat) for _ in range(world_size)]
-dist.all_gather(gathered, flat)
-assert torch.equal(gathered[0], gathered[1]), "the ranks' weights diverged"
+    model_diff = max_diff(model.parameters(), reference.parameters())
+    assert model_diff < RTOL, f"rank {rank}, {arch}: distributed vs single-process weights differ by {model_diff:.3g}"
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), f"{arch}: the ranks' weights diverged"
 
 # 3a. Momentum only on owners: each rank holds the state of the matrices it owns, half of them (rounded up/down).
 muon_groups = [group for group in optimizer.param_groups if group["kind"] == "muon"]
@@ -92,7 +97,7 @@ assert len(muon_state) == owned and owned > 0, (len(muon_state), owned)
 snapshot = copy.deepcopy(model)
 state = copy.deepcopy(optimizer.state_dict())
 train(model, optimizer, idx[half], targets[half], steps=2)
-optimizer2 = snapshot.setup_optimizers()
+optimizer2 = snapshot.setup_optimizers(muon=muon)
 optimizer2.load_state_dict(state)
 optimizer2.ns_dtype = torch.float64
 train(snapshot, optimizer2, idx[half], targets[half], steps=2)

@@ -12,9 +12,9 @@ from nanochat.gpt import GPT, GPTConfig
 from pretraining_setup import corpus_text, install_tokenizer
 
 
-def tiny_config(vocab_size, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, sequence_len=256):
+def tiny_config(vocab_size, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, sequence_len=256, **architecture):
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd)
+                     n_kv_head=n_kv_head, n_embd=n_embd, **architecture)
 
 
 def build_tiny_model(config, seed=0, device="cpu"):

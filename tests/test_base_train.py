@@ -236,6 +236,39 @@ def test_resume_with_other_model_settings_is_a_clear_error(uninterrupted, tmp_pa
     assert result.returncode != 0 and "resume with the settings of the run that saved it" in result.stdout
 
 
+def test_a_checkpoint_saved_before_the_recipe_fields_resumes_as_the_seed(uninterrupted, tmp_path):
+    from nanochat.gpt import SHAPE_FIELDS
+
+    reference_dir, _, reference_weights = uninterrupted
+    base_dir = copy_run(reference_dir, tmp_path / "old")
+    meta_path = base_dir / "base_checkpoints" / "d2" / "meta_000008.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"] = {name: meta["model_config"][name] for name in SHAPE_FIELDS}  # as saved before issue 18
+    meta_path.write_text(json.dumps(meta))
+    run_base_train(base_dir, *TINY, "--num_iterations=16", "--eval_every=4", "--save_every=8", "--resume_from_step=8")
+    assert_same_weights(final_weights(base_dir, 16), reference_weights)
+
+
+# every recipe setting away from its default (the batch-size law aside: at d2 it asks for many micro-steps)
+RECIPE = ["--arch=v2,attn_gate=True", "--orthogonalizer=polar_express", "--normuon_beta2=0.9",
+          "--muon_weight_decay=0.2", "--cautious_weight_decay=True", "--muon_momentum_final=0.9",
+          "--warmdown_shape=sqrt", "--warmup_ratio=0.1", "--batch_lr_scaling=True", "--count_embedding=False",
+          "--num_iterations=12", "--eval_every=6", "--save_every=6"]
+
+
+def test_a_recipe_run_learns_records_its_architecture_and_resumes_bit_for_bit(tmp_path):
+    base_dir = make_base_dir(tmp_path / "recipe")
+    run_base_train(base_dir, *TINY, *RECIPE)
+    curve, weights = read_curve(base_dir), final_weights(base_dir, 12)
+    assert curve["val_bpb"][-1] < curve["val_bpb"][0], curve["val_bpb"]
+    config = final_meta(base_dir, 12)["model_config"]
+    assert config["value_embeds"] and config["attn_gate"] and config["window_pattern"] == "SSSL"
+    assert "value_embeds.1.weight" in weights and "smear_gate.weight" in weights
+    resumed = copy_run(base_dir, tmp_path / "resumed")
+    run_base_train(resumed, *TINY, *RECIPE, "--resume_from_step=6")
+    assert_same_weights(final_weights(resumed, 12), weights)
+
+
 # -----------------------------------------------------------------------------
 # Settings errors
 

@@ -19,7 +19,7 @@ import nanochat.engine as engine_module
 import nanochat.gpt as gpt_module
 from nanochat.engine import (BatchDecoder, Completions, Engine, RowEvent, SpecialTokens, sample_tokens,
                              use_calculator)
-from nanochat.gpt import softcap
+from nanochat.gpt import arch_config, softcap
 
 from model_setup import make_chat_checkpoint
 
@@ -396,6 +396,29 @@ def test_greedy_tokens_are_the_same_alone_or_joining_mid_flight(chat_model):
     assert len(events[filler]) == 4
     for i in range(3):
         assert [e.token for e in events[rows[i]]] == alone[i]
+
+
+@pytest.mark.parametrize("arch", ["v2", "seed,smear=True,window_pattern=SL",
+                                  "v2,attn_gate=True,value_embeds_every_layer=True"])
+def test_a_recipe_model_decodes_in_batches_like_the_uncached_reference(fp32, isolated_base_dir, arch):
+    # value embeddings and smear read the token (smear also the one before it, from the cache); windows of 16
+    # (sequence_len 64) that prompt + 30 tokens run past; requests join mid-flight and share prefilled prompts
+    model, tokenizer = make_chat_checkpoint(isolated_base_dir, n_layer=3, sequence_len=64, **arch_config(arch))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the recipe's gates and scalars start at values that hide them
+        for stop in (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()):
+            model.lm_head.weight[stop] = 0  # logit 0, never the largest: the whole 30 tokens are compared
+    prompts = [prompt_of(tokenizer, text) for text in ("The sky is", "Once upon a time")]
+    references = [list(model.generate(prompt, 30, temperature=0)) for prompt in prompts]
+    decoder = BatchDecoder(model, tokenizer, max_batch=3)
+    rows = [decoder.add(prompts[0], max_tokens=30, temperature=0)]
+    events = run_to_completion(decoder, {4: lambda: rows.append(decoder.add(prompts[1], max_tokens=30, temperature=0))})
+    for row, reference in zip(rows, references):
+        assert until_stop([e.token for e in events[row]], tokenizer) == until_stop(reference, tokenizer)
+    results, _ = Engine(model, tokenizer).generate_batch(prompts[1], num_samples=2, max_tokens=30, temperature=0)
+    assert results[0] == results[1] == prompts[1] + until_stop(references[1], tokenizer)
+    assert [len(until_stop(reference, tokenizer)) for reference in references] == [30, 30]
 
 
 def test_sampled_request_repeats_with_its_seed_whoever_shares_the_batch(chat_model):

@@ -1,6 +1,8 @@
 """The GPT model: shapes and parameter counts, init, KV-cached inference equal to a full forward (MHA, GQA, MQA,
 per-row positions, row views, fixed-length views, cache copies), the logit softcap, ignored targets, naive sampling, and that a tiny
-model learns with the real optimizer setup in fp32 and in bf16 compute."""
+model learns with the real optimizer setup in fp32 and in bf16 compute. The architecture settings (--arch presets,
+old configs loading as the seed): shapes, init, gradients, windows, smear, a written-out reference forward, cached
+decoding equal to a full forward with each setting on, and a checkpoint round trip."""
 
 import dataclasses
 import math
@@ -14,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import nanochat.gpt as gpt_module
-from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import GPT, GPTConfig, KVCache, dims_for_depth, norm, unembed
+from nanochat.common import COMPUTE_DTYPE, UserError
+from nanochat.gpt import (SHAPE_FIELDS, GPT, GPTConfig, KVCache, arch_config, dims_for_depth, norm,
+                          unembed)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # logits of a cached and a full forward agree to float rounding in fp32; bf16 compute rounds much more coarsely
@@ -99,6 +102,258 @@ def test_rotary_tables_are_not_saved_and_cover_ten_times_the_sequence():
 def test_bad_head_counts_are_rejected_with_the_values():
     with pytest.raises(ValueError, match="n_head=4, n_kv_head=3"):
         GPT(small_config(n_head=4, n_kv_head=3))
+
+
+# -----------------------------------------------------------------------------
+# The architecture's settings (GPTConfig fields beyond the shape; presets for base_train's --arch)
+
+# each setting on its own (its gates and scalars perturbed away from their init, so that they act), then together
+EACH_SETTING = ["seed,value_embeds=True", "seed,value_embeds=True,value_embeds_every_layer=True",
+                "seed,layer_lambdas=True", "seed,smear=True", "seed,backout=True", "seed,qk_scale=1.2",
+                "seed,rope_base=100000", "seed,window_pattern=SL", "seed,attn_gate=True",
+                "seed,wte_std=0.8,c_fc_gain=0.4",
+                "v2", "v2,attn_gate=True,value_embeds_every_layer=True"]
+
+
+def arch_small_config(arch="v2", n_layer=4, sequence_len=64, vocab_size=300, n_head=4, n_kv_head=2, n_embd=64):
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd, **arch_config(arch))
+
+
+def test_arch_presets_name_every_field_and_take_overrides():
+    seed, v2 = arch_config("seed"), arch_config("v2")
+    assert seed.keys() == v2.keys() == {f.name for f in dataclasses.fields(GPTConfig)} - set(SHAPE_FIELDS)
+    assert GPTConfig(**seed) == GPTConfig()  # the seed is the defaults
+    assert arch_config("v2, smear=False, window_pattern=L") == {**v2, "smear": False, "window_pattern": "L"}
+    assert arch_config("seed,rope_base=100000")["rope_base"] == 100000.0  # an int stands for a float
+    with pytest.raises(UserError, match="'v3' is not one of seed, v2"):
+        arch_config("v3")
+    with pytest.raises(UserError, match="unknown setting --smaer"):
+        arch_config("v2,smaer=True")
+    with pytest.raises(UserError, match="expected a bool"):
+        arch_config("v2,smear=1")
+    with pytest.raises(UserError, match="window_pattern='SXL'"):
+        arch_config("v2,window_pattern=SXL")
+    with pytest.raises(ValueError, match="window_pattern=''"):
+        GPT(dataclasses.replace(small_config(), window_pattern=""))
+
+
+def test_a_config_saved_before_the_recipe_fields_is_the_seed_model():
+    # the meta of a checkpoint from before issue 18 holds the shape only: it must load as the model it was
+    shape_only = dict(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    assert GPTConfig(**shape_only) == GPTConfig(**shape_only, **arch_config("seed"))
+    assert all(name.startswith(("transformer.", "lm_head.")) for name in GPT(GPTConfig(**shape_only)).state_dict())
+
+
+def test_recipe_parameters_and_their_shapes():
+    model = build(arch_small_config(n_layer=4))
+    assert sorted(model.value_embeds) == ["1", "3"]  # alternating, the last layer included
+    assert [block.attn.ve_gate is not None for block in model.transformer.h] == [False, True, False, True]
+    assert model.value_embeds["3"].weight.shape == (320, 2 * 16)  # padded vocab x (n_kv_head * head_dim)
+    assert model.transformer.h[3].attn.ve_gate.weight.shape == (2, 16)  # one gate per kv head, from 16 channels
+    assert model.resid_lambdas.shape == model.x0_lambdas.shape == (4,)
+    assert model.smear_gate.weight.shape == (1, 16) and model.smear_lambda.shape == (1,)
+    assert model.backout_lambda.shape == (1,)
+    assert model.windows == [16, 16, 16, -1]  # SSSL: a quarter of 64; the last layer full
+    assert build(arch_small_config("v2,window_pattern=SL", n_layer=3)).windows == [16, -1, -1]
+    every = build(arch_small_config("v2,value_embeds_every_layer=True,attn_gate=True", n_layer=3))
+    assert sorted(every.value_embeds) == ["0", "1", "2"]
+    assert every.transformer.h[0].attn.out_gate.weight.shape == (4, 64)  # one gate per query head
+
+
+def test_recipe_init():
+    model = build(arch_small_config(n_layer=4, vocab_size=4096, n_embd=128, n_head=2, n_kv_head=2))
+    bound = math.sqrt(3 / 128)
+    assert abs(model.transformer.wte.weight.std().item() - 0.8) < 0.01
+    for block in model.transformer.h:
+        assert block.mlp.c_fc.weight.abs().max().item() <= 0.4 * bound
+        assert abs(block.mlp.c_fc.weight.std().item() - 0.4 / math.sqrt(128)) < 0.002
+        assert abs(block.attn.c_q.weight.std().item() - 1 / math.sqrt(128)) < 0.002
+    assert abs(model.value_embeds["3"].weight.std().item() - 1 / math.sqrt(128)) < 0.002
+    assert not model.transformer.h[3].attn.ve_gate.weight.any()  # gate 2 sigmoid(0) = 1
+    torch.testing.assert_close(model.resid_lambdas, torch.linspace(1.15, 1.05, 4), rtol=0, atol=0)
+    torch.testing.assert_close(model.x0_lambdas, torch.linspace(0.20, 0.05, 4), rtol=0, atol=0)
+    assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("arch", ["v2", "v2,attn_gate=True,value_embeds_every_layer=True"])
+def test_every_recipe_parameter_gets_a_gradient(arch, device):
+    model = build(arch_small_config(arch), perturb=0.02, device=device)
+    model.smear_lambda.data.fill_(0.5)  # at 0 (its init) the smear gate's own weights get no gradient
+    idx = torch.randint(0, 300, (2, 40), device=device)
+    model(idx, idx).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_scaling_params_without_the_embedding_count_the_gates_but_not_the_tables_or_scalars():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=4096, **dims_for_depth(4), **arch_config("v2")))
+    gates = 2 * 2 * 16  # layers 1 and 3, 2 kv heads x 16 channels
+    assert model.num_scaling_params(embedding=False) == 12 * 4 * 256**2 + gates + 4096 * 256
+    assert model.num_scaling_params() == model.num_scaling_params(embedding=False) + 4096 * 256
+
+
+def test_estimate_flops_counts_the_gates_and_each_layers_window():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=65536, **dims_for_depth(20), **arch_config("v2")))
+    seed_linear = 560_988_160 - 65536 * 1280  # the seed's weights that multiply: blocks and lm_head
+    gates = 10 * 10 * 16 + 16  # 10 value-embedding gates (odd layers) of 10 heads x 16 channels, the smear gate
+    windows = 15 * 512 + 5 * 2048  # SSSL over 20 layers (the last full): 15 windows of 512, 5 full contexts
+    assert model.estimate_flops() == 6 * (seed_linear + gates) + 12 * 10 * 128 * windows
+
+
+def test_sliding_window_masks_are_causal_and_at_most_left_keys_back():
+    model = build(arch_small_config("v2,window_pattern=SL", n_layer=2, sequence_len=16))  # layer 0: 4 keys back
+    masks = model.attention_masks(8, None, None)
+    assert masks[1] is None  # the full layer: SDPA's causal kernel
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert torch.equal(masks[0], (j <= i) & (j >= i - 4))
+    # with a KV cache: rows at their own positions, against every key slot
+    positions = torch.tensor([[5, 6], [0, 1]])
+    full = (torch.arange(7)[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, keys)
+    cached = model.attention_masks(2, positions, full)
+    assert torch.equal(cached[1], full)
+    assert cached[0][0, 0, 1].tolist() == [False, False, True, True, True, True, True]  # position 6: keys 2..6
+    assert cached[0][1, 0, 0].tolist() == [True] + [False] * 6
+
+
+def test_a_windowed_layer_does_not_see_past_its_window():
+    model = build(arch_small_config("seed,window_pattern=SL", n_layer=2, sequence_len=32), perturb=0.05)
+    outputs = []
+    model.transformer.h[0].register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    idx = torch.randint(0, 300, (1, 32))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % 300
+    model(idx), model(changed)
+    differs = (outputs[0] - outputs[1]).abs().amax(dim=-1)[0]  # (T,)
+    assert differs[:9].min() > 0 and differs[9:].max() == 0  # window 8: position 8 is the last to see token 0
+
+
+def test_smear_mixes_in_the_previous_token_only():
+    model = build(arch_small_config(), perturb=0.05)
+    idx = torch.randint(0, 300, (2, 10))
+    changed = idx.clone()
+    changed[:, 3] = (idx[:, 3] + 1) % 300
+    embeddings = []
+    model.transformer.h[0].register_forward_hook(lambda module, inputs, output: embeddings.append(inputs[0]))
+    with torch.no_grad():
+        model(idx), model(changed)
+    differs = (embeddings[0] - embeddings[1]).abs().amax(dim=-1)  # (B, T): the first block's input
+    assert (differs[:, 3:5] > 0).all() and (differs[:, :3] == 0).all() and (differs[:, 5:] == 0).all()
+
+
+def reference_forward(model, idx):
+    """The forward pass written out from the formulas, one op at a time (no SDPA, no fused norms, no cache): logits
+    (B, T, vocab_size) that GPT.forward must reproduce, for the seed and for every recipe setting."""
+    config = model.config
+    B, T = idx.shape
+    H, KV, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+
+    def rms(x):
+        return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+    def rotate(x, angles):  # (B, T, heads, D): pairs (i, i + D/2) rotated by the position's angle
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    angles = torch.arange(T, dtype=torch.float64)[:, None] / config.rope_base ** (torch.arange(0, D, 2) / D)
+    x = rms(model.transformer.wte.weight[idx])
+    if config.smear:
+        gate = model.smear_lambda * torch.sigmoid(x[..., :16] @ model.smear_gate.weight.T)  # (B, T, 1)
+        x = x + gate * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    x0 = x
+    for i, block in enumerate(model.transformer.h):
+        if config.layer_lambdas:
+            x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        attn, h = block.attn, rms(x)
+        q = (h @ attn.c_q.weight.T).view(B, T, H, D)
+        k = (h @ attn.c_k.weight.T).view(B, T, KV, D)
+        v = (h @ attn.c_v.weight.T).view(B, T, KV, D)
+        if str(i) in model.value_embeds:
+            gate = 2 * torch.sigmoid(h[..., :16] @ attn.ve_gate.weight.T)  # (B, T, KV)
+            v = v + gate[..., None] * model.value_embeds[str(i)].weight[idx].view(B, T, KV, D)
+        q = rms(rotate(q, angles)) * config.qk_scale
+        k = rms(rotate(k, angles)) * config.qk_scale
+        k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+        distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+        visible = (distance >= 0) & ((distance <= model.windows[i]) if model.windows[i] >= 0 else True)
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", weights, v)
+        if config.attn_gate:
+            y = y * 2 * torch.sigmoid(h @ attn.out_gate.weight.T)[..., None]  # (B, T, H, 1)
+        x = x + y.reshape(B, T, H * D) @ attn.c_proj.weight.T
+        x = x + (torch.relu(rms(x) @ block.mlp.c_fc.weight.T) ** 2) @ block.mlp.c_proj.weight.T
+        if i == config.n_layer // 2:
+            mid = x
+    if config.backout:
+        x = x - model.backout_lambda * mid
+    logits = rms(x) @ model.lm_head.weight.T
+    return 15 * torch.tanh(logits[..., :config.vocab_size] / 15)
+
+
+@pytest.mark.parametrize("arch", ["seed"] + EACH_SETTING)
+def test_forward_equals_the_written_out_reference(arch, monkeypatch):
+    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.float64)  # only the softcap runs in fp32
+    model = build(arch_small_config(arch, n_layer=5, sequence_len=32), perturb=0.05).double()
+    idx = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).double(), reference_forward(model, idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", EACH_SETTING)
+def test_cached_decoding_equals_a_full_forward_with_each_setting(arch):
+    # windows of 8 (sequence_len 32) that 20 tokens run past; rows at their own positions; prefill and copied rows;
+    # forward on the cache and decode_step (the engine's) alike
+    config = arch_small_config(arch, n_layer=3, sequence_len=32)
+    model = build(config, perturb=0.05)
+    weights = model.decode_weights()
+    idx = torch.randint(0, config.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache, stepped = KVCache(3, 2, 24, 16, config.n_layer), KVCache(3, 2, 24, 16, config.n_layer)
+        pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]  # prefill in two chunks
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # then one token at a time
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
+        model(idx[:, :12], kv_cache=stepped)
+        steps = [model.decode_step(idx[:, t], stepped, weights) for t in range(12, 20)]
+        torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 12:], atol=ATOL, rtol=0)
+        next_tokens = torch.tensor([5, 9, 2])
+        expected = torch.stack([model(torch.cat([idx[row, :length], next_tokens[row:row + 1]])[None])[0, -1]
+                                for row, length in enumerate([20, 3, 11])])
+        after = model(torch.cat([idx[2, :11], next_tokens[2:], torch.tensor([7])])[None])[0, -1]
+
+        def forward_step(tokens, kv_cache):
+            return model(tokens[:, None], kv_cache=kv_cache)[:, -1]
+
+        for step in (forward_step, lambda tokens, kv_cache: model.decode_step(tokens, kv_cache, weights)):
+            rewound = KVCache(3, 2, 24, 16, config.n_layer)
+            rewound.prefill(cache)
+            rewound.set_positions([20, 3, 11])  # rows rewound to their own prefixes, then one more token each
+            torch.testing.assert_close(step(next_tokens, rewound), expected, atol=ATOL, rtol=0)
+            copied = KVCache(2, 2, 24, 16, config.n_layer)
+            copied.prefill(rewound, rows=[2, 1])  # row 2's 12 tokens (and row 1's 4), then row 0 copied over row 1
+            copied.copy_row(0, 1, 12)
+            fixed = copied.rows(0, 2, fixed_len=24)  # the compiled step's fixed-shape view
+            torch.testing.assert_close(step(torch.tensor([7, 7]), fixed), after.expand(2, -1), atol=ATOL, rtol=0)
+
+
+def test_a_recipe_model_round_trips_through_a_checkpoint(isolated_base_dir):
+    from nanochat.checkpoint_manager import build_model, save_checkpoint
+    from pretraining_setup import install_tokenizer
+
+    tokenizer = install_tokenizer(isolated_base_dir)
+    config = arch_small_config("v2,attn_gate=True", vocab_size=tokenizer.get_vocab_size(), sequence_len=32)
+    model = build(config, perturb=0.02)
+    directory = isolated_base_dir / "base_checkpoints" / "d4"
+    save_checkpoint(str(directory), 5, model.state_dict(), None, {"step": 5, "model_config": vars(config)})
+    loaded, _, meta = build_model(str(directory), 5, "cpu", "eval")
+    assert loaded.config == config and meta["model_config"]["value_embeds"] is True
+    idx = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
 
 
 # -----------------------------------------------------------------------------
