@@ -53,7 +53,6 @@ import json
 import math
 import os
 import re
-import resource
 import shlex
 import statistics
 import subprocess
