@@ -3,7 +3,9 @@ are read, how FLOPs and steps are counted, how the validation text becomes batch
 table decides what is real."""
 
 import math
+import sys
 import threading
+import types
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -15,6 +17,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dev.bench import quality
+from nanochat import common
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 from pretraining_setup import corpus_text, install_tokenizer
@@ -151,7 +154,8 @@ def test_val_documents_are_whole_documents_from_the_start_until_enough_bytes(tmp
         quality.read_val_documents(path, 15)
 
 
-def test_the_measure_worker_scores_a_uniform_model_at_log2_vocab_bits_per_token(isolated_base_dir, tmp_path):
+def test_the_measure_worker_scores_a_uniform_model_at_log2_vocab_bits_per_token(isolated_base_dir, tmp_path,
+                                                                               monkeypatch):
     """A model whose lm_head is zero predicts every token with probability 1/V, so its bits per byte on any text
     is log2(V) * text tokens / text bytes: the whole path (documents, BOS, rows, byte counts, our loss_eval on a
     checkpoint loaded by build_model) must give exactly that."""
@@ -175,6 +179,13 @@ def test_the_measure_worker_scores_a_uniform_model_at_log2_vocab_bits_per_token(
     assert result["eval_bytes"] == text_bytes and result["eval_tokens"] == text_tokens
     assert result["val_bpb"] == pytest.approx(math.log2(300) * text_tokens / text_bytes, rel=1e-5)
     assert result["flops_per_token"] == result["own_flops_per_token"] == model.estimate_flops()
+    # In the original's codebase `nanochat.common` is its own, without the helpers our loss_eval imports: the worker
+    # gives loss_eval ours, and leaves theirs in place for everything else.
+    theirs = types.ModuleType("nanochat.common")
+    vars(theirs).update({k: v for k, v in vars(common).items() if k not in ("all_ranks_sum", "dist_rank_and_size")})
+    monkeypatch.setitem(sys.modules, "nanochat.common", theirs)
+    assert quality.worker_measure({**job, "eval_bytes": text_bytes})["val_bpb"] == result["val_bpb"]
+    assert sys.modules["nanochat.common"] is theirs
 
 
 # -----------------------------------------------------------------------------

@@ -248,9 +248,23 @@ def worker_measure(job):
     result = {"flops_per_token": flops, "linear_weights": linear_weights, "attention_flops_per_token": attention,
               "own_flops_per_token": model.estimate_flops(), "params": sum(p.numel() for p in model.parameters())}
     if job["eval_bytes"] > 0:
-        spec = importlib.util.spec_from_file_location("quality_loss_eval", job["loss_eval_path"])
-        loss_eval = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loss_eval)
+        def load(path, name):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+
+        # our loss_eval imports our nanochat.common, which the original's package shadows here: it gets ours, by path
+        theirs = sys.modules.get("nanochat.common")
+        sys.modules["nanochat.common"] = load(os.path.join(os.path.dirname(job["loss_eval_path"]), "common.py"),
+                                              "quality_common")
+        try:
+            loss_eval = load(job["loss_eval_path"], "quality_loss_eval")
+        finally:
+            if theirs is None:
+                del sys.modules["nanochat.common"]
+            else:
+                sys.modules["nanochat.common"] = theirs
         enc = tokenizer.enc  # both codebases keep a tiktoken Encoding here
         documents = read_val_documents(job["val_file"], job["eval_bytes"])
         token_lists = [enc.encode_ordinary(text) for text in documents]
