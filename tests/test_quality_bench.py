@@ -109,6 +109,16 @@ def test_sliding_windows_count_the_keys_a_query_can_see():
     assert attention == 12 * 2 * 128 * (128 + 512 + 512 + 512)
     del model.window_sizes  # no windows: every layer sees all T keys
     assert quality.count_flops_per_token(model, 512)[2] == 12 * 2 * 128 * 4 * 512
+    model.windows = [128, -1, 512, 4096]  # ours: keys before a query, -1 = all
+    assert quality.count_flops_per_token(model, 512)[2] == attention
+
+
+def test_our_sliding_windows_are_counted_as_our_model_counts_them():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=512, vocab_size=4096, window_pattern="SSSL", **dims_for_depth(4)))
+    total, _, attention = quality.count_flops_per_token(model, 512)
+    assert attention == 12 * 2 * 128 * (3 * 128 + 512)  # three quarter-context windows, the last layer full
+    assert total == model.estimate_flops()
 
 
 def test_steps_round_the_budget_fraction_to_whole_steps():

@@ -17,7 +17,7 @@ its own training script built (a 1-step probe run per configuration, loaded with
 i.e. 2 FLOPs per multiply-add forward and twice that backward for every weight the token stream is multiplied by
 (embedding tables are lookups: 0), plus attention's QK^T and AV over the keys a query at the end of a row can see
 (PaLM's count: the causal triangle is not halved; a sliding window of w keys counts w, what a windowed kernel
-computes, read from the model's `window_sizes` [(left, right), ...] where present, else every layer sees all T).
+computes, read from the original's `window_sizes` [(left, right), ...] or our `windows` [left, ...], -1 = all T).
 A run trains round(fraction * budget / (FLOPs per token * total_batch_size)) steps; the budget defaults to
 budget_steps steps of the seed architecture at this depth (seed_flops_per_token below).
 
@@ -176,7 +176,10 @@ def count_flops_per_token(model, seq_len):
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     config = model.config
     head_dim = config.n_embd // config.n_head
-    windows = [left for left, _ in getattr(model, "window_sizes", None) or [(-1, 0)] * config.n_layer]
+    if hasattr(model, "window_sizes"):  # the original's: (left, right) per layer
+        windows = [left for left, _ in model.window_sizes]
+    else:  # ours: the keys before a query that each layer sees, -1 = all of them
+        windows = getattr(model, "windows", [-1] * config.n_layer)
     attended = sum(seq_len if window < 0 else min(window, seq_len) for window in windows)
     attention = 12 * config.n_head * head_dim * attended
     return 6 * linear_weights + attention, linear_weights, attention
