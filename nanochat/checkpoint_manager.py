@@ -173,9 +173,12 @@ def load_resume_checkpoint(checkpoint_dir, which, device, rank, model_config, wo
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     from nanochat.gpt import SEED_ARCHITECTURE
 
-    if {**SEED_ARCHITECTURE, **meta["model_config"]} != model_config:  # a meta from before a field existed: the seed's
-        raise UserError(f"the checkpoint {checkpoint_dir} step {step} has model_config {meta['model_config']}, but "
-                        f"these settings give {model_config}: resume with the settings of the run that saved it")
+    saved = {**SEED_ARCHITECTURE, **meta["model_config"]}  # a meta from before a field existed: the seed's
+    if saved != model_config:
+        differing = ", ".join(f"{name}={saved[name]!r} (these settings: {model_config.get(name)!r})"
+                              for name in saved if saved[name] != model_config.get(name))
+        raise UserError(f"the checkpoint {checkpoint_dir} step {step} was trained with {differing}: resume with the "
+                        f"settings of the run that saved it (one saved before --arch existed is --arch=seed)")
     if meta["world_size"] != world_size:
         raise UserError(f"the checkpoint {checkpoint_dir} step {step} was saved by {meta['world_size']} process(es); "
                         f"an exact resume needs the same number (this run has {world_size})")

@@ -4,7 +4,7 @@ Pretrain the base model on the parquet shards in <base>/base_data with the token
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
 training horizon (target_param_data_ratio tokens per parameter) follow from it. A step is total_batch_size tokens
 whatever the hardware: each process accumulates gradients over as many micro-steps as it takes. --arch picks the
-architecture (GPTConfig's fields beyond the shape; recorded in the checkpoint): seed (the default) or v2.
+architecture (GPTConfig's fields beyond the shape; recorded in the checkpoint): v2 (the default) or seed.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
@@ -51,7 +51,7 @@ run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
 device_type = ""  # cuda | cpu | mps; "" = autodetect
 # Model
 depth = 20  # the one dial: n_layer = depth, model_dim = 64 * depth, heads of 128
-arch = "seed"  # seed | v2 (nanochat/gpt.py ARCHITECTURES), then any ",field=value" of GPTConfig: "v2,smear=False"
+arch = "v2"  # v2 | seed (nanochat/gpt.py ARCHITECTURES), then any ",field=value" of GPTConfig: "v2,smear=False"
 max_seq_len = 2048  # context length
 # Horizon: the first one set wins
 num_iterations = -1  # optimizer steps

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # d2 (128 wide, one head), 64-token rows, 4 rows per micro-step, 2 micro-steps per step (gradient accumulation)
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=512", "--sample_every=-1",
-        "--core_metric_every=-1", "--eval_tokens=2048"]
+        "--core_metric_every=-1", "--eval_tokens=2048", "--arch=seed"]  # the default v2: RECIPE below
 
 
 def final_weights(base_dir, step, tag="d2"):
@@ -234,6 +234,12 @@ def test_resume_with_other_model_settings_is_a_clear_error(uninterrupted, tmp_pa
     args = [a for a in TINY if not a.startswith("--max_seq_len")] + ["--max_seq_len=32", "--num_iterations=16"]
     result = run_base_train(base_dir, *args, "--resume_from_step=8", "--model_tag=d2", check=False)
     assert result.returncode != 0 and "resume with the settings of the run that saved it" in result.stdout
+    assert "sequence_len=64 (these settings: 32)" in result.stdout
+    # a seed checkpoint resumed with the default architecture (v2): the error names the fields and --arch=seed
+    args = [a for a in TINY if a != "--arch=seed"] + ["--num_iterations=16"]
+    result = run_base_train(base_dir, *args, "--resume_from_step=8", "--model_tag=d2", check=False)
+    assert result.returncode != 0 and "value_embeds=False (these settings: True)" in result.stdout
+    assert "--arch=seed" in result.stdout
 
 
 def test_a_checkpoint_saved_before_the_recipe_fields_resumes_as_the_seed(uninterrupted, tmp_path):
