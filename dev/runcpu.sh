@@ -25,7 +25,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 
 # The demo's sizes; the environment may shrink them (the end-to-end test does)
-BASE_STEPS="${DEMO_BASE_STEPS:-340}"      # d4 pretraining steps of 8,192 tokens (~2.8M tokens)
+BASE_STEPS="${DEMO_BASE_STEPS:-300}"      # d4 pretraining steps of 8,192 tokens (~2.5M tokens)
 MID_STEPS="${DEMO_MID_STEPS:-200}"        # mid-training steps of 8,192 tokens (where spelling is learned)
 SFT_STEPS="${DEMO_SFT_STEPS:-100}"        # SFT optimizer steps of 16 conversations
 RL_STEPS="${DEMO_RL_STEPS:-20}"           # RL steps of 8 questions x 8 samples
