@@ -147,6 +147,17 @@ def test_val_batches_predict_every_token_after_the_first_exactly_once():
     assert inputs[2].tolist() == [8, 9, 10, 99, 99]  # padding inputs are a real token id (BOS)
 
 
+def test_aligned_val_batches_start_every_document_in_its_own_row_after_its_bos():
+    bos = 99
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    batches = quality.val_batches(docs, bos, seq_len=4, batch_size=3, aligned=True)
+    assert [tuple(inputs.shape) for inputs, _ in batches] == [(3, 4), (1, 4)]
+    inputs = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    assert inputs.tolist() == [[99, 1, 2, 3], [99, 4, 5, 99], [99, 6, 7, 8], [9, 10, 99, 99]]
+    assert targets.tolist() == [[1, 2, 3, -1], [4, 5, -1, -1], [6, 7, 8, 9], [10, -1, -1, -1]]
+
+
 def test_token_bytes_are_raw_bytes_and_zero_for_special_tokens():
     ranks = {bytes([i]): i for i in range(256)}
     ranks["é".encode()] = 256  # two bytes
@@ -188,6 +199,7 @@ def test_the_measure_worker_scores_a_uniform_model_at_log2_vocab_bits_per_token(
     text_tokens = sum(len(tokenizer.encode(doc)) for doc in docs)
     assert result["eval_bytes"] == text_bytes and result["eval_tokens"] == text_tokens
     assert result["val_bpb"] == pytest.approx(math.log2(300) * text_tokens / text_bytes, rel=1e-5)
+    assert result["val_bpb_aligned"] == pytest.approx(result["val_bpb"], rel=1e-5)  # the same targets, other rows
     assert result["flops_per_token"] == result["own_flops_per_token"] == model.estimate_flops()
     # In the original's codebase `nanochat.common` is its own, without the helpers our loss_eval imports: the worker
     # gives loss_eval ours, and leaves theirs in place for everything else.

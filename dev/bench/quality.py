@@ -25,8 +25,10 @@ Equal evaluation. Every run's final checkpoint is loaded by its own codebase's b
 nanochat/loss_eval.py on the same text: whole documents from the start of the pinned validation shard (at least
 eval_bytes bytes of UTF-8), each after a BOS, packed into one stream and cut into rows of max_seq_len, so every byte
 is predicted exactly once whatever the tokenizer (bits per byte counts each token's raw bytes; the sum is checked
-against the text's). Each codebase's own end-of-run val bpb is recorded beside it (own_val_bpb) as a cross-check:
-ours reads a plain token stream, the original's loader packs documents best-fit and crops them, so they differ.
+against the text's). It is scored twice on the same targets: val_bpb in rows cut from that stream, which start
+anywhere (the rows our loader trains on), and val_bpb_aligned with each document starting a row of its own after its
+BOS (the rows the original's loader trains on, best-fit packed and cropped), so neither codebase is judged only on
+the other's kind of row. Each codebase's own end-of-run val bpb is recorded beside it (own_val_bpb) as a cross-check.
 
 Runs go round-robin (config A seed 0, B seed 0, A seed 1, ...), `jobs` at a time, each with OMP_NUM_THREADS=threads.
 Each finished run is added to the results JSON at once (under a file lock, several harnesses may share one file), so
@@ -211,21 +213,27 @@ def read_val_documents(parquet_path, min_bytes):
     raise ValueError(f"{parquet_path} holds only {total:,} bytes of text; eval_bytes={min_bytes:,} asks for more")
 
 
-def val_batches(token_lists, bos_id, seq_len, batch_size):
+def val_batches(token_lists, bos_id, seq_len, batch_size, aligned=False):
     """[(inputs, targets)] of (rows, seq_len): the documents' tokens, each list after a BOS, in one stream cut into
     rows; row r predicts stream[r*T+1 .. r*T+T]. Every token after the first is a target exactly once; the last row
-    is padded with BOS inputs and ignored (-1) targets."""
-    stream = []
-    for tokens in token_lists:
-        stream.append(bos_id)
-        stream.extend(tokens)
+    is padded with BOS inputs and ignored (-1) targets. aligned: each document starts a row of its own, BOS first
+    (the rows the original trains on), and goes on in the next rows if longer; the same text targets."""
+    streams = [[bos_id, *tokens] for tokens in token_lists]
+    if not aligned:
+        streams = [[token for stream in streams for token in stream]]
+    inputs, targets = zip(*(stream_rows(stream, bos_id, seq_len) for stream in streams))
+    inputs, targets = torch.cat(inputs), torch.cat(targets)
+    return [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+
+
+def stream_rows(stream, bos_id, seq_len):
+    """(inputs, targets) of (rows, seq_len) for one token stream, its last row padded (BOS inputs, -1 targets)."""
     num_rows = -(-(len(stream) - 1) // seq_len)
     padded = torch.full((num_rows * seq_len + 1,), -1, dtype=torch.long)
     padded[:len(stream)] = torch.tensor(stream, dtype=torch.long)
     inputs = padded[:-1].view(num_rows, seq_len).clone()
     inputs[inputs < 0] = bos_id
-    targets = padded[1:].view(num_rows, seq_len)
-    return [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, num_rows, batch_size)]
+    return inputs, padded[1:].view(num_rows, seq_len)
 
 
 def token_byte_counts(enc):
@@ -276,9 +284,10 @@ def worker_measure(job):
         counted = sum(int(token_bytes[torch.tensor(tokens, dtype=torch.long)].sum()) for tokens in token_lists)
         if counted != text_bytes:
             raise RuntimeError(f"the tokens' bytes add up to {counted:,}, the text has {text_bytes:,}")
-        batches = val_batches(token_lists, enc.encode_single_token("<|bos|>"), seq_len, job["batch_size"])
         t0 = time.time()
-        result["val_bpb"] = loss_eval.evaluate_bpb(model, iter(batches), len(batches), token_bytes)
+        for key, aligned in [("val_bpb", False), ("val_bpb_aligned", True)]:
+            batches = val_batches(token_lists, enc.encode_single_token("<|bos|>"), seq_len, job["batch_size"], aligned)
+            result[key] = loss_eval.evaluate_bpb(model, iter(batches), len(batches), token_bytes)
         result.update(eval_s=round(time.time() - t0, 1), eval_bytes=text_bytes, eval_documents=len(documents),
                       eval_tokens=sum(len(tokens) for tokens in token_lists))
     return result
@@ -328,7 +337,8 @@ def summarize_group(runs):
             "steps": runs[0]["steps"], "flops": statistics.fmean(run["flops"] for run in runs),
             "train_wall_s": statistics.fmean(run["train_wall_s"] for run in runs),
             "train_cpu_s": statistics.fmean(run["train_cpu_s"] for run in runs),
-            "own_val_bpb": [run.get("own_val_bpb") for run in runs]}
+            "own_val_bpb": [run.get("own_val_bpb") for run in runs],
+            "aligned_val_bpb": [run.get("val_bpb_aligned") for run in runs]}
 
 
 def difference_is_real(values, baseline_values):
@@ -387,16 +397,17 @@ def summarize(runs, baseline_name):
 
 def markdown_table(rows, matches, baseline_name):
     lines = ["| depth | config | codebase | budget | steps | FLOPs | seeds: val bpb | mean | spread | "
-             f"vs {baseline_name} | real? | train min (wall / CPU) | own val bpb |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
+             f"vs {baseline_name} | real? | train min (wall / CPU) | own val bpb | doc-aligned val bpb |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|---|"]
     for row in rows:
         delta = f"{row['delta_vs_baseline']:+.4f}" if "delta_vs_baseline" in row else ""
         real = ("yes" if row["real"] else "no") if "real" in row else ""
-        own = ", ".join("-" if value is None else f"{value:.4f}" for value in row["own_val_bpb"])
+        own, aligned = (", ".join("-" if value is None else f"{value:.4f}" for value in row[key])
+                        for key in ("own_val_bpb", "aligned_val_bpb"))
         lines.append(f"| d{row['depth']} | {row['name']} | {row['codebase']} | {row['fraction']:g}x | {row['steps']} | "
                      f"{row['flops']:.3e} | {', '.join(f'{value:.4f}' for value in row['val_bpb'])} | "
                      f"{row['mean']:.4f} | {row['spread']:.4f} | {delta} | {real} | "
-                     f"{row['train_wall_s'] / 60:.1f} / {row['train_cpu_s'] / 60:.1f} | {own} |")
+                     f"{row['train_wall_s'] / 60:.1f} / {row['train_cpu_s'] / 60:.1f} | {own} | {aligned} |")
     for match in matches:
         relation = {"=": "at", "<=": "at or below", ">": "above"}[match["relation"]]
         lines.append(f"\nd{match['depth']}: {match['name']} reaches {baseline_name}'s full-budget mean val bpb "
