@@ -101,7 +101,7 @@ def build_model(checkpoint_dir, step, device, phase):
     # A compiled model's state_dict names every tensor "_orig_mod.<name>" (removeprefix, not lstrip: lstrip
     # strips characters, and would eat the start of names like "o...").
     model_data = {name.removeprefix("_orig_mod."): tensor for name, tensor in model_data.items()}
-    config = GPTConfig(**meta["model_config"])
+    config = GPTConfig(**saved_model_config(meta, checkpoint_dir))
     model = GPT.create(config, device)  # init_weights fills the rotary tables; the weights come next
     # Copying into the parameters (not assign=True) keeps the dtypes this device's model uses: bf16 weights
     # saved on a GPU become fp32 on CPU/MPS.
@@ -160,6 +160,21 @@ def load_model(source, device, phase, model_tag=None, step=None):
         raise MissingFileError(f"{e}. Train a {source} model first: `{TRAIN_COMMANDS[source]}`") from None
 
 
+# GPTConfig fields measured and removed since (dev/BENCHMARKS.md, "Quality per FLOP"), at the value the model without
+# them equals: checkpoints saved with them off still load and resume
+REMOVED_FIELDS = {"attn_gate": False}
+
+
+def saved_model_config(meta, checkpoint_dir):
+    """The GPTConfig fields of a checkpoint's meta, less the removed ones (a UserError where one was on)."""
+    config = dict(meta["model_config"])
+    for name, off in REMOVED_FIELDS.items():
+        if config.pop(name, off) != off:
+            raise UserError(f"the checkpoint in {checkpoint_dir} was trained with {name}, a setting removed since: "
+                            f"load it with the nanochat that trained it")
+    return config
+
+
 def load_resume_checkpoint(checkpoint_dir, which, device, rank, model_config, world_size):
     """(step, model_data, optimizer_data, meta) of the checkpoint to resume: which is a step number ("200") or
     "last". UserError when it does not fit this run: another model_config, or another number of processes (each rank
@@ -173,7 +188,7 @@ def load_resume_checkpoint(checkpoint_dir, which, device, rank, model_config, wo
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     from nanochat.gpt import SEED_ARCHITECTURE
 
-    saved = {**SEED_ARCHITECTURE, **meta["model_config"]}  # a meta from before a field existed: the seed's
+    saved = {**SEED_ARCHITECTURE, **saved_model_config(meta, checkpoint_dir)}  # a field newer than the meta: the seed's
     if saved != model_config:
         differing = ", ".join(f"{name}={saved[name]!r} (these settings: {model_config.get(name)!r})"
                               for name in saved if saved[name] != model_config.get(name))

@@ -4,8 +4,8 @@ The GPT model: a decoder-only Transformer, its weight init, FLOP estimate, optim
 Architecture: token embedding -> RMSNorm -> pre-norm blocks (attention with rotary embeddings, QK-norm and
 grouped-query attention; a relu^2 MLP) -> RMSNorm -> untied lm_head -> logit softcap. No biases and no learnable
 norm parameters anywhere. GPTConfig's fields beyond the shape switch on the parts of the original nanochat's newest
-recipe (value embeddings, per-layer lambdas, smear, backout, sliding windows, ...) and an attention output gate;
-their defaults are the architecture above. Weights are fp32 master copies; activations run in COMPUTE_DTYPE
+recipe (value embeddings, per-layer lambdas, smear, backout, sliding windows, ...); their defaults are the
+architecture above. Weights are fp32 master copies; activations run in COMPUTE_DTYPE
 (nanochat.common) with each Linear casting its weight at use, so there is no autocast and what runs in which
 precision is explicit.
 
@@ -47,7 +47,6 @@ class GPTConfig:
     rope_base: float = 10000.0  # the rotary embedding's base period
     window_pattern: str = "L"  # per layer, tiled: L attends to the whole context, S to a sliding window of a quarter
     # of sequence_len; the last layer is always L
-    attn_gate: bool = False  # each head's output scaled by a gate from the layer's input (arXiv 2505.06708)
     wte_std: float = 1.0  # init: the token embedding's standard deviation
     c_fc_gain: float = 1.0  # init: the MLP's input matrix relative to the attention matrices' std 1/sqrt(n_embd)
 
@@ -197,7 +196,6 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config) else None
-        self.out_gate = Linear(config.n_embd, self.n_head) if config.attn_gate else None
 
     def forward(self, x, value_embed, cos, sin, kv_cache, positions, attn_mask):
         B, T, C = x.size()
@@ -223,8 +221,6 @@ class CausalSelfAttention(nn.Module):
         else:  # a sliding window, or a chunk on top of a cache: the mask says who sees whom
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         y = y.transpose(1, 2)  # (B, T, H, D)
-        if self.out_gate is not None:
-            y = y * (2 * torch.sigmoid(self.out_gate(x))).unsqueeze(-1)  # (B, T, H, 1) in (0, 2), 1 at init
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -318,9 +314,8 @@ class GPT(nn.Module):
         for table in self.value_embeds.values():
             nn.init.uniform_(table.weight, -bound, bound)  # like c_v: values of the same scale
         for block in self.transformer.h:
-            for gate in (block.attn.ve_gate, block.attn.out_gate):
-                if gate is not None:
-                    nn.init.zeros_(gate.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
         if config.layer_lambdas:  # more of the stream and of the embedding early, less deep
             self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, config.n_layer))
             self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, config.n_layer))
@@ -534,8 +529,6 @@ class GPT(nn.Module):
             keys, values = kv_cache.insert(i, qk[:, None, H:], v[:, None], positions, length)
             y = F.scaled_dot_product_attention(qk[:, :H, None], keys.transpose(1, 2), values.transpose(1, 2),
                                                attn_mask=masks[self.windows[i]], enable_gqa=True)  # (B, H, 1, D)
-            if attn.out_gate is not None:
-                y = y * (2 * torch.sigmoid(attn.out_gate(h)))[:, :, None, None]
             x = x + torch.mm(y.view(B, -1), proj)
             x = x + torch.mm(F.relu(torch.mm(norm(x), fc)).square(), fc_out)
             if i == config.n_layer // 2:

@@ -256,7 +256,7 @@ def test_a_checkpoint_saved_before_the_recipe_fields_resumes_as_the_seed(uninter
 
 
 # every recipe setting away from its default (the batch-size law aside: at d2 it asks for many micro-steps)
-RECIPE = ["--arch=v2,attn_gate=True", "--orthogonalizer=polar_express", "--normuon_beta2=0.9",
+RECIPE = ["--arch=v2,value_embeds_every_layer=True", "--orthogonalizer=polar_express", "--normuon_beta2=0.9",
           "--muon_weight_decay=0.2", "--cautious_weight_decay=True", "--muon_momentum_final=0.9",
           "--warmdown_shape=sqrt", "--warmup_ratio=0.1", "--batch_lr_scaling=True", "--count_embedding=False",
           "--num_iterations=12", "--eval_every=6", "--save_every=6"]
@@ -268,8 +268,8 @@ def test_a_recipe_run_learns_records_its_architecture_and_resumes_bit_for_bit(tm
     curve, weights = read_curve(base_dir), final_weights(base_dir, 12)
     assert curve["val_bpb"][-1] < curve["val_bpb"][0], curve["val_bpb"]
     config = final_meta(base_dir, 12)["model_config"]
-    assert config["value_embeds"] and config["attn_gate"] and config["window_pattern"] == "SSSL"
-    assert "value_embeds.1.weight" in weights and "smear_gate.weight" in weights
+    assert config["value_embeds_every_layer"] and config["window_pattern"] == "SSSL"
+    assert "value_embeds.0.weight" in weights and "smear_gate.weight" in weights
     resumed = copy_run(base_dir, tmp_path / "resumed")
     run_base_train(resumed, *TINY, *RECIPE, "--resume_from_step=6")
     assert_same_weights(final_weights(resumed, 12), weights)

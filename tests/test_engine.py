@@ -398,8 +398,7 @@ def test_greedy_tokens_are_the_same_alone_or_joining_mid_flight(chat_model):
         assert [e.token for e in events[rows[i]]] == alone[i]
 
 
-@pytest.mark.parametrize("arch", ["v2", "seed,smear=True,window_pattern=SL",
-                                  "v2,attn_gate=True,value_embeds_every_layer=True"])
+@pytest.mark.parametrize("arch", ["v2", "seed,smear=True,window_pattern=SL", "v2,value_embeds_every_layer=True"])
 def test_a_recipe_model_decodes_in_batches_like_the_uncached_reference(fp32, isolated_base_dir, arch):
     # value embeddings and smear read the token (smear also the one before it, from the cache); windows of 16
     # (sequence_len 64) that prompt + 30 tokens run past; requests join mid-flight and share prefilled prompts

@@ -110,9 +110,8 @@ def test_bad_head_counts_are_rejected_with_the_values():
 # each setting on its own (its gates and scalars perturbed away from their init, so that they act), then together
 EACH_SETTING = ["seed,value_embeds=True", "seed,value_embeds=True,value_embeds_every_layer=True",
                 "seed,layer_lambdas=True", "seed,smear=True", "seed,backout=True", "seed,qk_scale=1.2",
-                "seed,rope_base=100000", "seed,window_pattern=SL", "seed,attn_gate=True",
-                "seed,wte_std=0.8,c_fc_gain=0.4",
-                "v2", "v2,attn_gate=True,value_embeds_every_layer=True"]
+                "seed,rope_base=100000", "seed,window_pattern=SL", "seed,wte_std=0.8,c_fc_gain=0.4",
+                "v2", "v2,value_embeds_every_layer=True"]
 
 
 def arch_small_config(arch="v2", n_layer=4, sequence_len=64, vocab_size=300, n_head=4, n_kv_head=2, n_embd=64):
@@ -156,9 +155,8 @@ def test_recipe_parameters_and_their_shapes():
     assert model.backout_lambda.shape == (1,)
     assert model.windows == [16, 16, 16, -1]  # SSSL: a quarter of 64; the last layer full
     assert build(arch_small_config("v2,window_pattern=SL", n_layer=3)).windows == [16, -1, -1]
-    every = build(arch_small_config("v2,value_embeds_every_layer=True,attn_gate=True", n_layer=3))
+    every = build(arch_small_config("v2,value_embeds_every_layer=True", n_layer=3))
     assert sorted(every.value_embeds) == ["0", "1", "2"]
-    assert every.transformer.h[0].attn.out_gate.weight.shape == (4, 64)  # one gate per query head
 
 
 def test_recipe_init():
@@ -176,7 +174,7 @@ def test_recipe_init():
     assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("arch", ["v2", "v2,attn_gate=True,value_embeds_every_layer=True"])
+@pytest.mark.parametrize("arch", ["v2", "v2,value_embeds_every_layer=True"])
 def test_every_recipe_parameter_gets_a_gradient(arch, device):
     model = build(arch_small_config(arch), perturb=0.02, device=device)
     model.smear_lambda.data.fill_(0.5)  # at 0 (its init) the smear gate's own weights get no gradient
@@ -282,8 +280,6 @@ def reference_forward(model, idx):
         visible = (distance >= 0) & ((distance <= model.windows[i]) if model.windows[i] >= 0 else True)
         weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         y = torch.einsum("bhqk,bkhd->bqhd", weights, v)
-        if config.attn_gate:
-            y = y * 2 * torch.sigmoid(h @ attn.out_gate.weight.T)[..., None]  # (B, T, H, 1)
         x = x + y.reshape(B, T, H * D) @ attn.c_proj.weight.T
         x = x + (torch.relu(rms(x) @ block.mlp.c_fc.weight.T) ** 2) @ block.mlp.c_proj.weight.T
         if i == config.n_layer // 2:
@@ -345,7 +341,7 @@ def test_a_recipe_model_round_trips_through_a_checkpoint(isolated_base_dir):
     from pretraining_setup import install_tokenizer
 
     tokenizer = install_tokenizer(isolated_base_dir)
-    config = arch_small_config("v2,attn_gate=True", vocab_size=tokenizer.get_vocab_size(), sequence_len=32)
+    config = arch_small_config("v2", vocab_size=tokenizer.get_vocab_size(), sequence_len=32)
     model = build(config, perturb=0.02)
     directory = isolated_base_dir / "base_checkpoints" / "d4"
     save_checkpoint(str(directory), 5, model.state_dict(), None, {"step": 5, "model_config": vars(config)})
@@ -354,6 +350,15 @@ def test_a_recipe_model_round_trips_through_a_checkpoint(isolated_base_dir):
     idx = torch.randint(0, config.vocab_size, (2, 24))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model.eval()(idx))
+    # a meta with a removed setting (attn_gate, measured and dropped) loads where it was off, is an error where on
+    for attn_gate in (False, True):
+        save_checkpoint(str(directory), 6, model.state_dict(), None,
+                        {"step": 6, "model_config": {**vars(config), "attn_gate": attn_gate}})
+        if attn_gate:
+            with pytest.raises(UserError, match="trained with attn_gate, a setting removed since"):
+                build_model(str(directory), 6, "cpu", "eval")
+        else:
+            assert build_model(str(directory), 6, "cpu", "eval")[0].config == config
 
 
 # -----------------------------------------------------------------------------
