@@ -5,8 +5,7 @@ table decides what is real."""
 import math
 import sys
 import threading
-import types
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -203,7 +202,7 @@ def test_the_measure_worker_scores_a_uniform_model_at_log2_vocab_bits_per_token(
     assert result["flops_per_token"] == result["own_flops_per_token"] == model.estimate_flops()
     # In the original's codebase `nanochat.common` is its own, without the helpers our loss_eval imports: the worker
     # gives loss_eval ours, and leaves theirs in place for everything else.
-    theirs = types.ModuleType("nanochat.common")
+    theirs = ModuleType("nanochat.common")
     vars(theirs).update({k: v for k, v in vars(common).items() if k not in ("all_ranks_sum", "dist_rank_and_size")})
     monkeypatch.setitem(sys.modules, "nanochat.common", theirs)
     assert quality.worker_measure({**job, "eval_bytes": text_bytes})["val_bpb"] == result["val_bpb"]
