@@ -151,20 +151,16 @@ def muon_groups(params, **settings):
     return [dict(kind="muon", params=[p for p in params if tuple(p.shape) == shape], **settings) for shape in shapes]
 
 
-def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_steps=0, final_frac=0.0, warmdown_shape="linear"):
+def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_steps=0, final_frac=0.0):
     """Every training loop's LR schedule, as the multiplier of the initial LRs: linear warmup over warmup_steps,
-    constant, then a warmdown to final_frac at num_steps, never below 0 past it: linear, or "sqrt" (1 - sqrt of the
-    way through it: down faster at first, then slower; arXiv 2405.18392). step and num_steps may be fractions
-    (mid-training measures its progress through the data, from 0 to 1)."""
+    constant, then a linear warmdown to final_frac at num_steps, never below 0 past it. step and num_steps may be
+    fractions (mid-training measures its progress through the data, from 0 to 1). (A 1 - sqrt warmdown lost 0.020
+    val bpb to this one at d4: dev/BENCHMARKS.md, "Quality per FLOP".)"""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step <= num_steps - warmdown_steps:
         return 1.0
     progress = max(0.0, (num_steps - step) / warmdown_steps)  # 1 -> 0 over the warmdown
-    if warmdown_shape == "sqrt":
-        progress = 1 - math.sqrt(1 - progress)
-    elif warmdown_shape != "linear":
-        raise ValueError(f"warmdown_shape={warmdown_shape!r}: expected linear or sqrt")
     return progress + (1 - progress) * final_frac
 
 

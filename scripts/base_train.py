@@ -79,8 +79,7 @@ warmup_ratio = 0.0  # fraction of the steps spent warming the LR up
 # The LR schedule: a long warmdown to 5% (the original's newest) beats the seed's 20% to 0 at equal FLOPs at d4
 # (dev/BENCHMARKS.md, "Quality per FLOP")
 warmdown_ratio = 0.65  # fraction of the steps spent decaying the LR...
-final_lr_frac = 0.05  # ...to this fraction of the initial LR...
-warmdown_shape = "linear"  # ...linearly, or sqrt (1 - sqrt of the way through the warmdown)
+final_lr_frac = 0.05  # ...linearly, to this fraction of the initial LR
 resume_from_step = ""  # "" starts afresh; a step number like "200", or "last", resumes from that checkpoint
 # Evaluation and checkpoints (every <= 0: never, except that the final val bpb is always measured)
 eval_every = 250  # steps between val bpb evaluations
@@ -274,8 +273,7 @@ while True:
     loss, trained, batch = accumulate_gradients(model, batch, train_loader, accum_steps)
     loader_state = trained[2]
     warmdown_steps = round(warmdown_ratio * num_iterations)
-    lrm = lr_multiplier(step, num_iterations, round(warmup_ratio * num_iterations), warmdown_steps, final_lr_frac,
-                        warmdown_shape)
+    lrm = lr_multiplier(step, num_iterations, round(warmup_ratio * num_iterations), warmdown_steps, final_lr_frac)
     momentum = muon_momentum(step, momentum_warmup_steps, 0.85, muon_momentum_peak, num_iterations, warmdown_steps,
                              muon_momentum_final if muon_momentum_final > 0 else None)
     optimizer.update(lrm, momentum, muon_weight_decay * cosine_decay(step, num_iterations))

@@ -258,7 +258,7 @@ def test_a_checkpoint_saved_before_the_recipe_fields_resumes_as_the_seed(uninter
 # every recipe setting away from its default (the batch-size law aside: at d2 it asks for many micro-steps)
 RECIPE = ["--arch=v2,value_embeds_every_layer=True", "--orthogonalizer=polar_express", "--normuon_beta2=0.9",
           "--muon_weight_decay=0.2", "--cautious_weight_decay=True", "--muon_momentum_final=0.9",
-          "--warmdown_shape=sqrt", "--warmup_ratio=0.1", "--batch_lr_scaling=True", "--count_embedding=False",
+          "--warmup_ratio=0.1", "--batch_lr_scaling=True", "--count_embedding=False",
           "--num_iterations=12", "--eval_every=6", "--save_every=6"]
 
 
