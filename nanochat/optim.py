@@ -154,8 +154,8 @@ def muon_groups(params, **settings):
 def lr_multiplier(step, num_steps, warmup_steps=0, warmdown_steps=0, final_frac=0.0):
     """Every training loop's LR schedule, as the multiplier of the initial LRs: linear warmup over warmup_steps,
     constant, then a linear warmdown to final_frac at num_steps, never below 0 past it. step and num_steps may be
-    fractions (mid-training measures its progress through the data, from 0 to 1). (A 1 - sqrt warmdown lost 0.020
-    val bpb to this one at d4: dev/BENCHMARKS.md, "Quality per FLOP".)"""
+    fractions (mid-training measures its progress through the data, from 0 to 1). (A 1 - sqrt warmdown did no better
+    at d4: dev/BENCHMARKS.md, "Quality per FLOP".)"""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step <= num_steps - warmdown_steps:
