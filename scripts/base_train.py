@@ -4,7 +4,8 @@ Pretrain the base model on the parquet shards in <base>/base_data with the token
 One dial, --depth: the width (64 * depth), the heads (head dim 128) and, through the parameter count, the
 training horizon (target_param_data_ratio tokens per parameter) follow from it. A step is total_batch_size tokens
 whatever the hardware: each process accumulates gradients over as many micro-steps as it takes. --arch picks the
-architecture (GPTConfig's fields beyond the shape; recorded in the checkpoint): v2 (the default) or seed.
+architecture (GPTConfig's fields beyond the shape; recorded in the checkpoint): by default v2 (the original's newest)
+without its per-layer lambdas, or seed, or either with fields overridden.
 
 Checkpoints go to <base>/base_checkpoints/<model_tag>/ (every save_every steps and at the end, BEFORE the final
 evaluation). --resume_from_step=last (or a step number) resumes exactly: weights, every rank's optimizer state,
@@ -51,7 +52,10 @@ run = "dummy"  # wandb run name; "dummy" logs nothing to wandb
 device_type = ""  # cuda | cpu | mps; "" = autodetect
 # Model
 depth = 20  # the one dial: n_layer = depth, model_dim = 64 * depth, heads of 128
-arch = "v2"  # v2 | seed (nanochat/gpt.py ARCHITECTURES), then any ",field=value" of GPTConfig: "v2,smear=False"
+# v2 | seed (nanochat/gpt.py ARCHITECTURES), then any ",field=value" of GPTConfig. The default drops v2's per-layer
+# lambdas: they cost it 0.067 bpb at d4 (8,192-token steps; dev/BENCHMARKS.md, "Quality per FLOP"); the original
+# found them a gain at its 524,288, which no CPU can check
+arch = "v2,layer_lambdas=False"
 max_seq_len = 2048  # context length
 # Horizon: the first one set wins
 num_iterations = -1  # optimizer steps
