@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import nanochat.engine as engine_module
 import nanochat.gpt as gpt_module
 from model_setup import make_chat_checkpoint
 from pretraining_setup import install_tokenizer
@@ -58,21 +57,6 @@ def data_dir(shared_data, monkeypatch):
     return shared_data
 
 
-@pytest.fixture
-def one_thread():
-    # the tiny models gain nothing from a thread pool, and on a busy 2-core machine its spinning costs seconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fp32(monkeypatch, one_thread):
-    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.float32)
-    monkeypatch.setattr(engine_module, "COMPUTE_DTYPE", torch.float32)
-
-
 def test_categorical_answer_is_the_letter_with_the_top_logit_after_the_prompt(data_dir, tmp_path):
     tokenizer = install_tokenizer(tmp_path / "tok")
     task = ARC("ARC-Easy", "validation", stop=12)
@@ -108,7 +92,7 @@ def completions_of(engine, prompts, **settings):
     return completions
 
 
-def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, isolated_base_dir):
+def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     for task in (SpellingBee(7, "test"), GSM8K("main", "test", stop=5)):
@@ -124,7 +108,7 @@ def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(
                                                                                                  len(task))
 
 
-def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, isolated_base_dir):
+def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     task = SpellingBee(4, "test")
@@ -138,7 +122,7 @@ def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data
     assert completions_of(engine, prompts, gen_batch=12, seed=7, **settings) != alone
 
 
-def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, isolated_base_dir):
+def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, one_thread, isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     task = SpellingBee(6, "test")

@@ -6,7 +6,7 @@ blocking host wait (the readback one step behind) and none inside the fixed-shap
 fixed-shape step gives the eager path's tokens.
 
 Exactness tests run the model in fp32: the compute dtype is fixed at import (bf16 on CPUs with native bf16), so
-the `fp32` fixture switches the modules' COMPUTE_DTYPE before the model is built."""
+the `fp32` fixture (tests/conftest.py) switches the modules' COMPUTE_DTYPE before the model is built."""
 
 import ast
 import math
@@ -24,19 +24,7 @@ from nanochat.gpt import arch_config, softcap
 from model_setup import make_chat_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny models gain nothing from a thread pool, and on a busy 2-core machine its spinning costs seconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fp32(monkeypatch):
-    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.float32)
-    monkeypatch.setattr(engine_module, "COMPUTE_DTYPE", torch.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nanochat.gpt as gpt_module
 from nanochat.common import COMPUTE_DTYPE, UserError
 from nanochat.gpt import (SHAPE_FIELDS, GPT, GPTConfig, KVCache, arch_config, dims_for_depth, norm,
                           unembed)
@@ -291,8 +290,8 @@ def reference_forward(model, idx):
 
 
 @pytest.mark.parametrize("arch", ["seed"] + EACH_SETTING)
-def test_forward_equals_the_written_out_reference(arch, monkeypatch):
-    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.float64)  # only the softcap runs in fp32
+def test_forward_equals_the_written_out_reference(arch, compute_dtype):
+    compute_dtype(torch.float64)  # only the softcap runs in fp32
     model = build(arch_small_config(arch, n_layer=5, sequence_len=32), perturb=0.05).double()
     idx = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
@@ -501,8 +500,8 @@ def test_decode_step_gives_the_forward_logits_for_rows_at_different_positions(n_
     assert [c.pos.tolist() for c in caches] == [[9, 5, 7]] * 3
 
 
-def test_decode_weights_follow_in_place_updates_and_other_dtypes(monkeypatch):
-    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", torch.bfloat16)  # fp32 masters, bf16 compute: RL rollouts
+def test_decode_weights_follow_in_place_updates_and_other_dtypes(compute_dtype):
+    compute_dtype(torch.bfloat16)  # fp32 masters, bf16 compute: RL rollouts
     config = small_config(n_head=4, n_kv_head=2)
     model = build(config, perturb=0.02)
     qkv = model.decode_weights()[0][0]

@@ -392,11 +392,10 @@ RECORDED_FP64_LOSSES = [
 ]
 
 
-def test_first_20_float64_losses_of_the_model_and_optimizer_stay_at_the_recorded_run(monkeypatch):
-    import nanochat.gpt
+def test_first_20_float64_losses_of_the_model_and_optimizer_stay_at_the_recorded_run(compute_dtype):
     from nanochat.gpt import GPT, GPTConfig
 
-    monkeypatch.setattr(nanochat.gpt, "COMPUTE_DTYPE", torch.float64)
+    compute_dtype(torch.float64)
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=128)
     model = GPT.create(config, "cpu").double()

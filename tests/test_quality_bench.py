@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dev.bench import quality
-from nanochat import common, gpt as gpt_module
+from nanochat import common
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 from pretraining_setup import corpus_text, install_tokenizer
@@ -74,8 +74,8 @@ def test_bad_configs_are_refused_with_the_reason(text, message):
 # The compute dtype picks the attention kernel (SDPA in fp32; on CPU in bf16 the explicit path, plain matmuls), and
 # the default dtype is the machine's: both are pinned here so that neither depends on the CPU the test runs on.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_flop_count_of_our_model_is_what_torch_counts_for_its_matmuls_and_attention(dtype, monkeypatch):
-    monkeypatch.setattr(gpt_module, "COMPUTE_DTYPE", dtype)
+def test_the_flop_count_of_our_model_is_what_torch_counts_for_its_matmuls_and_attention(dtype, compute_dtype):
+    compute_dtype(dtype)
     config = GPTConfig(sequence_len=64, vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     model = build_gpt(config)
     tokens = torch.randint(0, 320, (1, 64))
