@@ -3,7 +3,9 @@ are read, how FLOPs and steps are counted, how the validation text becomes batch
 table decides what is real."""
 
 import math
+import subprocess
 import sys
+from pathlib import Path
 import threading
 from types import ModuleType, SimpleNamespace
 
@@ -20,6 +22,8 @@ from nanochat import common
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig, dims_for_depth
 from pretraining_setup import corpus_text, install_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_gpt(config):
@@ -278,6 +282,24 @@ def test_results_are_added_under_a_lock_and_none_is_lost(tmp_path):
         thread.join()
     recorded = quality.load_results(path)["runs"]
     assert sorted((r["worker"], r["i"]) for r in recorded) == [(w, i) for w in range(6) for i in range(5)]
+
+
+def test_a_run_another_harness_has_in_flight_is_not_claimed_until_that_harness_is_gone(tmp_path):
+    log_path = str(tmp_path / "q_ours_d4_f1_s0.log")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom dev.bench.quality import claim\n"
+                               "with claim(sys.argv[1]) as ours:\n    print(ours, flush=True); sys.stdin.read()",
+                               log_path], cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "True\n"
+        with quality.claim(log_path) as ours:
+            assert not ours
+    finally:
+        holder.kill()  # killed, not released: the OS drops the lock with the process
+        holder.wait()
+    with quality.claim(log_path) as ours:
+        assert ours
+        with quality.claim(log_path) as again:  # one harness, two threads: the second is refused too
+            assert not again
 
 
 def test_a_run_is_recognised_on_a_rerun_only_with_the_same_settings():

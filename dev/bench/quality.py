@@ -32,7 +32,8 @@ the other's kind of row. Each codebase's own end-of-run val bpb is recorded besi
 
 Runs go round-robin (config A seed 0, B seed 0, A seed 1, ...), `jobs` at a time, each with OMP_NUM_THREADS=threads.
 Each finished run is added to the results JSON at once (under a file lock, several harnesses may share one file), so
-a stop loses at most the runs in flight; a rerun skips what is recorded. The table (markdown beside the JSON) gives
+a stop loses at most the runs in flight; a rerun skips what is recorded, and a run that another harness on the same
+workdir has in flight (it holds the run's lock) is left to it. The table (markdown beside the JSON) gives
 per configuration and budget fraction the val bpb of every seed, mean, spread (max - min), FLOPs, steps and times,
 and the difference from the baseline configuration at the full budget, called real only when the two sets of seeds
 do not overlap; and, for a configuration trained at several fractions, the FLOPs at which it matches the baseline's
@@ -315,6 +316,25 @@ def add_result(path, kind, record):
             json.dump(data, f, indent=1)
             f.write("\n")
         os.replace(tmp_path, path)
+
+
+@contextlib.contextmanager
+def claim(log_path, wait=False):
+    """Hold log_path's lock for a run, yielding whether it is ours: a run's log and checkpoint paths follow from its
+    settings, so two harnesses on one workdir would otherwise delete each other's log and checkpoint. Without wait,
+    a lock held elsewhere yields False at once. The OS drops the lock with its process: a killed harness leaves none."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(log_path + ".lock")
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def probe_key(config, sizes):
@@ -612,31 +632,42 @@ if __name__ == "__main__":
             """FLOPs per token of the model the configuration trains: a 1-step run, loaded and counted (again for
             every commit of its codebase: a changed default may change the model)."""
             key = probe_key(config, {**sizes, "commit": commits[config.codebase]})
-            found = next((p for p in load_results(results)["probes"] if p["key"] == key), None)
-            if found:
-                return found
             model_tag = f"probe_{config.name}_d{depth}"
             log_path = os.path.join(workdir, "logs", f"{model_tag}.log")
-            log(f"probe {config.name}: {log_path}")
-            runner.remove_checkpoints(config.codebase, model_tag)
-            command = runner.train_command(config, model_tag, 1, 0, probe=True)
-            status, _, _ = runner.run(command, config.codebase, log_path)
-            if status != 0:
-                raise RuntimeError(f"the probe run of {config.name} failed (exit {status}):\n{tail(log_path)}")
-            measured = runner.measure(config.codebase, model_tag, 1, log_path, 0)
-            runner.remove_checkpoints(config.codebase, model_tag)
-            record = {"key": key, "name": config.name, "codebase": config.codebase, "args": list(config.args), **sizes,
-                      **measured}
-            add_result(results, "probes", record)
-            return record
+            with claim(log_path, wait=True):  # another harness probing it: wait, then take its record
+                found = next((p for p in load_results(results)["probes"] if p["key"] == key), None)
+                if found:
+                    return found
+                log(f"probe {config.name}: {log_path}")
+                runner.remove_checkpoints(config.codebase, model_tag)
+                command = runner.train_command(config, model_tag, 1, 0, probe=True)
+                status, _, _ = runner.run(command, config.codebase, log_path)
+                if status != 0:
+                    raise RuntimeError(f"the probe run of {config.name} failed (exit {status}):\n{tail(log_path)}")
+                measured = runner.measure(config.codebase, model_tag, 1, log_path, 0)
+                runner.remove_checkpoints(config.codebase, model_tag)
+                record = {"key": key, "name": config.name, "codebase": config.codebase, "args": list(config.args),
+                          **sizes, **measured}
+                add_result(results, "probes", record)
+                return record
 
         def train_and_score(config, fraction, seed, flops_per_token):
-            steps = steps_for_budget(budget, fraction, flops_per_token, total_batch_size)
+            key = run_key(config, sizes, budget, fraction, seed, eval_bytes)
             model_tag = f"q_{config.name}_d{depth}_f{fraction:g}_s{seed}"
             log_path = os.path.join(workdir, "logs", f"{model_tag}.log")
-            if os.path.exists(log_path):
-                os.remove(log_path)
-            runner.remove_checkpoints(config.codebase, model_tag)  # a run stopped half-way starts afresh
+            with claim(log_path) as ours:
+                if not ours:
+                    log(f"skip {config.name} x{fraction:g} seed {seed}: another harness has it in flight")
+                    return
+                if any(run["key"] == key for run in load_results(results)["runs"]):
+                    return  # another harness finished it since this one made its plan
+                if os.path.exists(log_path):
+                    os.remove(log_path)
+                runner.remove_checkpoints(config.codebase, model_tag)  # a run stopped half-way starts afresh
+                train_claimed_run(config, fraction, seed, flops_per_token, key, model_tag, log_path)
+
+        def train_claimed_run(config, fraction, seed, flops_per_token, key, model_tag, log_path):
+            steps = steps_for_budget(budget, fraction, flops_per_token, total_batch_size)
             log(f"start {config.name} x{fraction:g} seed {seed}: {steps} steps | {log_path}")
             command = runner.train_command(config, model_tag, steps, seed)
             status, wall_s, cpu_s = runner.run(command, config.codebase, log_path)
@@ -648,9 +679,9 @@ if __name__ == "__main__":
                                    f"token, its probe {flops_per_token:,}")
             if not keep_checkpoints:
                 runner.remove_checkpoints(config.codebase, model_tag)
-            record = {"key": run_key(config, sizes, budget, fraction, seed, eval_bytes), "name": config.name,
-                      "codebase": config.codebase, "args": list(config.args), **sizes, "seed": seed,
-                      "fraction": fraction, "budget_flops": budget, "steps": steps, "tokens": steps * total_batch_size,
+            record = {"key": key, "name": config.name, "codebase": config.codebase, "args": list(config.args), **sizes,
+                      "seed": seed, "fraction": fraction, "budget_flops": budget, "steps": steps,
+                      "tokens": steps * total_batch_size,
                       "flops": steps * total_batch_size * flops_per_token, **measured,
                       "own_val_bpb": own_val_bpb(log_path, config.codebase), "train_wall_s": round(wall_s, 1),
                       "train_cpu_s": round(cpu_s, 1), "threads": threads, "cpu": cpu_name(),
