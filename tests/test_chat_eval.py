@@ -92,7 +92,8 @@ def completions_of(engine, prompts, **settings):
     return completions
 
 
-def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, one_thread, isolated_base_dir):
+def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(data_dir, fp32, one_thread,
+                                                                                isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     for task in (SpellingBee(7, "test"), GSM8K("main", "test", stop=5)):
@@ -108,7 +109,8 @@ def test_greedy_completions_batched_across_problems_equal_one_problem_at_a_time(
                                                                                                  len(task))
 
 
-def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, one_thread, isolated_base_dir):
+def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data_dir, fp32, one_thread,
+                                                                            isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     task = SpellingBee(4, "test")
@@ -122,7 +124,8 @@ def test_sampled_completions_depend_on_the_seed_and_sample_not_on_the_batch(data
     assert completions_of(engine, prompts, gen_batch=12, seed=7, **settings) != alone
 
 
-def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, one_thread, isolated_base_dir):
+def test_a_problem_passes_when_any_sample_is_right_and_its_other_samples_stop(data_dir, fp32, one_thread,
+                                                                              isolated_base_dir):
     model, tokenizer = make_chat_checkpoint(isolated_base_dir, source="sft")
     engine = Engine(model, tokenizer)
     task = SpellingBee(6, "test")
