@@ -62,7 +62,8 @@ def uninterrupted(tmp_path_factory):
 # Learning, checkpoint, base_loss, report
 
 
-def test_tiny_run_lowers_val_bpb_and_its_checkpoint_gives_the_same_bpb_when_loaded(tmp_path, monkeypatch):
+# one_thread: the training process ran one thread; the same reduction order gives the same bits
+def test_tiny_run_lowers_val_bpb_and_its_checkpoint_gives_the_same_bpb_when_loaded(tmp_path, monkeypatch, one_thread):
     base_dir = make_base_dir(tmp_path / "base", vocab_size=512, num_train_docs=96)
     result = run_base_train(base_dir, *TINY, "--num_iterations=40", "--eval_every=20")
     curve = read_curve(base_dir)
@@ -79,13 +80,8 @@ def test_tiny_run_lowers_val_bpb_and_its_checkpoint_gives_the_same_bpb_when_load
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
     model, tokenizer, meta = load_model("base", "cpu", "eval")
     assert meta["step"] == 40 and tokenizer.get_vocab_size() == 512
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the training process ran one thread; the same reduction order gives the same bits
-    try:
-        batches = tokenizing_distributed_data_loader(4, 64, "val", rank=0, world_size=1)
-        assert evaluate_bpb(model, batches, 2048 // (4 * 64), get_token_bytes()) == curve["val_bpb"][-1]
-    finally:
-        torch.set_num_threads(threads)
+    batches = tokenizing_distributed_data_loader(4, 64, "val", rank=0, world_size=1)
+    assert evaluate_bpb(model, batches, 2048 // (4 * 64), get_token_bytes()) == curve["val_bpb"][-1]
 
 
 def test_base_loss_and_report_after_a_tiny_run(tmp_path):

@@ -5,8 +5,8 @@ table decides what is real."""
 import math
 import subprocess
 import sys
-from pathlib import Path
 import threading
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pyarrow as pa
