@@ -2,7 +2,8 @@
 `--name=value` overrides for a script's settings: the plain module-level variables at its top.
 
 A script calls `user_config = configure(globals())` after its settings block. Every public int, float,
-bool or str global defined by then is a setting; each `--name=value` on the command line replaces one.
+bool or str global defined by then is a setting, except ALL_CAPS constants (paths, URLs, code the script
+builds, never meant to be overridden); each `--name=value` on the command line replaces one.
 Values are Python literals type-checked against the default (an int may stand for a float); str settings
 take the text as written. Unknown names fail with the valid ones and a close match, `--help` prints the
 script's docstring and every setting. Not a config framework: no files, no nesting, no exec.
@@ -61,7 +62,7 @@ def configure(script_globals, argv=None):
     """Apply command-line overrides to a script's settings in place; return all settings as a dict."""
     argv = sys.argv[1:] if argv is None else argv
     settings = {name: value for name, value in script_globals.items()
-                if not name.startswith("_") and type(value) in SETTING_TYPES}
+                if not name.startswith("_") and not name.isupper() and type(value) in SETTING_TYPES}
     if "--help" in argv or "-h" in argv:
         print(format_help(script_globals.get("__doc__"), settings))
         sys.exit(0)

@@ -49,7 +49,7 @@ def test_malformed_argument_is_rejected():
 
 
 def test_configure_updates_globals_and_returns_all_settings():
-    script_globals = {"__doc__": "doc", "depth": 20, "run": "dummy", "_private": 1, "sys": sys}
+    script_globals = {"__doc__": "doc", "depth": 20, "run": "dummy", "_private": 1, "sys": sys, "REPO_ROOT": "/x"}
     config = configure(script_globals, ["--depth=3"])
     assert script_globals["depth"] == 3
     assert config == {"depth": 3, "run": "dummy"}
