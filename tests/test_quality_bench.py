@@ -263,9 +263,22 @@ def test_summary_compares_every_configuration_with_the_baseline_at_its_full_budg
     assert [(m["depth"], m["name"], m["relation"]) for m in matches] == [(4, "ours", "=")]
     # 1.81 lies 1/11 of the way from ours at 0.85x (1.82) to ours at 1x (1.71), in log FLOPs
     assert matches[0]["ratio"] == pytest.approx(math.exp(math.log(0.85) * 10 / 11))
+    assert by_key[(4, "ours", 1.0)]["paired"] == pytest.approx([-0.10, -0.10])
+    assert "paired" not in by_key[(4, "ours", 0.85)]  # orig has no runs at 0.85x
     table = quality.markdown_table(rows, matches, "orig")
     assert "| d4 | ours | ours | 0.85x | 340 |" in table
+    assert "| -0.1000 | yes | -0.1000, -0.1000" in table
     assert "reaches orig's full-budget mean val bpb (1.8100) at 0.863x its FLOPs" in table
+
+
+def test_paired_differences_match_seeds_and_give_a_t_statistic():
+    base = [run("def", 1.0, seed, value) for seed, value in enumerate([1.5717, 1.5665, 1.5477, 1.5633])]
+    other = [run("sb", 1.0, seed, value) for seed, value in [(3, 1.5153), (0, 1.5600), (1, 1.5455), (2, 1.4926)]]
+    differences, t = quality.paired_differences(other, base)
+    assert differences == pytest.approx([-0.0117, -0.0210, -0.0551, -0.0480])  # in seed order
+    assert t == pytest.approx(-3.25, abs=0.01)  # mean -0.0340, standard error 0.0105
+    differences, t = quality.paired_differences(other[:1] + [run("sb", 1.0, 7, 1.0)], base)  # seed 7: no partner
+    assert differences == pytest.approx([1.5153 - 1.5633]) and t is None
 
 
 def test_results_are_added_under_a_lock_and_none_is_lost(tmp_path):

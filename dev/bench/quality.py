@@ -36,8 +36,10 @@ a stop loses at most the runs in flight; a rerun skips what is recorded, and a r
 workdir has in flight (it holds the run's lock) is left to it. The table (markdown beside the JSON) gives
 per configuration and budget fraction the val bpb of every seed, mean, spread (max - min), FLOPs, steps and times,
 and the difference from the baseline configuration at the full budget, called real only when the two sets of seeds
-do not overlap; and, for a configuration trained at several fractions, the FLOPs at which it matches the baseline's
-full-budget mean (interpolated in log FLOPs).
+do not overlap; seed by seed, the differences from the baseline at the same budget and their paired t (a seed moves
+every configuration the same way, so a steady gain can show here while the sets still overlap: a t beyond about 3
+at 4 seeds, the 5% level on 3 degrees of freedom); and, for a configuration trained at several fractions, the FLOPs
+at which it matches the baseline's full-budget mean (interpolated in log FLOPs).
 
 The original's base_train seeds with a fixed 42: it runs through a launcher that replaces that seed with the run's.
 Its deps beside our environment: `uv pip install --target DIR rustbpe` and --orig_pythonpath=DIR. Not a training
@@ -368,6 +370,18 @@ def difference_is_real(values, baseline_values):
     return max(values) < min(baseline_values) or min(values) > max(baseline_values)
 
 
+def paired_differences(runs, reference_runs):
+    """Seed by seed over the seeds both sides have (a seed fixes the init draws; the data order is the same for every
+    run), this side's val bpb minus the reference's: (differences, paired t = mean / its standard error, None below
+    two seeds or with no variation). Sharper than comparing the two sets, since a seed moves every configuration."""
+    reference_by_seed = {run["seed"]: run["val_bpb"] for run in reference_runs}
+    differences = [run["val_bpb"] - reference_by_seed[run["seed"]] for run in sorted(runs, key=lambda run: run["seed"])
+                   if run["seed"] in reference_by_seed]
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return differences, None
+    return differences, statistics.fmean(differences) / (statistics.stdev(differences) / math.sqrt(len(differences)))
+
+
 def flops_to_match(points, target_bpb):
     """points: [(flops, mean bpb)] of one configuration at several budgets. (flops, relation): the FLOPs at which its
     bpb first reaches target_bpb, interpolated linearly in log FLOPs between the budgets around it (relation "="); its
@@ -383,8 +397,9 @@ def flops_to_match(points, target_bpb):
 
 
 def summarize(runs, baseline_name):
-    """Rows per (depth, name, fraction), each compared with the baseline at the same depth and fraction 1; and per
-    (depth, name) trained at several fractions, the FLOPs to match the baseline's full-budget mean."""
+    """Rows per (depth, name, fraction), each compared with the baseline at the same depth and fraction 1, and seed by
+    seed with the baseline at the same depth and fraction where it has one; and per (depth, name) trained at several
+    fractions, the FLOPs to match the baseline's full-budget mean."""
     groups = {}
     for run in runs:
         groups.setdefault((run["depth"], run["name"], run["fraction"]), []).append(run)
@@ -397,6 +412,9 @@ def summarize(runs, baseline_name):
             reference_values = [run["val_bpb"] for run in reference]
             row["delta_vs_baseline"] = row["mean"] - statistics.fmean(reference_values)
             row["real"] = difference_is_real(row["val_bpb"], reference_values)
+        same_budget = groups.get((run_depth, baseline_name, fraction))
+        if same_budget and name != baseline_name:
+            row["paired"], row["paired_t"] = paired_differences(group, same_budget)
         rows.append(row)
     matches = []
     for run_depth in sorted({row["depth"] for row in rows}):
@@ -417,16 +435,20 @@ def summarize(runs, baseline_name):
 
 def markdown_table(rows, matches, baseline_name):
     lines = ["| depth | config | codebase | budget | steps | FLOPs | seeds: val bpb | mean | spread | "
-             f"vs {baseline_name} | real? | train min (wall / CPU) | own val bpb | doc-aligned val bpb |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|---|"]
+             f"vs {baseline_name} | real? | seed by seed vs {baseline_name} (paired t) | train min (wall / CPU) | "
+             "own val bpb | doc-aligned val bpb |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---|---:|---|---|"]
     for row in rows:
         delta = f"{row['delta_vs_baseline']:+.4f}" if "delta_vs_baseline" in row else ""
         real = ("yes" if row["real"] else "no") if "real" in row else ""
+        paired = ", ".join(f"{value:+.4f}" for value in row.get("paired", []))
+        if row.get("paired_t") is not None:
+            paired += f" (t {row['paired_t']:+.1f})"
         own, aligned = (", ".join("-" if value is None else f"{value:.4f}" for value in row[key])
                         for key in ("own_val_bpb", "aligned_val_bpb"))
         lines.append(f"| d{row['depth']} | {row['name']} | {row['codebase']} | {row['fraction']:g}x | {row['steps']} | "
                      f"{row['flops']:.3e} | {', '.join(f'{value:.4f}' for value in row['val_bpb'])} | "
-                     f"{row['mean']:.4f} | {row['spread']:.4f} | {delta} | {real} | "
+                     f"{row['mean']:.4f} | {row['spread']:.4f} | {delta} | {real} | {paired} | "
                      f"{row['train_wall_s'] / 60:.1f} / {row['train_cpu_s'] / 60:.1f} | {own} | {aligned} |")
     for match in matches:
         relation = {"=": "at", "<=": "at or below", ">": "above"}[match["relation"]]
