@@ -50,13 +50,11 @@ python -m scripts.tok_eval
 
 # -----------------------------------------------------------------------------
 # d4: 4 layers, 256 wide, 2 heads of 128; 512-token context; 8,192 tokens a step. Compiled: ~30 s of
-# compilation buys ~1.5x faster steps on CPU (dev/BENCHMARKS.md). The default architecture without smear and
-# backout: at d4 that is 0.034 bpb better at equal FLOPs (four seeds, each better), at d6 the same (two seeds), so
-# the default for bigger models keeps them (dev/BENCHMARKS.md, "Quality per FLOP").
+# compilation buys ~1.5x faster steps on CPU (dev/BENCHMARKS.md).
 stage "pretraining: base_train d4"
 python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192 \
     --num_iterations="$BASE_STEPS" --eval_every=100 --eval_tokens="$EVAL_TOKENS" --sample_every=-1 \
-    --core_metric_every=-1 --save_every=100 --compile=true --arch=v2,layer_lambdas=False,smear=False,backout=False
+    --core_metric_every=-1 --save_every=100 --compile=true
 stage "pretraining: base_loss (train/val bpb vs the unigram baseline, samples)"
 python -m scripts.base_loss --device_batch_size=8 --split_tokens="$EVAL_TOKENS"
 stage "pretraining: base_eval (CORE on the bundle subset in data/core_eval)"
